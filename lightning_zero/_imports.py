@@ -1,0 +1,43 @@
+"""Optional-dependency and version checks, in one place."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+
+from packaging.version import Version
+
+__all__ = ["MIN_DEEPSPEED", "require_deepspeed", "use_cpu_accelerator"]
+
+MIN_DEEPSPEED = "0.18.3"
+
+
+def require_deepspeed() -> str:
+    """Return the installed DeepSpeed version; raise with an install hint when it is missing or too old."""
+    try:
+        version = importlib.metadata.version("deepspeed")
+    except importlib.metadata.PackageNotFoundError:
+        raise ModuleNotFoundError(
+            f"ZeroStrategy needs DeepSpeed >= {MIN_DEEPSPEED}. Install it with `pip install 'deepspeed>={MIN_DEEPSPEED}'`."
+        ) from None
+    if Version(version) < Version(MIN_DEEPSPEED):
+        raise ImportError(
+            f"ZeroStrategy needs DeepSpeed >= {MIN_DEEPSPEED} (its one-engine-per-model support), found {version}."
+            f" Upgrade with `pip install -U 'deepspeed>={MIN_DEEPSPEED}'`."
+        )
+    return version
+
+
+def use_cpu_accelerator() -> None:
+    """Make DeepSpeed run on CPU (gloo) in this process, unless the user chose an accelerator already.
+
+    Must run before DeepSpeed resolves its accelerator (its first `get_accelerator()` call).
+    """
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.accelerator import get_accelerator, real_accelerator
+
+    if real_accelerator.ds_accelerator is not None and get_accelerator()._name != "cpu":
+        raise RuntimeError(
+            f"Lightning runs on CPU but DeepSpeed already chose the {get_accelerator()._name!r} accelerator in this"
+            " process. Set DS_ACCELERATOR=cpu before importing DeepSpeed, or use Trainer(accelerator='gpu')."
+        )

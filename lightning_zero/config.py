@@ -1,0 +1,402 @@
+"""Pure DeepSpeed config resolution: user config + constructor keywords + Trainer flags -> one new dict.
+
+Nothing here touches a Trainer, a process group or a device. Every function returns a new dict and never
+modifies its inputs, so the whole resolution is unit-testable in milliseconds.
+
+Vocabulary: the *user config* is what the user wrote (a dict, a JSON file or ``$LIGHTNING_ZERO_CONFIG``);
+*knobs* are the ``ZeroStrategy(...)`` keywords; *flags* are the Trainer's own settings (:class:`TrainerFlags`).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+__all__ = [
+    "CONFIG_ENV_VAR",
+    "KNOWN_TOP_LEVEL_KEYS",
+    "PrecisionInput",
+    "TrainerFlags",
+    "ZeroConfigError",
+    "inference_config",
+    "load_user_config",
+    "merge_knobs",
+    "resolve_ds_config",
+    "resolve_knobs",
+    "validate_user_config",
+    "zero_stage",
+]
+
+CONFIG_ENV_VAR = "LIGHTNING_ZERO_CONFIG"
+AUTO = "auto"
+
+PrecisionInput = Literal["32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true"]
+SUPPORTED_PRECISION: tuple[str, ...] = get_args(PrecisionInput)
+
+# Every top-level key DeepSpeed 0.18/0.19 reads (tests/unit/test_config.py checks this list against the installed
+# DeepSpeed, so a new release that adds keys shows up as a test failure rather than as a false "unknown key" error).
+KNOWN_TOP_LEVEL_KEYS: frozenset[str] = frozenset({
+    "activation_checkpointing", "aio", "amp", "autotuning", "bf16", "bfloat16", "checkpoint", "comet",
+    "comms_logger", "communication_data_type", "compile", "compression_training", "csv_monitor",
+    "curriculum_learning", "data_efficiency", "data_types", "dataloader_drop_last", "datastates_ckpt",
+    "disable_allgather", "disable_python_gc", "dump_state", "eigenvalue", "elasticity", "expert_parallel",
+    "flops_profiler", "fp16", "gradient_accumulation_steps", "gradient_allreduce_op", "gradient_clipping",
+    "gradient_predivide_factor", "graph_harvesting", "hybrid_engine", "log_level", "managed_gradient_accumulation",
+    "memory_breakdown", "nebula", "optimizer", "pipeline", "prescale_gradients", "progressive_layer_drop",
+    "quantize_training", "scheduler", "seq_parallel_communication_data_type", "sparse_attention",
+    "sparse_gradients", "steps_per_print", "tensor_parallel", "tensorboard", "timers", "torch_autocast",
+    "train_batch_size", "train_micro_batch_size_per_gpu", "use_data_before_expert_parallelism",
+    "vocabulary_size", "wall_clock_breakdown", "wandb", "weight_quantization", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "zero_optimization",
+})
+
+# Keys Lightning drives itself: the strategy owns the accumulation boundary (DeepSpeed's unmanaged mode), so a user
+# value here would be silently ignored. They are rejected with the fix instead.
+_OWNED_KEYS = {
+    "managed_gradient_accumulation": "lightning_zero lets the Trainer own the accumulation boundary; remove the key",
+}
+
+# Scalar top-level keys and the Python types they accept (bool is excluded from the numbers on purpose).
+_SCALAR_TYPES: dict[str, tuple[type, ...]] = {
+    "train_batch_size": (int,),
+    "train_micro_batch_size_per_gpu": (int,),
+    "gradient_accumulation_steps": (int,),
+    "gradient_clipping": (int, float),
+    "steps_per_print": (int,),
+    "zero_allow_untested_optimizer": (bool,),
+    "zero_force_ds_cpu_optimizer": (bool,),
+    "wall_clock_breakdown": (bool,),
+    "prescale_gradients": (bool,),
+    "gradient_predivide_factor": (int, float),
+}
+_SECTION_KEYS = ("zero_optimization", "fp16", "bf16", "optimizer", "scheduler", "activation_checkpointing", "aio")
+
+OffloadDevice = Literal["cpu", "nvme"]
+
+
+class ZeroConfigError(ValueError):
+    """A DeepSpeed config or a ZeroStrategy argument that cannot work. The message names the fix."""
+
+
+@dataclass(frozen=True)
+class TrainerFlags:
+    """The Trainer settings that map onto DeepSpeed keys. ``None`` means "the Trainer did not say"."""
+
+    precision: str = "32-true"
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = None
+    gradient_clip_algorithm: str | None = None
+    micro_batch_size: int | None = None
+    world_size: int = 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading and static validation (runs in ZeroStrategy.__init__, before any process starts)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def load_user_config(config: Mapping[str, Any] | str | os.PathLike | None, environ: Mapping[str, str] | None = None
+                     ) -> dict[str, Any]:
+    """Return a deep copy of the user's DeepSpeed config: a dict, a JSON path, ``$LIGHTNING_ZERO_CONFIG`` or ``{}``."""
+    environ = os.environ if environ is None else environ
+    source = "ZeroStrategy(config=...)"
+    if config is None and environ.get(CONFIG_ENV_VAR):
+        config, source = environ[CONFIG_ENV_VAR], f"${CONFIG_ENV_VAR}"
+    if config is None:
+        return {}
+    if isinstance(config, (str, os.PathLike)):
+        path = Path(config)
+        if not path.is_file():
+            hint = " It is a directory; pass the JSON file inside it." if path.is_dir() else ""
+            raise ZeroConfigError(
+                f"{source} points to {str(config)!r}, which is not a file.{hint} Pass a path to a DeepSpeed JSON"
+                " config or a dict."
+            )
+        try:
+            loaded = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ZeroConfigError(
+                f"{source} points to {str(config)!r}, which is not valid JSON: {err}. Fix the file or pass a dict."
+            ) from None
+        if not isinstance(loaded, dict):
+            raise ZeroConfigError(f"{source} file {str(config)!r} holds a {type(loaded).__name__}; it must hold a"
+                                  " JSON object (a DeepSpeed config).")
+        return loaded
+    if not isinstance(config, Mapping):
+        raise TypeError(
+            f"{source} got a {type(config).__name__}; pass a dict, a path to a DeepSpeed JSON config, or None."
+        )
+    return copy.deepcopy(dict(config))
+
+
+def _suggest(key: str, known: set[str] | frozenset[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    return " or ".join(t.__name__ for t in types)
+
+
+def _check_section(name: str, model: Any, section: Any, problems: list[str]) -> None:
+    """Validate one config section with DeepSpeed's own pydantic model; reword its errors."""
+    from pydantic import ValidationError
+
+    if not isinstance(section, Mapping):
+        problems.append(f"{name!r} must be a JSON object (dict), got {type(section).__name__}: {section!r}")
+        return
+    # "auto" is resolved later from the Trainer; validate the rest.
+    concrete = {k: v for k, v in section.items() if v != AUTO}
+    try:
+        model(**concrete)
+    except ValidationError as err:
+        fields = set(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias}
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"])
+            if e["type"] == "extra_forbidden":
+                problems.append(f"unknown key '{name}.{loc}'.{_suggest(str(e['loc'][-1]), fields)}")
+            else:
+                problems.append(f"'{name}.{loc}' = {e['input']!r}: {e['msg']}")
+
+
+def validate_user_config(user: Mapping[str, Any]) -> None:
+    """Raise one :class:`ZeroConfigError` listing every unknown key and wrong type in ``user``."""
+    problems: list[str] = []
+    for key, value in user.items():
+        if key not in KNOWN_TOP_LEVEL_KEYS:
+            problems.append(f"unknown key {key!r}.{_suggest(key, KNOWN_TOP_LEVEL_KEYS)}")
+        elif key in _OWNED_KEYS:
+            problems.append(f"{key!r}: {_OWNED_KEYS[key]}")
+        elif key in _SCALAR_TYPES and value != AUTO:
+            types = _SCALAR_TYPES[key]
+            if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+                problems.append(f"{key!r} must be {_type_name(types)} (or \"auto\"), got {type(value).__name__}:"
+                                f" {value!r}")
+        elif key in _SECTION_KEYS and not isinstance(value, Mapping):
+            problems.append(f"{key!r} must be a JSON object (dict), got {type(value).__name__}: {value!r}")
+
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    for name, model in (("zero_optimization", DeepSpeedZeroConfig), ("fp16", DeepSpeedFP16Config),
+                        ("bf16", DeepSpeedBF16Config)):
+        if isinstance(user.get(name), Mapping):
+            _check_section(name, model, user[name], problems)
+    if problems:
+        raise ZeroConfigError(
+            "The DeepSpeed config has problems:\n  - " + "\n  - ".join(problems)
+            + "\nFix these keys (see https://www.deepspeed.ai/docs/config-json/)."
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Constructor keywords
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _offload_section(device: OffloadDevice, nvme_path: str | None, pin_memory: bool | None,
+                     extra: Mapping[str, Any]) -> dict[str, Any]:
+    section: dict[str, Any] = {"device": device}
+    if device == "nvme":
+        section["nvme_path"] = nvme_path
+    if pin_memory is not None:
+        section["pin_memory"] = pin_memory
+    section.update({k: v for k, v in extra.items() if v is not None})
+    return section
+
+
+def _check_offload_arg(name: str, value: Any) -> None:
+    if value not in (None, False, "cpu", "nvme", True):
+        raise ZeroConfigError(f"ZeroStrategy({name}={value!r}) is not supported. Use False, \"cpu\" or \"nvme\".")
+
+
+def resolve_knobs(
+    stage: int | None = None,
+    offload_optimizer: bool | OffloadDevice | None = None,
+    offload_parameters: bool | OffloadDevice | None = None,
+    nvme_path: str | None = None,
+    pin_memory: bool | None = None,
+    optimizer_buffer_count: int | None = None,
+    params_buffer_count: int | None = None,
+    params_buffer_size: int | None = None,
+    max_in_cpu: int | None = None,
+    **zero_keys: Any,
+) -> dict[str, Any]:
+    """Turn ``ZeroStrategy(...)`` keywords into a partial DeepSpeed config. ``None`` means "not given"."""
+    if stage is not None and (isinstance(stage, bool) or stage not in (0, 1, 2, 3)):
+        raise ZeroConfigError(f"ZeroStrategy(stage={stage!r}) is not supported. Use 0, 1, 2 or 3.")
+    _check_offload_arg("offload_optimizer", offload_optimizer)
+    _check_offload_arg("offload_parameters", offload_parameters)
+    zero: dict[str, Any] = {k: v for k, v in zero_keys.items() if v is not None}
+    if stage is not None:
+        zero["stage"] = stage
+    if offload_optimizer:
+        device = "cpu" if offload_optimizer is True else offload_optimizer
+        zero["offload_optimizer"] = _offload_section(device, nvme_path, pin_memory,
+                                                     {"buffer_count": optimizer_buffer_count})
+    if offload_parameters:
+        device = "cpu" if offload_parameters is True else offload_parameters
+        zero["offload_param"] = _offload_section(device, nvme_path, pin_memory, {
+            "buffer_count": params_buffer_count, "buffer_size": params_buffer_size, "max_in_cpu": max_in_cpu})
+    return {"zero_optimization": zero} if zero else {}
+
+
+def zero_stage(config: Mapping[str, Any]) -> int:
+    """The ZeRO stage of a (resolved or user) config; DeepSpeed's default is 0."""
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def merge_knobs(user: dict[str, Any], knobs: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge constructor keywords into the user config; keywords that contradict the config are errors."""
+    conflicts = []
+    merged = copy.deepcopy(user)
+    zero = merged.setdefault("zero_optimization", {})
+    for key, value in knobs.get("zero_optimization", {}).items():
+        if key in zero and zero[key] not in (AUTO, value):
+            conflicts.append(f"zero_optimization.{key}: ZeroStrategy(...) says {value!r}, the config says"
+                             f" {zero[key]!r}")
+        else:
+            zero[key] = value
+    if conflicts:
+        raise ZeroConfigError(
+            "ZeroStrategy keywords contradict the DeepSpeed config:\n  - " + "\n  - ".join(conflicts)
+            + "\nSet each value in one place only (either the keyword or the config)."
+        )
+    return merged
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Trainer flags
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Conflict:
+    key: str
+    config_value: Any
+    trainer_value: Any
+    fix: str
+
+    def __str__(self) -> str:
+        return (f"{self.key}: the DeepSpeed config says {self.config_value!r} but the Trainer says"
+                f" {self.trainer_value!r}. Fix: {self.fix}")
+
+
+def _fill(config: dict[str, Any], key: str, value: Any, conflicts: list[_Conflict], fix: str) -> None:
+    """Set ``config[key] = value`` unless the user set a different explicit value (then record a conflict)."""
+    current = config.get(key, AUTO)
+    if current == AUTO:
+        config[key] = value
+    elif current != value:
+        conflicts.append(_Conflict(key, current, value, fix))
+
+
+def _enabled(section: Any) -> bool | str | None:
+    """``True``/``False``/``"auto"``/``None`` (absent) for an fp16/bf16 section."""
+    if not isinstance(section, Mapping):
+        return None
+    return section.get("enabled", True if section else None)
+
+
+def _resolve_precision(config: dict[str, Any], precision: str, conflicts: list[_Conflict]) -> None:
+    if precision not in SUPPORTED_PRECISION:
+        raise ZeroConfigError(
+            f"Trainer(precision={precision!r}) is not supported by ZeroStrategy. Use one of {SUPPORTED_PRECISION}."
+        )
+    want = {"fp16": precision.startswith("16-"), "bf16": precision.startswith("bf16-")}
+    for section in ("fp16", "bf16"):
+        enabled = _enabled(config.get(section))
+        if enabled is True and not want[section]:
+            conflicts.append(_Conflict(f"{section}.enabled", True, precision,
+                                       f"use Trainer(precision={'16-mixed' if section == 'fp16' else 'bf16-mixed'!r})"
+                                       f" or remove the {section!r} section (or set its \"enabled\" to \"auto\")"))
+        elif enabled is False and want[section]:
+            conflicts.append(_Conflict(f"{section}.enabled", False, precision,
+                                       f"use Trainer(precision='32-true') or set {section}.enabled to true/\"auto\""))
+        if want[section]:
+            config[section] = {**config.get(section, {}), "enabled": True}
+        elif section in config:
+            config[section] = {**config[section], "enabled": False}
+
+
+def _resolve_clipping(config: dict[str, Any], flags: TrainerFlags, conflicts: list[_Conflict]) -> None:
+    if flags.gradient_clip_algorithm not in (None, "norm"):
+        raise ZeroConfigError(
+            f"Trainer(gradient_clip_algorithm={flags.gradient_clip_algorithm!r}) is not supported: DeepSpeed clips"
+            " by global norm only. Use Trainer(gradient_clip_algorithm='norm'), or switch to manual optimization"
+            " and clip inside training_step."
+        )
+    if flags.gradient_clip_val is None:
+        if config.get("gradient_clipping", AUTO) == AUTO:
+            config["gradient_clipping"] = 0.0
+        return
+    _fill(config, "gradient_clipping", float(flags.gradient_clip_val), conflicts,
+          f"use Trainer(gradient_clip_val={config.get('gradient_clipping')!r}) or remove 'gradient_clipping'"
+          " from the config")
+
+
+def _resolve_batch(config: dict[str, Any], flags: TrainerFlags, conflicts: list[_Conflict]) -> None:
+    acc = flags.accumulate_grad_batches
+    _fill(config, "gradient_accumulation_steps", acc, conflicts,
+          f"use Trainer(accumulate_grad_batches={config.get('gradient_accumulation_steps')!r}) or remove"
+          " 'gradient_accumulation_steps' from the config")
+    micro = flags.micro_batch_size
+    if micro is None:  # no dataloader batch size known (manual loops, iterable datasets): keep the user's or 1
+        micro = config.get("train_micro_batch_size_per_gpu", AUTO)
+        if micro == AUTO:
+            train = config.get("train_batch_size", AUTO)
+            micro = train // (acc * flags.world_size) if train != AUTO else 1
+    _fill(config, "train_micro_batch_size_per_gpu", micro, conflicts,
+          "make the train DataLoader's batch_size match, or remove 'train_micro_batch_size_per_gpu' from the config")
+    _fill(config, "train_batch_size", micro * acc * flags.world_size, conflicts,
+          f"train_batch_size must equal micro batch ({micro}) x accumulate_grad_batches ({acc}) x world size"
+          f" ({flags.world_size}); remove it from the config or set it to \"auto\"")
+
+
+def resolve_ds_config(user: Mapping[str, Any], knobs: Mapping[str, Any], flags: TrainerFlags) -> dict[str, Any]:
+    """Return the DeepSpeed config to run with. ``user`` and ``knobs`` are not modified.
+
+    Trainer ``flags`` fill every key the user left out or set to ``"auto"``. Explicit user values that agree are
+    kept; every disagreement is collected and raised once, each with both values and the fix.
+    """
+    config = merge_knobs(dict(user), knobs)
+    config["zero_optimization"].setdefault("stage", 2)
+    conflicts: list[_Conflict] = []
+    _resolve_precision(config, flags.precision, conflicts)
+    _resolve_clipping(config, flags, conflicts)
+    _resolve_batch(config, flags, conflicts)
+    if conflicts:
+        raise ZeroConfigError(
+            f"The DeepSpeed config disagrees with the Trainer in {len(conflicts)} place(s):\n  - "
+            + "\n  - ".join(str(c) for c in conflicts)
+        )
+    # "auto" left inside zero_optimization (HF-style bucket sizes) means DeepSpeed's default.
+    config["zero_optimization"] = {k: v for k, v in config["zero_optimization"].items() if v != AUTO}
+    # The Trainer owns the accumulation boundary: each optimizer step is one DeepSpeed step (see engines.py).
+    config["managed_gradient_accumulation"] = False
+    config.setdefault("steps_per_print", 2**31 - 1)  # no per-step prints; Lightning's progress bar reports
+    config.setdefault("zero_allow_untested_optimizer", True)
+    stage = config["zero_optimization"]["stage"]
+    if stage < 2:
+        # DeepSpeed's unmanaged accumulation supports overlap_comm only where gradients are partitioned (stage >= 2)
+        if config["zero_optimization"].get("overlap_comm") is True:
+            raise ZeroConfigError(
+                f"zero_optimization.overlap_comm=True needs stage 2 or 3 (stage is {stage}): gradients are reduced"
+                " once per optimizer step at stages 0-1. Remove overlap_comm or use ZeroStrategy(stage=2)."
+            )
+        config["zero_optimization"]["overlap_comm"] = False
+    return config
+
+
+def inference_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config for a model without optimizer (frozen models, validate/test/predict): no optimizer, no scheduler."""
+    out = {k: copy.deepcopy(v) for k, v in config.items() if k not in ("optimizer", "scheduler")}
+    zero = out.get("zero_optimization", {})
+    zero.pop("offload_optimizer", None)
+    return out

@@ -1,0 +1,281 @@
+"""One DeepSpeed engine per model: assignment of optimizers to submodules, engine creation and routing.
+
+Vocabulary: a *model* is the ``nn.Module`` an engine wraps (a submodule of the LightningModule, a container of
+several, or the LightningModule itself); an *engine* is its ``deepspeed.DeepSpeedEngine``; the user's optimizer
+object stays the *face* Lightning sees (``trainer.optimizers``, toggling, schedulers, ``LearningRateMonitor``),
+while DeepSpeed steps a private clone of it. Before each step the face's hyperparameters (lr, betas, ...) are copied
+to the clone, so schedulers written against the user's optimizer keep working unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+__all__ = ["EngineRegistry", "EngineSlot", "ModelAssignment", "assign_models", "clone_optimizer"]
+
+log = logging.getLogger(__name__)
+
+
+class _ModelGroup(nn.Module):
+    """Holds several submodules that one optimizer trains, so that one engine can wrap them.
+
+    The submodules are shared with the LightningModule (not copied); user code keeps calling them directly.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        super().__init__()
+        for name, module in modules.items():
+            self.add_module(name.replace(".", "__"), module)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - never called
+        raise RuntimeError("A group of models has no forward; call the submodules directly.")
+
+
+@dataclass
+class ModelAssignment:
+    """Which submodules an optimizer trains (``optimizer_index is None`` means frozen: no optimizer)."""
+
+    name: str
+    modules: dict[str, nn.Module]
+    optimizer_index: int | None
+
+    def as_module(self, root: nn.Module) -> nn.Module:
+        if list(self.modules.values()) == [root]:
+            return root
+        if len(self.modules) == 1:
+            return next(iter(self.modules.values()))
+        return _ModelGroup(self.modules)
+
+
+def _param_owner(optimizers: list[Optimizer], names: dict[int, str]) -> dict[int, int]:
+    """id(param) -> optimizer index; a parameter in two optimizers is an error."""
+    owner: dict[int, int] = {}
+    for i, opt in enumerate(optimizers):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if id(p) in owner and owner[id(p)] != i:
+                    raise ValueError(
+                        f"Parameter {names.get(id(p), '<not in the model>')!r} is in optimizer {owner[id(p)]}"
+                        f" ({type(optimizers[owner[id(p)]]).__name__}) and optimizer {i} ({type(opt).__name__})."
+                        " ZeroStrategy gives each optimizer its own DeepSpeed engine, so a parameter can belong to"
+                        " one optimizer only. Give each optimizer the parameters of its own submodule(s), e.g."
+                        " `Adam(self.generator.parameters())` and `Adam(self.discriminator.parameters())`."
+                    )
+                owner[id(p)] = i
+    return owner
+
+
+def assign_models(root: nn.Module, optimizers: list[Optimizer]) -> list[ModelAssignment]:
+    """Split ``root`` into the submodules each optimizer trains, plus the frozen rest.
+
+    A single optimizer trains the whole ``root`` (frozen parameters included), which is the familiar one-engine case.
+    With several optimizers, each maximal submodule whose trainable parameters all belong to one optimizer goes to
+    that optimizer; submodules without trainable parameters are frozen. Raises ``ValueError`` naming the parameters
+    when no such split exists.
+    """
+    names = {id(p): n for n, p in root.named_parameters(remove_duplicate=False)}
+    owner = _param_owner(optimizers, names)
+    if len(optimizers) <= 1:
+        stray = [n for n, p in root.named_parameters() if p.requires_grad and optimizers and id(p) not in owner]
+        if stray:
+            log.info("%d trainable parameters are not in the optimizer and will not be updated: %s", len(stray),
+                     ", ".join(stray[:3]))
+        return [ModelAssignment("model", {"": root}, 0 if optimizers else None)]
+
+    trained: dict[int | None, dict[str, nn.Module]] = {}
+
+    def owners(module: nn.Module) -> set[int | None]:
+        found: set[int | None] = set()
+        for n, p in module.named_parameters():
+            if p.requires_grad or id(p) in owner:
+                found.add(owner.get(id(p)))
+        return found
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        found = owners(module)
+        if not found:
+            if any(True for _ in module.parameters()):
+                trained.setdefault(None, {})[prefix] = module
+            return
+        if len(found) == 1 and None not in found:
+            trained.setdefault(next(iter(found)), {})[prefix] = module
+            return
+        direct = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad or id(p) in owner]
+        if direct or not list(module.children()) or None in found and len(found) == 1:
+            bad = direct or [n for n, p in module.named_parameters() if id(p) not in owner and p.requires_grad]
+            where = f"submodule {prefix!r}" if prefix else "the LightningModule itself"
+            detail = (f"has parameters that no optimizer trains ({', '.join(bad[:3])}) while requiring grad"
+                      if None in found and not direct else
+                      f"directly holds parameters {', '.join((prefix + '.' if prefix else '') + n for n in bad[:3])}"
+                      f" but its submodules belong to optimizers {sorted(i for i in found if i is not None)}")
+            raise ValueError(
+                f"Cannot give each optimizer its own model: {where} {detail}. ZeroStrategy needs every optimizer to"
+                " train whole submodules, e.g. `self.generator` and `self.discriminator`, each passed to its own"
+                " optimizer. Move such parameters into a submodule, give them to one optimizer, or set"
+                " `requires_grad=False` on the ones that should stay frozen."
+            )
+        for child_name, child in module.named_children():
+            visit(f"{prefix}.{child_name}" if prefix else child_name, child)
+
+    visit("", root)
+    missing = [i for i in range(len(optimizers)) if i not in trained]
+    if missing:
+        raise ValueError(f"Optimizer(s) {missing} train no parameter of the LightningModule. Pass each optimizer the"
+                         " parameters of a submodule of your LightningModule.")
+    assignments = []
+    for index in sorted(trained, key=lambda i: (i is None, i)):
+        modules = trained[index]
+        name = "frozen" if index is None else "+".join(modules) if len(modules) <= 2 else f"optimizer_{index}"
+        assignments.append(ModelAssignment(name, modules, index))
+    return assignments
+
+
+def clone_optimizer(optimizer: Optimizer) -> Optimizer:
+    """A fresh optimizer of the same class, hyperparameters and parameter groups (no state)."""
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(g["params"])}
+              for g in optimizer.param_groups]
+    # Param groups carry every hyperparameter; pass only the defaults the constructor accepts (AdamW's defaults hold
+    # `decoupled_weight_decay`, which its __init__ does not take).
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    defaults = {k: copy.deepcopy(v) for k, v in optimizer.defaults.items() if k in accepted}
+    try:
+        return type(optimizer)(groups, **defaults)
+    except TypeError as err:
+        raise TypeError(
+            f"ZeroStrategy could not rebuild {type(optimizer).__name__} from its `defaults` ({err}). Optimizers must"
+            " accept `(param_groups, **defaults)` like every torch.optim optimizer does."
+        ) from None
+
+
+@dataclass
+class EngineSlot:
+    """One model and what trains it."""
+
+    name: str
+    module: nn.Module
+    engine: Any  # deepspeed.DeepSpeedEngine
+    face: Optimizer | None = None  # what Lightning sees (the user's optimizer); None for frozen models
+    config_clip: float = 0.0
+    params: set[int] = field(default_factory=set)
+
+    def sync_hyperparameters(self) -> None:
+        """Copy lr/betas/... the user's schedulers set on the face to the optimizer DeepSpeed steps."""
+        if self.face is None or self.face is self.basic_optimizer:
+            return
+        for face_group, real_group in zip(self.face.param_groups, self.basic_optimizer.param_groups):
+            for key, value in face_group.items():
+                if key != "params":
+                    real_group[key] = value
+
+    @property
+    def basic_optimizer(self) -> Optimizer | None:
+        return getattr(self.engine, "basic_optimizer", None)
+
+    def set_clip(self, value: float) -> None:
+        """Clip the next step at ``value`` (global norm); DeepSpeed reads it at step time."""
+        opt = self.engine.optimizer
+        if hasattr(opt, "clip_grad"):
+            opt.clip_grad = value
+        self.engine._config.gradient_clipping = value
+
+
+def _accumulate_grad_params(loss: Tensor) -> Iterator[Tensor]:
+    """Leaf tensors that ``loss.backward()`` would write gradients into (walks the autograd graph once)."""
+    seen: set[Any] = set()
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            yield variable
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+
+
+class EngineRegistry:
+    """The engines of one LightningModule, by name and by the optimizer Lightning sees."""
+
+    def __init__(self) -> None:
+        self.slots: dict[str, EngineSlot] = {}
+        self._by_face: dict[int, EngineSlot] = {}
+
+    def __iter__(self) -> Iterator[EngineSlot]:
+        return iter(self.slots.values())
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    @property
+    def trained(self) -> list[EngineSlot]:
+        return [s for s in self.slots.values() if s.face is not None]
+
+    def add(self, slot: EngineSlot) -> None:
+        self.slots[slot.name] = slot
+        slot.params = {id(p) for p in slot.module.parameters()}
+        if slot.face is not None:
+            self._by_face[id(slot.face)] = slot
+
+    def for_optimizer(self, optimizer: Any) -> EngineSlot:
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # unwrap LightningOptimizer
+        slot = self._by_face.get(id(optimizer))
+        if slot is None:
+            raise ValueError(f"{type(optimizer).__name__} is not one of the optimizers ZeroStrategy set up. Use the"
+                             " optimizers returned by `self.optimizers()`.")
+        return slot
+
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        """Backward through the engine whose parameters ``loss`` reaches."""
+        trained = self.trained
+        if len(trained) == 1:
+            trained[0].engine.backward(loss, *args, scale_wrt_gas=False, **kwargs)
+            return
+        reached = {id(p) for p in _accumulate_grad_params(loss)}
+        hit = [s for s in trained if s.params & reached]
+        if len(hit) == 1:
+            hit[0].engine.backward(loss, *args, scale_wrt_gas=False, **kwargs)
+            return
+        if not hit:
+            raise RuntimeError("The loss passed to backward does not depend on any trainable parameter.")
+        names = ", ".join(f"{s.name!r} ({type(s.face).__name__})" for s in hit)
+        raise RuntimeError(
+            f"This loss reaches the parameters of {len(hit)} optimizers: {names}. Each optimizer has its own DeepSpeed"
+            " engine, so one backward must feed one optimizer. Call `self.toggle_optimizer(opt)` before computing the"
+            " loss for `opt` (and `self.untoggle_optimizer(opt)` after its step), or `.detach()` the output of the"
+            " model that should not receive gradients."
+        )
+
+    def step(self, optimizer: Any) -> None:
+        slot = self.for_optimizer(optimizer)
+        slot.sync_hyperparameters()
+        try:
+            slot.engine.step()
+        finally:
+            slot.set_clip(slot.config_clip)  # a clip set by clip_gradients() lasts for one step
+
+
+def build_engine(module: nn.Module, config: dict[str, Any], optimizer: Optimizer | None, device_index: int,
+                 train: bool) -> Any:
+    """``deepspeed.initialize`` with our defaults: no dist init, no client scheduler (Lightning steps schedulers)."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        args=argparse.Namespace(device_rank=device_index),
+        model=module,
+        model_parameters=[p for p in module.parameters() if p.requires_grad] if train else [],
+        optimizer=optimizer,
+        config=config,
+        dist_init_required=False,
+    )
+    return engine

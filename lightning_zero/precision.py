@@ -1,0 +1,97 @@
+"""ZeroPrecision: Trainer precision -> compute dtype, input casting, and backward/step routed to the engines."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any, get_args
+
+import torch
+from lightning.fabric.plugins.precision.utils import _convert_fp_tensor, _DtypeContextManager
+from lightning.fabric.utilities.types import Steppable
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor
+from torch.nn import Module
+from torch.optim import LBFGS, Optimizer
+from typing_extensions import override
+
+from lightning_zero.config import SUPPORTED_PRECISION, PrecisionInput
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+__all__ = ["ZeroPrecision"]
+
+_DTYPES = {
+    "32-true": torch.float32,
+    "16-mixed": torch.float16,
+    "bf16-mixed": torch.bfloat16,
+    "16-true": torch.float16,
+    "bf16-true": torch.bfloat16,
+}
+assert set(_DTYPES) == set(get_args(PrecisionInput))
+
+
+class ZeroPrecision(Precision):
+    """DeepSpeed keeps fp32 master weights itself, so "mixed" and "true" differ only in how modules are created.
+
+    Args:
+        precision: one of ``"32-true"``, ``"16-mixed"``, ``"bf16-mixed"``, ``"16-true"``, ``"bf16-true"``.
+    """
+
+    def __init__(self, precision: str) -> None:
+        if precision not in SUPPORTED_PRECISION:
+            raise ValueError(
+                f"Trainer(precision={precision!r}) is not supported with ZeroStrategy. Use one of"
+                f" {SUPPORTED_PRECISION}."
+            )
+        self.precision = precision  # type: ignore[assignment]
+        self.dtype: torch.dtype = _DTYPES[precision]
+        self.engines: Any = None  # the strategy's EngineRegistry, set at setup
+
+    @override
+    def convert_module(self, module: Module) -> Module:
+        return module.to(dtype=self.dtype) if self.precision.endswith("-true") else module
+
+    @override
+    def convert_input(self, data: Any) -> Any:
+        return apply_to_collection(data, function=_convert_fp_tensor, dtype=Tensor, dst_type=self.dtype)
+
+    @override
+    def tensor_init_context(self) -> AbstractContextManager:
+        return _DtypeContextManager(self.dtype) if self.precision.endswith("-true") else nullcontext()
+
+    @override
+    def module_init_context(self) -> AbstractContextManager:
+        return self.tensor_init_context()
+
+    @override
+    def backward(self, tensor: Tensor, model: pl.LightningModule, optimizer: Steppable | None, *args: Any,
+                 **kwargs: Any) -> None:
+        self.engines.backward(tensor, *args, **kwargs)
+
+    @override
+    def optimizer_step(self, optimizer: Steppable, model: pl.LightningModule, closure: Callable[[], Any],
+                       **kwargs: Any) -> Any:
+        if isinstance(optimizer, LBFGS):
+            raise TypeError("LBFGS re-evaluates the closure inside step(), which DeepSpeed cannot do. Use an"
+                            " optimizer without a closure loop (Adam, AdamW, SGD, ...) with ZeroStrategy.")
+        closure_result = closure()
+        self._after_closure(model, optimizer)
+        if model.automatic_optimization and closure_result is None:
+            raise ValueError("Returning None from training_step (skipping the backward) is not supported with"
+                             " ZeroStrategy: every rank must take part in each step. Return a loss instead.")
+        self.engines.step(optimizer)
+        return closure_result
+
+    @override
+    def clip_gradients(self, optimizer: Optimizer, clip_val: int | float = 0.0,
+                       gradient_clip_algorithm: GradClipAlgorithmType = GradClipAlgorithmType.NORM) -> None:
+        """DeepSpeed clips inside its step; this sets the norm it clips the next step at."""
+        if gradient_clip_algorithm == GradClipAlgorithmType.VALUE:
+            raise ValueError("gradient_clip_algorithm='value' is not supported: DeepSpeed clips by global norm only."
+                             " Use gradient_clip_algorithm='norm'.")
+        if clip_val:
+            self.engines.for_optimizer(optimizer).set_clip(float(clip_val))

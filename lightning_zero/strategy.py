@@ -1,0 +1,473 @@
+"""ZeroStrategy: Lightning hooks only; config resolution lives in config.py, engines in engines.py."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Generator, Mapping
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.distributed
+from lightning.fabric.plugins import ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies import _StrategyRegistry
+from lightning.fabric.utilities.distributed import _distributed_is_initialized, _get_default_process_group_backend_for_device
+from lightning.fabric.utilities.distributed import group as _group
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.fabric.utilities.types import ReduceOp
+from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers, _MockOptimizer
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
+from lightning.pytorch.strategies.parallel import ParallelStrategy
+from lightning.pytorch.strategies.strategy import TBroadcast
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.types import LRSchedulerConfig
+from torch import Tensor
+from torch.nn import Module
+from typing_extensions import override
+
+from lightning_zero import checkpoint as ckpt
+from lightning_zero import config as cfg
+from lightning_zero._imports import require_deepspeed, use_cpu_accelerator
+from lightning_zero.engines import EngineRegistry, EngineSlot, assign_models, build_engine, clone_optimizer
+from lightning_zero.precision import ZeroPrecision
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+__all__ = ["ZeroStrategy"]
+
+log = logging.getLogger(__name__)
+
+
+class _Launcher(_MultiProcessingLauncher):
+    """Spawn launcher that hands the *full* (gathered) weights back to the main process, at every stage."""
+
+    @override
+    def _collect_rank_zero_results(self, trainer: pl.Trainer, results: Any) -> Any:
+        strategy = self._strategy
+        lightning_module = trainer.lightning_module
+        full = strategy.lightning_module_state_dict()  # collective at stage 3: every rank takes part
+        original = lightning_module.state_dict
+        lightning_module.state_dict = lambda *a, **k: full  # type: ignore[method-assign]
+        try:
+            return super()._collect_rank_zero_results(trainer, results)
+        finally:
+            lightning_module.state_dict = original  # type: ignore[method-assign]
+
+
+class ZeroStrategy(ParallelStrategy):
+    """DeepSpeed ZeRO for Lightning, with one DeepSpeed engine per model.
+
+    Args:
+        stage: ZeRO stage ``0``, ``1``, ``2`` (default) or ``3``.
+        config: a DeepSpeed config dict or the path to a JSON file (default: ``$LIGHTNING_ZERO_CONFIG``). Trainer
+            flags fill the keys left out or set to ``"auto"``; conflicting values are an error.
+        offload_optimizer: ``False``, ``"cpu"`` or ``"nvme"``: where the optimizer state lives (stages 1-3).
+        offload_parameters: ``False``, ``"cpu"`` or ``"nvme"``: where the parameters live (stage 3).
+        nvme_path: the folder used for NVMe offload.
+        pin_memory: pin the CPU memory used for offload.
+        remote_device: where ``zero.Init`` puts parameters created in ``configure_model`` (``None``, ``"cpu"``,
+            ``"nvme"``); defaults to the parameter offload device.
+        start_method: ``"popen"`` (re-run the script per process, default), ``"spawn"`` or ``"fork"``.
+        logging_level: DeepSpeed's log level (default ``logging.WARNING``: no per-step prints).
+        exclude_frozen_parameters: leave parameters with ``requires_grad=False`` out of checkpoints.
+        timeout: process group timeout.
+        **zero_optimization: any other key of DeepSpeed's ``zero_optimization`` section, e.g.
+            ``overlap_comm``, ``contiguous_gradients``, ``reduce_bucket_size``, ``allgather_bucket_size``,
+            ``stage3_prefetch_bucket_size``, ``stage3_param_persistence_threshold``, ``sub_group_size``.
+    """
+
+    strategy_name = "zero"
+
+    def __init__(
+        self,
+        stage: Literal[0, 1, 2, 3] | None = None,
+        config: Mapping[str, Any] | str | os.PathLike | None = None,
+        *,
+        offload_optimizer: bool | Literal["cpu", "nvme"] | None = None,
+        offload_parameters: bool | Literal["cpu", "nvme"] | None = None,
+        nvme_path: str | None = None,
+        pin_memory: bool | None = None,
+        remote_device: str | None = None,
+        start_method: Literal["popen", "spawn", "fork"] = "popen",
+        logging_level: int = logging.WARNING,
+        exclude_frozen_parameters: bool = False,
+        timeout: timedelta | None = default_pg_timeout,
+        accelerator: Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        precision_plugin: Precision | None = None,
+        process_group_backend: str | None = None,
+        **zero_optimization: Any,
+    ) -> None:
+        require_deepspeed()
+        super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
+                         cluster_environment=cluster_environment, precision_plugin=precision_plugin)
+        if start_method not in ("popen", "spawn", "fork"):
+            raise ValueError(f"ZeroStrategy(start_method={start_method!r}) is not supported. Use 'popen', 'spawn'"
+                             " or 'fork'.")
+        # Validate everything that does not need the Trainer now, before any process starts.
+        self.user_config = cfg.load_user_config(config)
+        cfg.validate_user_config(self.user_config)
+        self.knobs = cfg.resolve_knobs(stage, offload_optimizer, offload_parameters, nvme_path, pin_memory,
+                                       **zero_optimization)
+        merged = cfg.merge_knobs(self.user_config, self.knobs)
+        cfg.validate_user_config(merged)
+        self.stage: int = int(merged["zero_optimization"].get("stage", 2))
+        if offload_parameters and self.stage != 3:
+            raise ValueError(f"ZeroStrategy(offload_parameters={offload_parameters!r}) needs stage=3 (stage is"
+                             f" {self.stage}): only ZeRO-3 partitions parameters. Use ZeroStrategy(stage=3, ...).")
+        if offload_optimizer and self.stage == 0:
+            raise ValueError(f"ZeroStrategy(offload_optimizer={offload_optimizer!r}) needs stage 1, 2 or 3.")
+        self.remote_device = remote_device
+        self.exclude_frozen_parameters = exclude_frozen_parameters
+        self.ds_config: dict[str, Any] | None = None  # resolved at setup, with the Trainer's flags
+        self.engines = EngineRegistry()
+        self._engines_owner: int | None = None
+        self._start_method = start_method
+        self._process_group_backend = process_group_backend
+        self._timeout = timeout
+        self._num_nodes = 1
+        import deepspeed
+
+        deepspeed.utils.logging.logger.setLevel(logging_level)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Topology and launch (as Lightning's DDPStrategy)
+    # ----------------------------------------------------------------------------------------------------------------
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_nodes(self) -> int:
+        return self._num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        self._num_nodes = num_nodes
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": self.num_nodes * self.num_processes, "rank": self.global_rank}
+
+    @property
+    def is_distributed(self) -> bool:
+        return True
+
+    @property  # type: ignore[override]
+    @override
+    def precision_plugin(self) -> ZeroPrecision:
+        if not isinstance(self._precision_plugin, ZeroPrecision):
+            self._precision_plugin = ZeroPrecision("32-true")
+        return self._precision_plugin
+
+    @precision_plugin.setter
+    def precision_plugin(self, plugin: Precision | None) -> None:
+        # The Trainer hands every strategy a generic plugin for its `precision` flag; keep the flag, use ours.
+        if plugin is None or isinstance(plugin, ZeroPrecision):
+            self._precision_plugin = plugin
+            return
+        precision = getattr(plugin, "precision", None)
+        if type(plugin).__name__ not in ("Precision", "MixedPrecision", "HalfPrecision", "DoublePrecision"):
+            raise ValueError(f"ZeroStrategy does not support the {type(plugin).__name__} plugin: DeepSpeed handles"
+                             " precision itself. Remove it and set Trainer(precision=...) instead.")
+        self._precision_plugin = ZeroPrecision(str(precision))
+
+    @override
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        if self.cluster_environment.creates_processes_externally:
+            self._launcher = None
+        elif self._start_method == "popen":
+            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+        else:
+            self._launcher = _Launcher(self, start_method=self._start_method)
+
+    @override
+    def setup_environment(self) -> None:
+        if self.root_device.type == "cpu":
+            use_cpu_accelerator()
+        super().setup_environment()
+        self._init_distributed()
+
+    def _init_distributed(self) -> None:
+        import deepspeed
+
+        reset_seed()
+        self.set_world_ranks()
+        assert self.cluster_environment is not None
+        # DeepSpeed reads the rendezvous from the environment (torchrun-style variables).
+        os.environ.update(MASTER_ADDR=self.cluster_environment.main_address,
+                          MASTER_PORT=str(self.cluster_environment.main_port), RANK=str(self.global_rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.local_rank))
+        backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
+        self._process_group_backend = backend
+        if self.root_device.type == "cuda":
+            torch.cuda.set_device(self.root_device)
+        deepspeed.init_distributed(backend, distributed_port=self.cluster_environment.main_port,
+                                   timeout=self._timeout)
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        # rank_zero_only decorators read the global rank
+        from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+        rank_zero_only.rank = fabric_rank_zero_only.rank = self.global_rank
+
+    @property
+    def process_group_backend(self) -> str | None:
+        return self._process_group_backend
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Config, model creation, engines
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def trainer_flags(self, trainer: pl.Trainer) -> cfg.TrainerFlags:
+        return cfg.TrainerFlags(
+            precision=self.precision_plugin.precision,
+            accumulate_grad_batches=trainer.accumulate_grad_batches,
+            gradient_clip_val=trainer.gradient_clip_val,
+            gradient_clip_algorithm=trainer.gradient_clip_algorithm if trainer.gradient_clip_val else None,
+            micro_batch_size=_train_micro_batch_size(trainer),
+            world_size=self.world_size,
+        )
+
+    def resolve_config(self, trainer: pl.Trainer | None) -> dict[str, Any]:
+        flags = self.trainer_flags(trainer) if trainer is not None else cfg.TrainerFlags(
+            precision=self.precision_plugin.precision, world_size=self.world_size)
+        return cfg.resolve_ds_config(self.user_config, self.knobs, flags)
+
+    @contextmanager
+    @override
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        """``configure_model`` runs here: at stage 3 every parameter is partitioned as it is created."""
+        if self.stage != 3:
+            yield
+            return
+        import deepspeed
+
+        config = self.ds_config or self.resolve_config(None)
+        with deepspeed.zero.Init(config_dict_or_path=config, remote_device=self._remote_device(config),
+                                 dtype=self.precision_plugin.dtype if self.precision_plugin.precision != "32-true"
+                                 else torch.float32):
+            yield
+
+    def _remote_device(self, config: Mapping[str, Any]) -> str | None:
+        if self.remote_device is not None:
+            return self.remote_device
+        return config.get("zero_optimization", {}).get("offload_param", {}).get("device")
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        assert self.accelerator is not None and self.lightning_module is not None
+        self.accelerator.setup(trainer)
+        self.ds_config = self.resolve_config(trainer)
+        if self._engines_owner == id(self.lightning_module) and len(self.engines):
+            # validate/test/predict after fit: keep the engines (and their partitioning) of the same module
+            self.model = self._wrapped_model()
+            return
+        self.model = self.precision_plugin.convert_module(self.lightning_module)
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._setup_training_engines()
+        else:
+            self.optimizers, self.lr_scheduler_configs = [], []
+            self._add_slot("model", self.lightning_module, None)
+        self.precision_plugin.engines = self.engines
+        self._engines_owner = id(self.lightning_module)
+        self.model = self._wrapped_model()
+
+    def _setup_training_engines(self) -> None:
+        assert self.lightning_module is not None and self.ds_config is not None
+        optimizers, schedulers = _init_optimizers_and_lr_schedulers(self.lightning_module)
+        optimizers = [o for o in optimizers if not isinstance(o, _MockOptimizer)]
+        if optimizers and "optimizer" in self.ds_config:
+            raise ValueError("Both `configure_optimizers` and the DeepSpeed config's 'optimizer' block define an"
+                             " optimizer. Keep one: return None from configure_optimizers, or remove 'optimizer' (and"
+                             " 'scheduler') from the config.")
+        if not optimizers:
+            if "optimizer" not in self.ds_config:
+                raise ValueError("No optimizer: `configure_optimizers` returned none and the DeepSpeed config has no"
+                                 " 'optimizer' block. Define one of them.")
+            slot = self._add_slot("model", self.lightning_module, None, trainable=True)
+            slot.face = slot.basic_optimizer
+            self.engines.add(slot)
+            self.optimizers = [slot.face]
+            self.lr_scheduler_configs = []
+            if slot.engine.lr_scheduler is not None:  # Lightning steps it, once per optimizer step
+                self.lr_scheduler_configs = [LRSchedulerConfig(slot.engine.lr_scheduler, interval="step")]
+                slot.engine.lr_scheduler = None
+            return
+        for assignment in assign_models(self.lightning_module, optimizers):
+            module = assignment.as_module(self.lightning_module)
+            face = None if assignment.optimizer_index is None else optimizers[assignment.optimizer_index]
+            self._add_slot(assignment.name, module, face)
+        self.optimizers, self.lr_scheduler_configs = optimizers, schedulers
+
+    def _add_slot(self, name: str, module: Module, face: torch.optim.Optimizer | None, trainable: bool = False
+                  ) -> EngineSlot:
+        assert self.ds_config is not None
+        train = face is not None or trainable
+        config = self.ds_config if train else cfg.inference_config(self.ds_config)
+        if self.stage < 3:
+            module.to(self.root_device)
+        device_index = self.root_device.index if self.root_device.type == "cuda" else -1
+        engine = build_engine(module, config, clone_optimizer(face) if face is not None else None, device_index,
+                              train=train)
+        slot = EngineSlot(name, module, engine, face, config_clip=float(config.get("gradient_clipping", 0.0)))
+        self.engines.add(slot)
+        return slot
+
+    def _wrapped_model(self) -> Module:
+        """The engine when one engine wraps the whole LightningModule (steps run through its forward)."""
+        slots = list(self.engines)
+        if len(slots) == 1 and slots[0].module is self.lightning_module:
+            return slots[0].engine
+        assert self.lightning_module is not None
+        return self.lightning_module
+
+    @override
+    def setup_optimizers(self, trainer: pl.Trainer) -> None:
+        # Optimizers are created with the engines in setup(); see _setup_training_engines.
+        pass
+
+    @contextmanager
+    @override
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        # DeepSpeed's unmanaged accumulation already reduces once per step (stages 0-1) or per micro-batch into the
+        # partition (stages 2-3); its no_sync() is not needed and would refuse stages 2-3.
+        yield None
+
+    @override
+    def model_to_device(self) -> None:
+        if self.stage < 3 and self.lightning_module is not None:
+            self.lightning_module.to(self.root_device)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Collectives (torch.distributed, as DeepSpeed uses the same default group)
+    # ----------------------------------------------------------------------------------------------------------------
+
+    @override
+    def barrier(self, name: str | None = None) -> None:
+        if _distributed_is_initialized():
+            torch.distributed.barrier()
+
+    @override
+    def broadcast(self, obj: TBroadcast, src: int = 0) -> TBroadcast:
+        if not _distributed_is_initialized():
+            return obj
+        objects = [obj]
+        torch.distributed.broadcast_object_list(objects, src, group=_group.WORLD)
+        return objects[0]
+
+    @override
+    def reduce(self, tensor: Tensor | Any, group: Any | None = None, reduce_op: ReduceOp | str | None = "mean"
+               ) -> Tensor | Any:
+        from lightning.fabric.utilities.distributed import _sync_ddp_if_available
+
+        if isinstance(tensor, Tensor):
+            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        return tensor
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Weights and checkpoints
+    # ----------------------------------------------------------------------------------------------------------------
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The full, unsharded state dict with the LightningModule's own keys (on global rank 0; ``{}`` elsewhere
+        at stage 3, where every rank must call this because gathering is collective)."""
+        assert self.lightning_module is not None
+        if self.stage < 3:
+            return self.lightning_module.state_dict()
+        return ckpt.gather_full_state_dict(self.lightning_module, rank_zero_only=True, is_rank_zero=self.is_global_zero)
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("ZeroStrategy writes sharded checkpoint folders itself; `storage_options` is not"
+                            " supported. Remove it from `trainer.save_checkpoint(...)`.")
+        filepath = self.broadcast(str(filepath))
+        ckpt.save(self, checkpoint, filepath)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint_path = self.broadcast(str(checkpoint_path))
+        assert self.lightning_module is not None
+        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        return ckpt.load(self, checkpoint_path, load_optimizer_states=fitting)
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        # The engines loaded the weights in load_checkpoint().
+        pass
+
+    @override
+    def remove_checkpoint(self, filepath: Any) -> None:
+        if self.is_global_zero:
+            ckpt.remove(filepath)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Teardown and registry
+    # ----------------------------------------------------------------------------------------------------------------
+
+    @override
+    def teardown(self) -> None:
+        assert self.accelerator is not None
+        if self.lightning_module is not None and self.stage < 3:
+            self.lightning_module.cpu()
+        self.model = self.lightning_module
+        self.precision_plugin.teardown()
+        self.accelerator.teardown()
+        self.checkpoint_io.teardown()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        register = strategy_registry.register
+        register("zero", cls, description="DeepSpeed ZeRO (stage 2) with one engine per model")
+        register("zero_stage_1", cls, description="DeepSpeed ZeRO stage 1", stage=1)
+        register("zero_stage_2", cls, description="DeepSpeed ZeRO stage 2", stage=2)
+        register("zero_stage_2_offload", cls, description="ZeRO stage 2, optimizer offloaded to CPU", stage=2,
+                 offload_optimizer="cpu")
+        register("zero_stage_3", cls, description="DeepSpeed ZeRO stage 3", stage=3)
+        register("zero_stage_3_offload", cls, description="ZeRO stage 3, optimizer and parameters offloaded to CPU",
+                 stage=3, offload_optimizer="cpu", offload_parameters="cpu")
+        register("zero_stage_3_offload_nvme", cls, description="ZeRO stage 3, optimizer and parameters on NVMe"
+                 " (set $LIGHTNING_ZERO_NVME_PATH)", stage=3, offload_optimizer="nvme", offload_parameters="nvme",
+                 nvme_path=os.environ.get("LIGHTNING_ZERO_NVME_PATH", "/local_nvme"))
+
+
+def _train_micro_batch_size(trainer: pl.Trainer) -> int | None:
+    """The train DataLoader's batch size, or None when there is none (validate/predict, iterable batches)."""
+    if trainer.state.fn != TrainerFn.FITTING:
+        return None
+    source = trainer.fit_loop._data_source
+    if not source.is_defined():
+        return None
+    loader = source.dataloader()
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    size = getattr(batch_sampler, "batch_size", None) or getattr(loader, "batch_size", None)
+    return int(size) if isinstance(size, int) else None
