@@ -235,6 +235,7 @@ def _summarize(args, spec, times, losses, n_params, peak_total, peak_timed) -> d
         "peak_mem_timed_gib": peak_timed / 2**30 if peak_timed is not None else None,
         "loss_first": losses[0],
         "loss_last": losses[-1],
+        "losses": losses,
     }
 
 
@@ -306,6 +307,9 @@ def run_raw(args, spec) -> dict:
     out = _summarize(args, spec, times, losses, n_params, peak_total, peak_timed if args.warmup else None)
     out["optimizer"] = opt_kind
     out["ds_config"] = config
+    del engine, optimizer
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return out
 
 
