@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import warnings
 from collections.abc import Generator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
@@ -200,6 +202,8 @@ class ZeroStrategy(ParallelStrategy):
 
     @override
     def setup_environment(self) -> None:
+        # DeepSpeed's internals call torch collectives that torch deprecates; the user cannot act on that warning.
+        warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
         if self.root_device.type == "cpu":
             use_cpu_accelerator()
         super().setup_environment()
@@ -221,6 +225,9 @@ class ZeroStrategy(ParallelStrategy):
             torch.cuda.set_device(self.root_device)
         deepspeed.init_distributed(backend, distributed_port=self.cluster_environment.main_port,
                                    timeout=self._timeout)
+        # Destroy the group before the interpreter exits: otherwise gloo's threads abort the process at exit
+        # ("terminate called without an active exception") and the exit code is lost.
+        atexit.register(_destroy_process_group)
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
@@ -458,6 +465,11 @@ class ZeroStrategy(ParallelStrategy):
         register("zero_stage_3_offload_nvme", cls, description="ZeRO stage 3, optimizer and parameters on NVMe"
                  " (set $LIGHTNING_ZERO_NVME_PATH)", stage=3, offload_optimizer="nvme", offload_parameters="nvme",
                  nvme_path=os.environ.get("LIGHTNING_ZERO_NVME_PATH", "/local_nvme"))
+
+
+def _destroy_process_group() -> None:
+    if _distributed_is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _train_micro_batch_size(trainer: pl.Trainer) -> int | None:
