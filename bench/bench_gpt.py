@@ -21,7 +21,9 @@ Rows:
 Optimizer: every row that keeps its optimizer state on the GPU uses the same optimizer, torch.optim.AdamW(fused=True)
 by default (``--optimizer deepspeed`` switches the DeepSpeed rows to deepspeed.ops.adam.FusedAdam, which is
 JIT-compiled on first use); offload rows use DeepSpeedCPUAdam. lr 1e-4, betas (0.9, 0.95), weight decay 0.1, no
-gradient clipping, no gradient accumulation.
+gradient clipping (the raw rows set "gradient_clipping": 0.0 explicitly: DeepSpeed 0.19's default is 1.0), no
+gradient accumulation. Each row records its per-step losses: with the same seed, data and optimizer the rows should
+follow the same loss curve to about 1e-3 (bf16), which checks that they train the same thing.
 
 Measurement: after every optimizer step, torch.cuda.synchronize() then time.perf_counter() (a Lightning Callback at
 on_train_batch_end for the Lightning rows, inline for the raw rows). The first --warmup steps are not timed; the
@@ -282,6 +284,9 @@ def run_raw(args, spec) -> dict:
         "gradient_accumulation_steps": 1,
         "bf16": {"enabled": True},
         "zero_optimization": zero,
+        # DeepSpeed 0.19's default is gradient_clipping=1.0; Lightning writes 0.0 (no clipping) unless the Trainer
+        # has gradient_clip_val, and FSDP does not clip: state it, or the raw rows train differently.
+        "gradient_clipping": 0.0,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -533,9 +538,22 @@ def _fmt(v, spec):
     return format(v, spec) if isinstance(v, (int, float)) else "-"
 
 
+def add_loss_deviation(results: list[dict]) -> str | None:
+    """Set r["loss_max_abs_dev"] = max over steps of |loss - loss of the first successful row|; return that row."""
+    ref = next((r for r in results if r.get("losses")), None)
+    if ref is None:
+        return None
+    for r in results:
+        if r.get("losses") and len(r["losses"]) == len(ref["losses"]):
+            r["loss_ref_row"] = ref["row"]
+            r["loss_max_abs_dev"] = max(abs(a - b) for a, b in zip(r["losses"], ref["losses"]))
+    return ref["row"]
+
+
 def format_table(results: list[dict]) -> str:
+    ref = add_loss_deviation(results)
     head = ["row", "tokens/s", "TFLOPS", "step ms", "median ms", "peak GiB", "timed peak GiB", "loss first>last",
-            "wall s", "status"]
+            f"max |dloss| vs {ref}", "wall s", "status"]
     rows = []
     for r in results:
         err = r.get("error")
@@ -548,6 +566,7 @@ def format_table(results: list[dict]) -> str:
             _fmt(r.get("peak_mem_gib"), ".2f"),
             _fmt(r.get("peak_mem_timed_gib"), ".2f"),
             (f"{r['loss_first']:.3f}>{r['loss_last']:.3f}" if "loss_first" in r else "-"),
+            _fmt(r.get("loss_max_abs_dev"), ".4f"),
             _fmt(r.get("wall_s"), ".0f"),
             ("ERROR: " + err.splitlines()[0][:100]) if err else "ok",
         ])
@@ -621,12 +640,14 @@ def parent_main(args) -> int:
         save()
     if log:
         log.close()
+    table = format_table(results)  # also adds loss_max_abs_dev to each result
+    save()
     print(flush=True)
     print(f"GPT {n_params / 1e6:.1f}M params, {args.micro_batch}x{args.seq_len} tokens/step, "
           f"{args.warmup} warm-up + {args.steps} timed steps, {env.get('gpu')}, torch {env.get('torch')} "
           f"(CUDA {env.get('cuda')}), deepspeed {env.get('deepspeed')}, lightning {env.get('lightning')}, "
           f"{env.get('date_utc')}", flush=True)
-    print(format_table(results), flush=True)
+    print(table, flush=True)
     if args.out:
         print(f"wrote {args.out}", flush=True)
     return 0 if all("error" not in r for r in results) else 1

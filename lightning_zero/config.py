@@ -35,6 +35,7 @@ __all__ = [
 
 CONFIG_ENV_VAR = "LIGHTNING_ZERO_CONFIG"
 AUTO = "auto"
+_DEFAULT_STAGE = 2  # the stage when neither the keywords nor the config name one (DeepSpeed's own default is 0)
 
 PrecisionInput = Literal["32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true"]
 SUPPORTED_PRECISION: tuple[str, ...] = get_args(PrecisionInput)
@@ -75,7 +76,16 @@ _SCALAR_TYPES: dict[str, tuple[type, ...]] = {
     "prescale_gradients": (bool,),
     "gradient_predivide_factor": (int, float),
 }
-_SECTION_KEYS = ("zero_optimization", "fp16", "bf16", "optimizer", "scheduler", "activation_checkpointing", "aio")
+# Scalar keys that must be positive (>= 1) or non-negative (>= 0) when set.
+_MINIMUM: dict[str, int] = {
+    "train_batch_size": 1,
+    "train_micro_batch_size_per_gpu": 1,
+    "gradient_accumulation_steps": 1,
+    "gradient_clipping": 0,
+}
+_SECTION_KEYS = ("zero_optimization", "fp16", "bf16", "bfloat16", "optimizer", "scheduler",
+                 "activation_checkpointing", "aio")
+_OFFLOAD_SECTIONS = ("offload_optimizer", "offload_param")
 
 OffloadDevice = Literal["cpu", "nvme"]
 
@@ -120,7 +130,7 @@ def load_user_config(config: Mapping[str, Any] | str | os.PathLike | None, envir
             )
         try:
             loaded = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ZeroConfigError(
                 f"{source} points to {str(config)!r}, which is not valid JSON: {err}. Fix the file or pass a dict."
             ) from None
@@ -144,6 +154,27 @@ def _type_name(types: tuple[type, ...]) -> str:
     return " or ".join(t.__name__ for t in types)
 
 
+def _model_fields(model: Any) -> set[str]:
+    """The keys a pydantic model accepts: field names and their aliases."""
+    return set(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias}
+
+
+def _nested_model(model: Any, path: tuple[Any, ...]) -> Any:
+    """The pydantic model of the sub-section at ``path`` (e.g. ``("offload_optimizer",)``), or ``None``."""
+    from pydantic import BaseModel
+
+    for part in path:
+        field = model.model_fields.get(part) or next(
+            (f for f in model.model_fields.values() if f.alias == part), None)
+        if field is None:
+            return None
+        candidates = (field.annotation, *get_args(field.annotation))
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return None
+    return model
+
+
 def _check_section(name: str, model: Any, section: Any, problems: list[str]) -> None:
     """Validate one config section with DeepSpeed's own pydantic model; reword its errors."""
     from pydantic import ValidationError
@@ -156,11 +187,14 @@ def _check_section(name: str, model: Any, section: Any, problems: list[str]) -> 
     try:
         model(**concrete)
     except ValidationError as err:
-        fields = set(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias}
         for e in err.errors():
             loc = ".".join(str(p) for p in e["loc"])
             if e["type"] == "extra_forbidden":
-                problems.append(f"unknown key '{name}.{loc}'.{_suggest(str(e['loc'][-1]), fields)}")
+                parent = _nested_model(model, tuple(e["loc"][:-1]))
+                hint = _suggest(str(e["loc"][-1]), _model_fields(parent)) if parent is not None else ""
+                problems.append(f"unknown key '{name}.{loc}'.{hint}")
+            elif name == "zero_optimization" and tuple(e["loc"]) == ("stage",):
+                problems.append(f"'{name}.stage' = {e['input']!r}: must be 0, 1, 2 or 3")
             else:
                 problems.append(f"'{name}.{loc}' = {e['input']!r}: {e['msg']}")
 
@@ -178,6 +212,8 @@ def validate_user_config(user: Mapping[str, Any]) -> None:
             if isinstance(value, bool) and bool not in types or not isinstance(value, types):
                 problems.append(f"{key!r} must be {_type_name(types)} (or \"auto\"), got {type(value).__name__}:"
                                 f" {value!r}")
+            elif key in _MINIMUM and value < _MINIMUM[key]:
+                problems.append(f"{key!r} must be at least {_MINIMUM[key]}, got {value!r}")
         elif key in _SECTION_KEYS and not isinstance(value, Mapping):
             problems.append(f"{key!r} must be a JSON object (dict), got {type(value).__name__}: {value!r}")
 
@@ -185,7 +221,7 @@ def validate_user_config(user: Mapping[str, Any]) -> None:
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     for name, model in (("zero_optimization", DeepSpeedZeroConfig), ("fp16", DeepSpeedFP16Config),
-                        ("bf16", DeepSpeedBF16Config)):
+                        ("bf16", DeepSpeedBF16Config), ("bfloat16", DeepSpeedBF16Config)):
         if isinstance(user.get(name), Mapping):
             _check_section(name, model, user[name], problems)
     if problems:
@@ -203,7 +239,7 @@ def validate_user_config(user: Mapping[str, Any]) -> None:
 def _offload_section(device: OffloadDevice, nvme_path: str | None, pin_memory: bool | None,
                      extra: Mapping[str, Any]) -> dict[str, Any]:
     section: dict[str, Any] = {"device": device}
-    if device == "nvme":
+    if device == "nvme" and nvme_path is not None:
         section["nvme_path"] = nvme_path
     if pin_memory is not None:
         section["pin_memory"] = pin_memory
@@ -212,7 +248,8 @@ def _offload_section(device: OffloadDevice, nvme_path: str | None, pin_memory: b
 
 
 def _check_offload_arg(name: str, value: Any) -> None:
-    if value not in (None, False, "cpu", "nvme", True):
+    # identity for the booleans: 0, 1 and 1.0 compare equal to False/True but are not accepted
+    if not (value is None or value is True or value is False or isinstance(value, str) and value in ("cpu", "nvme")):
         raise ZeroConfigError(f"ZeroStrategy({name}={value!r}) is not supported. Use False, \"cpu\" or \"nvme\".")
 
 
@@ -229,10 +266,26 @@ def resolve_knobs(
     **zero_keys: Any,
 ) -> dict[str, Any]:
     """Turn ``ZeroStrategy(...)`` keywords into a partial DeepSpeed config. ``None`` means "not given"."""
-    if stage is not None and (isinstance(stage, bool) or stage not in (0, 1, 2, 3)):
+    if stage is not None and (isinstance(stage, bool) or not isinstance(stage, int) or stage not in (0, 1, 2, 3)):
         raise ZeroConfigError(f"ZeroStrategy(stage={stage!r}) is not supported. Use 0, 1, 2 or 3.")
     _check_offload_arg("offload_optimizer", offload_optimizer)
     _check_offload_arg("offload_parameters", offload_parameters)
+    # Keywords that only refine an offload keyword would otherwise be dropped without a word.
+    orphans = []
+    if nvme_path is not None and "nvme" not in (offload_optimizer, offload_parameters):
+        orphans.append("nvme_path (needs offload_optimizer='nvme' or offload_parameters='nvme')")
+    if pin_memory is not None and not (offload_optimizer or offload_parameters):
+        orphans.append("pin_memory (needs offload_optimizer or offload_parameters)")
+    if optimizer_buffer_count is not None and not offload_optimizer:
+        orphans.append("optimizer_buffer_count (needs offload_optimizer)")
+    orphans += [f"{name} (needs offload_parameters)" for name, value in (
+        ("params_buffer_count", params_buffer_count), ("params_buffer_size", params_buffer_size),
+        ("max_in_cpu", max_in_cpu)) if value is not None and not offload_parameters]
+    if orphans:
+        raise ZeroConfigError(
+            f"ZeroStrategy got {', '.join(orphans)} without the offload it configures, so it would be ignored. Add"
+            " the offload keyword, or set the key inside the config's zero_optimization.offload_* section instead."
+        )
     zero: dict[str, Any] = {k: v for k, v in zero_keys.items() if v is not None}
     if stage is not None:
         zero["stage"] = stage
@@ -247,27 +300,67 @@ def resolve_knobs(
     return {"zero_optimization": zero} if zero else {}
 
 
+def _as_stage(stage: Any) -> int:
+    """``stage`` as an int: DeepSpeed also accepts ``"3"`` and ``3.0``; absent or ``"auto"`` means the default (2)."""
+    if stage is None or stage == AUTO:
+        return _DEFAULT_STAGE
+    if not isinstance(stage, bool):
+        try:
+            value = int(stage)
+        except (TypeError, ValueError):
+            value = None
+        if value in (0, 1, 2, 3) and value == float(stage):
+            return value
+    raise ZeroConfigError(f"zero_optimization.stage = {stage!r} is not a ZeRO stage. Use 0, 1, 2 or 3.")
+
+
 def zero_stage(config: Mapping[str, Any]) -> int:
-    """The ZeRO stage of a (resolved or user) config; DeepSpeed's default is 0."""
-    return int(config.get("zero_optimization", {}).get("stage", 0))
+    """The ZeRO stage of a (resolved, merged or user) config: absent or ``"auto"`` means 2, like
+    :func:`resolve_ds_config` (DeepSpeed's own default would be 0)."""
+    return _as_stage(config.get("zero_optimization", {}).get("stage"))
 
 
-def merge_knobs(user: dict[str, Any], knobs: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge constructor keywords into the user config; keywords that contradict the config are errors."""
-    conflicts = []
-    merged = copy.deepcopy(user)
+def _merge_value(path: str, current: Any, value: Any, conflicts: list[str]) -> Any:
+    """The merged value at ``path``: sections (offload_*) merge key by key, scalars must agree."""
+    if isinstance(current, Mapping) and isinstance(value, Mapping):
+        section = dict(current)
+        for key, sub in value.items():
+            section[key] = _merge_value(f"{path}.{key}", section.get(key, AUTO), sub, conflicts)
+        return section
+    if path == "zero_optimization.stage" and current != AUTO:
+        try:
+            current = _as_stage(current)  # "3" and 3 agree
+        except ZeroConfigError:
+            pass
+    if current == AUTO or current == value:
+        return copy.deepcopy(value)
+    conflicts.append(f"{path}: ZeroStrategy(...) says {value!r}, the config says {current!r}")
+    return current
+
+
+def merge_knobs(user: Mapping[str, Any], knobs: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge constructor keywords into the user config; keywords that contradict the config are errors, and so is
+    an NVMe offload without a path."""
+    conflicts: list[str] = []
+    merged = copy.deepcopy(dict(user))
     zero = merged.setdefault("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ZeroConfigError(f"'zero_optimization' must be a JSON object (dict), got {type(zero).__name__}:"
+                              f" {zero!r}")
     for key, value in knobs.get("zero_optimization", {}).items():
-        if key in zero and zero[key] not in (AUTO, value):
-            conflicts.append(f"zero_optimization.{key}: ZeroStrategy(...) says {value!r}, the config says"
-                             f" {zero[key]!r}")
-        else:
-            zero[key] = value
+        zero[key] = _merge_value(f"zero_optimization.{key}", zero.get(key, AUTO), value, conflicts)
     if conflicts:
         raise ZeroConfigError(
             "ZeroStrategy keywords contradict the DeepSpeed config:\n  - " + "\n  - ".join(conflicts)
             + "\nSet each value in one place only (either the keyword or the config)."
         )
+    for name in _OFFLOAD_SECTIONS:
+        section = zero.get(name)
+        if isinstance(section, Mapping) and section.get("device") == "nvme" and not section.get("nvme_path"):
+            raise ZeroConfigError(
+                f"zero_optimization.{name} offloads to NVMe but names no nvme_path. Pass ZeroStrategy(nvme_path=...)"
+                f" with the offload keyword, or set zero_optimization.{name}.nvme_path in the config."
+            )
     return merged
 
 
@@ -282,10 +375,11 @@ class _Conflict:
     config_value: Any
     trainer_value: Any
     fix: str
+    trainer_text: str | None = None  # instead of "the Trainer says {trainer_value!r}"
 
     def __str__(self) -> str:
-        return (f"{self.key}: the DeepSpeed config says {self.config_value!r} but the Trainer says"
-                f" {self.trainer_value!r}. Fix: {self.fix}")
+        trainer = self.trainer_text or f"the Trainer says {self.trainer_value!r}"
+        return f"{self.key}: the DeepSpeed config says {self.config_value!r} but {trainer}. Fix: {self.fix}"
 
 
 def _fill(config: dict[str, Any], key: str, value: Any, conflicts: list[_Conflict], fix: str) -> None:
@@ -298,10 +392,18 @@ def _fill(config: dict[str, Any], key: str, value: Any, conflicts: list[_Conflic
 
 
 def _enabled(section: Any) -> bool | str | None:
-    """``True``/``False``/``"auto"``/``None`` (absent) for an fp16/bf16 section."""
-    if not isinstance(section, Mapping):
+    """``True``/``False``/``"auto"``/``None`` (not said) for an fp16/bf16 section.
+
+    A section without ``"enabled"`` does not say: DeepSpeed reads it as disabled, and the Trainer decides.
+    """
+    if not isinstance(section, Mapping) or "enabled" not in section:
         return None
-    return section.get("enabled", True if section else None)
+    value = section["enabled"]
+    if isinstance(value, str) and value.lower() in ("true", "false"):  # pydantic accepts these too
+        return value.lower() == "true"
+    if isinstance(value, (bool, int)):
+        return bool(value)
+    return value
 
 
 def _resolve_precision(config: dict[str, Any], precision: str, conflicts: list[_Conflict]) -> None:
@@ -310,6 +412,10 @@ def _resolve_precision(config: dict[str, Any], precision: str, conflicts: list[_
             f"Trainer(precision={precision!r}) is not supported by ZeroStrategy. Use one of {SUPPORTED_PRECISION}."
         )
     want = {"fp16": precision.startswith("16-"), "bf16": precision.startswith("bf16-")}
+    # DeepSpeed reads the legacy "bfloat16" section only when "bf16" is absent: fold it into "bf16".
+    if "bfloat16" in config:
+        legacy = config.pop("bfloat16")
+        config.setdefault("bf16", legacy)
     for section in ("fp16", "bf16"):
         enabled = _enabled(config.get(section))
         if enabled is True and not want[section]:
@@ -351,7 +457,16 @@ def _resolve_batch(config: dict[str, Any], flags: TrainerFlags, conflicts: list[
         micro = config.get("train_micro_batch_size_per_gpu", AUTO)
         if micro == AUTO:
             train = config.get("train_batch_size", AUTO)
-            micro = train // (acc * flags.world_size) if train != AUTO else 1
+            per_step = acc * flags.world_size
+            if train != AUTO and (train < per_step or train % per_step):
+                conflicts.append(_Conflict(
+                    "train_batch_size", train, None,
+                    f"set train_batch_size to a multiple of {per_step}, or remove it and set the train DataLoader's"
+                    " batch_size (or 'train_micro_batch_size_per_gpu')",
+                    trainer_text=f"it must be a multiple of accumulate_grad_batches ({acc}) x world size"
+                                 f" ({flags.world_size}) = {per_step}"))
+                return
+            micro = train // per_step if train != AUTO else 1
     _fill(config, "train_micro_batch_size_per_gpu", micro, conflicts,
           "make the train DataLoader's batch_size match, or remove 'train_micro_batch_size_per_gpu' from the config")
     _fill(config, "train_batch_size", micro * acc * flags.world_size, conflicts,
@@ -365,8 +480,8 @@ def resolve_ds_config(user: Mapping[str, Any], knobs: Mapping[str, Any], flags: 
     Trainer ``flags`` fill every key the user left out or set to ``"auto"``. Explicit user values that agree are
     kept; every disagreement is collected and raised once, each with both values and the fix.
     """
-    config = merge_knobs(dict(user), knobs)
-    config["zero_optimization"].setdefault("stage", 2)
+    config = merge_knobs(user, knobs)
+    config["zero_optimization"]["stage"] = _as_stage(config["zero_optimization"].get("stage"))
     conflicts: list[_Conflict] = []
     _resolve_precision(config, flags.precision, conflicts)
     _resolve_clipping(config, flags, conflicts)
@@ -376,8 +491,12 @@ def resolve_ds_config(user: Mapping[str, Any], knobs: Mapping[str, Any], flags: 
             f"The DeepSpeed config disagrees with the Trainer in {len(conflicts)} place(s):\n  - "
             + "\n  - ".join(str(c) for c in conflicts)
         )
-    # "auto" left inside zero_optimization (HF-style bucket sizes) means DeepSpeed's default.
-    config["zero_optimization"] = {k: v for k, v in config["zero_optimization"].items() if v != AUTO}
+    # "auto" left anywhere else (HF-style bucket sizes, steps_per_print, fp16.loss_scale, ...) means DeepSpeed's
+    # default: drop it rather than hand DeepSpeed a string where it expects a number.
+    config = {k: v for k, v in config.items() if v != AUTO}
+    for section in ("zero_optimization", "fp16", "bf16"):
+        if isinstance(config.get(section), Mapping):
+            config[section] = {k: v for k, v in config[section].items() if v != AUTO}
     # The Trainer owns the accumulation boundary: each optimizer step is one DeepSpeed step (see engines.py).
     config["managed_gradient_accumulation"] = False
     config.setdefault("steps_per_print", 2**31 - 1)  # no per-step prints; Lightning's progress bar reports

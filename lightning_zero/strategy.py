@@ -47,7 +47,25 @@ __all__ = ["ZeroStrategy"]
 log = logging.getLogger(__name__)
 
 
-class _Launcher(_MultiProcessingLauncher):
+class _Precheck:
+    """Resolves the config against the Trainer's flags in the main process, before any process is started, so a
+    conflict is one error here rather than one traceback per rank."""
+
+    _strategy: ZeroStrategy
+
+    def launch(self, function: Any, *args: Any, trainer: pl.Trainer | None = None, **kwargs: Any) -> Any:
+        if trainer is not None:
+            self._strategy.precheck(trainer)
+        return super().launch(function, *args, trainer=trainer, **kwargs)  # type: ignore[misc]
+
+
+class _ScriptLauncher(_Precheck, _SubprocessScriptLauncher):
+    def __init__(self, strategy: ZeroStrategy, *args: Any) -> None:
+        super().__init__(*args)
+        self._strategy = strategy
+
+
+class _Launcher(_Precheck, _MultiProcessingLauncher):
     """Spawn launcher that hands the *full* (gathered) weights back to the main process, at every stage."""
 
     @override
@@ -121,7 +139,7 @@ class ZeroStrategy(ParallelStrategy):
                                        **zero_optimization)
         merged = cfg.merge_knobs(self.user_config, self.knobs)
         cfg.validate_user_config(merged)
-        self.stage: int = int(merged["zero_optimization"].get("stage", 2))
+        self.stage: int = cfg.zero_stage(merged)
         if offload_parameters and self.stage != 3:
             raise ValueError(f"ZeroStrategy(offload_parameters={offload_parameters!r}) needs stage=3 (stage is"
                              f" {self.stage}): only ZeRO-3 partitions parameters. Use ZeroStrategy(stage=3, ...).")
@@ -196,7 +214,7 @@ class ZeroStrategy(ParallelStrategy):
         if self.cluster_environment.creates_processes_externally:
             self._launcher = None
         elif self._start_method == "popen":
-            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+            self._launcher = _ScriptLauncher(self, self.cluster_environment, self.num_processes, self.num_nodes)
         else:
             self._launcher = _Launcher(self, start_method=self._start_method)
 
@@ -247,15 +265,20 @@ class ZeroStrategy(ParallelStrategy):
     # Config, model creation, engines
     # ----------------------------------------------------------------------------------------------------------------
 
-    def trainer_flags(self, trainer: pl.Trainer) -> cfg.TrainerFlags:
+    def trainer_flags(self, trainer: pl.Trainer, with_batch: bool = True) -> cfg.TrainerFlags:
+        """The Trainer's settings DeepSpeed cares about; ``with_batch=False`` skips the DataLoader (pre-launch)."""
         return cfg.TrainerFlags(
             precision=self.precision_plugin.precision,
             accumulate_grad_batches=trainer.accumulate_grad_batches,
             gradient_clip_val=trainer.gradient_clip_val,
             gradient_clip_algorithm=trainer.gradient_clip_algorithm if trainer.gradient_clip_val else None,
-            micro_batch_size=_train_micro_batch_size(trainer),
-            world_size=self.world_size,
+            micro_batch_size=_train_micro_batch_size(trainer) if with_batch else None,
+            world_size=self.num_nodes * self.num_processes,
         )
+
+    def precheck(self, trainer: pl.Trainer) -> None:
+        """Check the config against the Trainer's static flags (precision, accumulation, clipping)."""
+        cfg.resolve_ds_config(self.user_config, self.knobs, self.trainer_flags(trainer, with_batch=False))
 
     def resolve_config(self, trainer: pl.Trainer | None) -> dict[str, Any]:
         flags = self.trainer_flags(trainer) if trainer is not None else cfg.TrainerFlags(
@@ -271,11 +294,17 @@ class ZeroStrategy(ParallelStrategy):
             return
         import deepspeed
 
-        config = self.ds_config or self.resolve_config(None)
-        with deepspeed.zero.Init(config_dict_or_path=config, remote_device=self._remote_device(config),
-                                 dtype=self.precision_plugin.dtype if self.precision_plugin.precision != "32-true"
-                                 else torch.float32):
+        config = self._ensure_config()
+        # dtype comes from the config's fp16/bf16 sections (DeepSpeed 0.19 ignores an explicit dtype on CPU).
+        with deepspeed.zero.Init(config_dict_or_path=config, remote_device=self._remote_device(config)):
             yield
+
+    def _ensure_config(self) -> dict[str, Any]:
+        """Resolve the config once per Trainer call (configure_model runs before setup and needs it already)."""
+        if self.ds_config is None:
+            trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+            self.ds_config = self.resolve_config(trainer)
+        return self.ds_config
 
     def _remote_device(self, config: Mapping[str, Any]) -> str | None:
         if self.remote_device is not None:
@@ -286,7 +315,7 @@ class ZeroStrategy(ParallelStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.accelerator is not None and self.lightning_module is not None
         self.accelerator.setup(trainer)
-        self.ds_config = self.resolve_config(trainer)
+        self._ensure_config()
         if self._engines_owner == id(self.lightning_module) and len(self.engines):
             # validate/test/predict after fit: keep the engines (and their partitioning) of the same module
             self.model = self._wrapped_model()
@@ -446,6 +475,7 @@ class ZeroStrategy(ParallelStrategy):
         if self.lightning_module is not None and self.stage < 3:
             self.lightning_module.cpu()
         self.model = self.lightning_module
+        self.ds_config = None  # the next Trainer call resolves it again with its own flags
         self.precision_plugin.teardown()
         self.accelerator.teardown()
         self.checkpoint_io.teardown()

@@ -16,10 +16,12 @@ IN, HIDDEN, OUT = 8, 16, 1
 class RandomDataset(Dataset):
     """Fixed regression data: the same tensors in every process."""
 
-    def __init__(self, n: int = 64, seed: int = 7) -> None:
+    def __init__(self, n: int = 64, seed: int = 7, learnable: bool = False) -> None:
         g = torch.Generator().manual_seed(seed)
         self.x = torch.randn(n, IN, generator=g)
         self.y = torch.randn(n, OUT, generator=g)
+        if learnable:  # a smooth function of x: the loss can fall far
+            self.y = torch.tanh(self.x[:, :OUT] + 0.5 * self.x[:, OUT:2 * OUT])
 
     def __len__(self) -> int:
         return len(self.x)
@@ -34,9 +36,10 @@ def make_net(seed: int = 0) -> nn.Module:
 
 
 class Regressor(L.LightningModule):
-    def __init__(self, lr: float = 1e-2, batch_size: int = 4, n: int = 64, scheduler: bool = False) -> None:
+    def __init__(self, lr: float = 1e-2, batch_size: int = 4, n: int = 64, scheduler: bool = False,
+                 learnable: bool = False) -> None:
         super().__init__()
-        self.lr, self.batch_size, self.n, self.scheduler = lr, batch_size, n, scheduler
+        self.lr, self.batch_size, self.n, self.scheduler, self.learnable = lr, batch_size, n, scheduler, learnable
         self.net = make_net()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -57,10 +60,10 @@ class Regressor(L.LightningModule):
 
     def train_dataloader(self) -> DataLoader:
         # Lightning adds a DistributedSampler(shuffle=False here) that splits each global batch across ranks.
-        return DataLoader(RandomDataset(self.n), batch_size=self.batch_size, shuffle=False)
+        return DataLoader(RandomDataset(self.n, learnable=self.learnable), batch_size=self.batch_size, shuffle=False)
 
 
-def _global_batches(data: RandomDataset, world_size: int, batch_size: int) -> Any:
+def _global_batches(data: Dataset, world_size: int, batch_size: int) -> Any:
     """The global micro-batches the ranks see together under Lightning's DistributedSampler (shuffled, seed 0)."""
     from torch.utils.data import DistributedSampler
 
@@ -123,3 +126,100 @@ def cpu_trainer(**kwargs: Any) -> L.Trainer:
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert set(a) == set(b), (sorted(a), sorted(b))
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Two models, two optimizers (manual optimization)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class GanDataset(Dataset):
+    """(real point, latent) pairs, so every rank and the reference draw the same latents."""
+
+    def __init__(self, n: int = 64, seed: int = 3) -> None:
+        g = torch.Generator().manual_seed(seed)
+        angle = torch.randint(0, 8, (n,), generator=g).float() * (torch.pi / 4)
+        self.x = torch.stack([angle.cos(), angle.sin()], 1) * 2 + 0.05 * torch.randn(n, 2, generator=g)
+        self.y = torch.randn(n, 4, generator=g)  # latents (named y so _global_batches can serve this dataset too)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i]
+
+
+def make_gan(seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(seed)
+    g = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2))
+    d = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 1))
+    return g, d
+
+
+def gan_losses(g: nn.Module, d: nn.Module, real: torch.Tensor, z: torch.Tensor, which: str) -> torch.Tensor:
+    bce = nn.functional.binary_cross_entropy_with_logits
+    if which == "d":
+        fake = g(z).detach()
+        real_logits, fake_logits = d(real), d(fake)
+        return bce(real_logits, torch.ones_like(real_logits)) + bce(fake_logits, torch.zeros_like(fake_logits))
+    logits = d(g(z))
+    return bce(logits, torch.ones_like(logits))
+
+
+def gan_optimizers(g: nn.Module, d: nn.Module) -> tuple[list, list]:
+    opt_g = torch.optim.Adam(g.parameters(), lr=2e-3, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(d.parameters(), lr=5e-3, betas=(0.5, 0.9))
+    scheds = [torch.optim.lr_scheduler.StepLR(opt_g, 2, 0.5), torch.optim.lr_scheduler.StepLR(opt_d, 3, 0.5)]
+    return [opt_g, opt_d], scheds
+
+
+class GAN(L.LightningModule):
+    def __init__(self, toggle: bool = True, batch_size: int = 4, n: int = 64) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.toggle, self.batch_size, self.n = toggle, batch_size, n
+
+    def configure_model(self) -> None:
+        self.generator, self.discriminator = make_gan()
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        real, z = batch
+        opt_g, opt_d = self.optimizers()
+        sched_g, sched_d = self.lr_schedulers()
+        for opt, sched, which in ((opt_d, sched_d, "d"), (opt_g, sched_g, "g")):
+            if self.toggle:
+                self.toggle_optimizer(opt)
+            loss = gan_losses(self.generator, self.discriminator, real, z, which)
+            self.manual_backward(loss)
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+            if self.toggle:
+                self.untoggle_optimizer(opt)
+            self.log(f"loss_{which}", loss)
+
+    def configure_optimizers(self) -> Any:
+        return gan_optimizers(self.generator, self.discriminator)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(GanDataset(self.n), batch_size=self.batch_size)
+
+
+def reference_gan(world_size: int, steps: int, batch_size: int = 4, n: int = 64) -> dict[str, torch.Tensor]:
+    g, d = make_gan()
+    (opt_g, opt_d), (sched_g, sched_d) = gan_optimizers(g, d)
+    batches = _global_batches(GanDataset(n), world_size, batch_size)
+    for _ in range(steps):
+        real, z = next(batches)
+        for opt, sched, which in ((opt_d, sched_d, "d"), (opt_g, sched_g, "g")):
+            for p in (g if which == "d" else d).parameters():
+                p.requires_grad_(False)
+            gan_losses(g, d, real, z, which).backward()
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+            for p in (g if which == "d" else d).parameters():
+                p.requires_grad_(True)
+    state = {f"generator.{k}": v for k, v in g.state_dict().items()}
+    state.update({f"discriminator.{k}": v for k, v in d.state_dict().items()})
+    return state
