@@ -85,6 +85,12 @@ def assign_models(root: nn.Module, optimizers: list[Optimizer]) -> list[ModelAss
     """
     names = {id(p): n for n, p in root.named_parameters(remove_duplicate=False)}
     owner = _param_owner(optimizers, names)
+    foreign = sorted({i for pid, i in owner.items() if pid not in names})
+    if foreign:
+        raise ValueError(
+            f"Optimizer(s) {foreign} hold parameters that are not in the LightningModule. Create optimizers in"
+            " `configure_optimizers` from the module's own parameters, e.g. `Adam(self.generator.parameters())`."
+        )
     if len(optimizers) <= 1:
         stray = [n for n, p in root.named_parameters() if p.requires_grad and optimizers and id(p) not in owner]
         if stray:
@@ -94,38 +100,42 @@ def assign_models(root: nn.Module, optimizers: list[Optimizer]) -> list[ModelAss
 
     trained: dict[int | None, dict[str, nn.Module]] = {}
 
-    def owners(module: nn.Module) -> set[int | None]:
-        found: set[int | None] = set()
-        for n, p in module.named_parameters():
-            if p.requires_grad or id(p) in owner:
-                found.add(owner.get(id(p)))
-        return found
+    def owners(module: nn.Module, recurse: bool = True) -> dict[str, int | None]:
+        """Trainable (or optimized) parameter name -> optimizer index (None: trainable but in no optimizer)."""
+        return {n: owner.get(id(p)) for n, p in module.named_parameters(recurse=recurse)
+                if p.requires_grad or id(p) in owner}
 
     def visit(prefix: str, module: nn.Module) -> None:
-        found = owners(module)
+        found = set(owners(module).values())
         if not found:
             if any(True for _ in module.parameters()):
                 trained.setdefault(None, {})[prefix] = module
             return
-        if len(found) == 1 and None not in found:
+        if found != {None} and len(found) == 1:
             trained.setdefault(next(iter(found)), {})[prefix] = module
             return
-        direct = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad or id(p) in owner]
-        if direct or not list(module.children()) or None in found and len(found) == 1:
-            bad = direct or [n for n, p in module.named_parameters() if id(p) not in owner and p.requires_grad]
-            where = f"submodule {prefix!r}" if prefix else "the LightningModule itself"
-            detail = (f"has parameters that no optimizer trains ({', '.join(bad[:3])}) while requiring grad"
-                      if None in found and not direct else
-                      f"directly holds parameters {', '.join((prefix + '.' if prefix else '') + n for n in bad[:3])}"
-                      f" but its submodules belong to optimizers {sorted(i for i in found if i is not None)}")
+        direct = owners(module, recurse=False)
+        where = f"submodule {prefix!r}" if prefix else "the LightningModule itself"
+        dotted = (lambda n: f"{prefix}.{n}" if prefix else n)  # noqa: E731
+        untrained = [dotted(n) for n, i in owners(module).items() if i is None]
+        if untrained and (direct or found == {None} or not list(module.children())):
+            problem = f"has trainable parameters that no optimizer trains ({', '.join(untrained[:3])})"
+        elif direct:
+            problem = (f"directly holds parameters {', '.join(dotted(n) for n in list(direct)[:3])} while its"
+                       f" submodules belong to optimizers {sorted(i for i in found if i is not None)}")
+        elif not list(module.children()):
+            problem = f"has its parameters split between optimizers {sorted(i for i in found if i is not None)}"
+        else:
+            problem = ""
+        if problem:
             raise ValueError(
-                f"Cannot give each optimizer its own model: {where} {detail}. ZeroStrategy needs every optimizer to"
-                " train whole submodules, e.g. `self.generator` and `self.discriminator`, each passed to its own"
+                f"Cannot give each optimizer its own model: {where} {problem}. ZeroStrategy needs every optimizer"
+                " to train whole submodules, e.g. `self.generator` and `self.discriminator`, each passed to its own"
                 " optimizer. Move such parameters into a submodule, give them to one optimizer, or set"
                 " `requires_grad=False` on the ones that should stay frozen."
             )
         for child_name, child in module.named_children():
-            visit(f"{prefix}.{child_name}" if prefix else child_name, child)
+            visit(dotted(child_name), child)
 
     visit("", root)
     missing = [i for i in range(len(optimizers)) if i not in trained]

@@ -131,7 +131,7 @@ def test_root_level_parameter_with_two_optimizers() -> None:
     model = Three()
     model.scale = nn.Parameter(torch.ones(1))
     with pytest.raises(ValueError, match=re.escape(
-            "Cannot give each optimizer its own model: the LightningModule itself directly holds parameters scale but"
+            "Cannot give each optimizer its own model: the LightningModule itself directly holds parameters scale while"
             " its submodules belong to optimizers [0, 1].")):
         assign_models(model, [Adam([*model.a.parameters(), model.scale]), Adam(params(model.b, model.c))])
 
@@ -139,8 +139,8 @@ def test_root_level_parameter_with_two_optimizers() -> None:
 def test_optimizer_over_parameters_outside_the_model() -> None:
     model = GAN()
     with pytest.raises(ValueError, match=re.escape(
-            "Optimizer(s) [1] train no parameter of the LightningModule. Pass each optimizer the parameters of a"
-            " submodule of your LightningModule.")):
+            "Optimizer(s) [1] hold parameters that are not in the LightningModule. Create optimizers in"
+            " `configure_optimizers` from the module's own parameters")):
         assign_models(model, [Adam(model.parameters()), Adam(nn.Linear(2, 2).parameters())])
 
 
@@ -152,40 +152,28 @@ def test_foreign_parameter_in_two_optimizers_is_named_as_such() -> None:
         assign_models(model, [Adam(model.parameters()), Adam(foreign.parameters()), Adam(foreign.parameters())])
 
 
-# Known bugs in engines.py (reported, not fixed here: engines.py is owned elsewhere). strict=True: a fix turns these
-# into XPASS failures, which is the reminder to drop the marker.
-
-
-@pytest.mark.xfail(strict=True, reason="engines.py bug: with ONE optimizer, assign_models never checks that the"
-                                       " optimizer's parameters belong to the model")
 def test_single_optimizer_outside_the_model() -> None:
     model = GAN()
-    with pytest.raises(ValueError, match=r"train no parameter of the LightningModule"):
+    with pytest.raises(ValueError, match=re.escape("Optimizer(s) [0] hold parameters that are not in the LightningModule")):
         assign_models(model, [Adam(nn.Linear(2, 2).parameters())])
 
 
-@pytest.mark.xfail(strict=True, reason="engines.py bug: a foreign parameter mixed into an optimizer with model"
-                                       " parameters is accepted silently")
 def test_foreign_parameter_mixed_into_an_optimizer() -> None:
     model = Three()
-    with pytest.raises(ValueError, match=r"not in the model|not a parameter of the LightningModule"):
+    with pytest.raises(ValueError, match=re.escape("Optimizer(s) [1] hold parameters that are not in the LightningModule")):
         assign_models(model, [Adam(params(model.a, model.c)), Adam(params(model.b, nn.Linear(2, 2)))])
 
 
-@pytest.mark.xfail(strict=True, reason="engines.py bug: a trainable leaf module in no optimizer is reported as"
-                                       " 'directly holds parameters ... but its submodules belong to optimizers []'")
 def test_trainable_submodule_in_no_optimizer_message() -> None:
     model = Three()
-    with pytest.raises(ValueError, match=re.escape("submodule 'b' has parameters that no optimizer trains (weight,"
-                                                   " bias) while requiring grad")):
+    with pytest.raises(ValueError, match=re.escape("submodule 'b' has trainable parameters that no optimizer"
+                                                   " trains (b.weight, b.bias)")):
         assign_models(model, [Adam(model.a.parameters()), Adam(model.c.parameters())])
 
 
-@pytest.mark.xfail(strict=True, reason="engines.py bug: an optimizer over foreign parameters, next to an uncovered"
-                                       " trainable submodule, is reported as the submodule's problem")
 def test_foreign_optimizer_reported_before_uncovered_submodule() -> None:
     model = Three()
-    with pytest.raises(ValueError, match=re.escape("Optimizer(s) [1] train no parameter of the LightningModule")):
+    with pytest.raises(ValueError, match=re.escape("Optimizer(s) [1] hold parameters that are not in the LightningModule")):
         assign_models(model, [Adam(params(model.a, model.b)), Adam(nn.Linear(2, 2).parameters())])
 
 
