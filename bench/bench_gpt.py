@@ -603,6 +603,9 @@ def parent_main(args) -> int:
     log = open(args.log, "w") if args.log else None
     t0 = time.perf_counter()
     env = run_child(args, ENV_ROW, log)
+    if "error" not in env:
+        env.pop("returncode", None)
+        env.pop("wall_s", None)
     print("== bench_gpt ==", flush=True)
     for k in ("date_utc", "torch", "cuda", "cudnn", "deepspeed", "lightning", "lightning_zero", "gpu", "gpu_mem_gib",
               "gpu_capability", "driver", "python", "cpu_count", "host"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Generator, Mapping
 from contextlib import contextmanager
@@ -67,6 +68,16 @@ class _ScriptLauncher(_Precheck, _SubprocessScriptLauncher):
 
 class _Launcher(_Precheck, _MultiProcessingLauncher):
     """Spawn launcher that hands the *full* (gathered) weights back to the main process, at every stage."""
+
+    @override
+    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
+        super()._wrapping_function(*args, **kwargs)
+        # The worker's results are in the queue. Exit now: letting the interpreter finalise runs the C++ destructors
+        # of gloo/DeepSpeed threads, which abort the worker ("terminate called without an active exception") and
+        # turn a finished run into a failure.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
     @override
     def _collect_rank_zero_results(self, trainer: pl.Trainer, results: Any) -> Any:
