@@ -86,3 +86,14 @@ def _csv_column(logger, prefix):
     with open(f"{logger.log_dir}/metrics.csv") as f:
         rows = [line.strip().split(",") for line in f.readlines()[1:]]
     return [r[col] for r in rows if r[col]]
+
+
+class BothOptimizers(Regressor):
+    pass
+
+
+def test_optimizer_in_both_places_is_an_error():
+    config = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}}
+    trainer = cpu_trainer(strategy=ZeroStrategy(stage=2, config=config, start_method="spawn"), max_steps=1)
+    with pytest.raises(Exception, match="Both `configure_optimizers` and the DeepSpeed config's 'optimizer' block"):
+        trainer.fit(BothOptimizers())

@@ -1,0 +1,49 @@
+"""The public surface: registered names, constructor validation (before any process starts)."""
+
+import lightning as L
+import pytest
+import torch
+
+import lightning_zero
+from lightning.pytorch.strategies import StrategyRegistry
+from lightning_zero import ZeroConfigError, ZeroStrategy
+from lightning_zero.precision import ZeroPrecision
+
+NAMES = ["zero", "zero_stage_1", "zero_stage_2", "zero_stage_2_offload", "zero_stage_3", "zero_stage_3_offload",
+         "zero_stage_3_offload_nvme"]
+
+
+def test_registered_strategy_names_are_frozen():
+    assert sorted(k for k in StrategyRegistry if k.startswith("zero")) == sorted(NAMES)
+    assert lightning_zero.__all__ == sorted(lightning_zero.__all__)
+
+
+def test_trainer_accepts_registered_name():
+    trainer = L.Trainer(strategy="zero_stage_3", accelerator="cpu", devices=2, logger=False, precision="bf16-mixed")
+    assert isinstance(trainer.strategy, ZeroStrategy) and trainer.strategy.stage == 3
+    assert isinstance(trainer.strategy.precision_plugin, ZeroPrecision)
+    assert trainer.strategy.precision_plugin.precision == "bf16-mixed"
+
+
+def test_constructor_reports_config_problems_before_launch():
+    with pytest.raises(ZeroConfigError, match="unknown key 'zero_optimisation'. Did you mean 'zero_optimization'"):
+        ZeroStrategy(config={"zero_optimisation": {"stage": 3}})
+    with pytest.raises(ZeroConfigError, match=r"ZeroStrategy\(stage=5\) is not supported"):
+        ZeroStrategy(stage=5)
+    with pytest.raises(ValueError, match=r"offload_parameters='cpu'\) needs stage=3"):
+        ZeroStrategy(stage=2, offload_parameters="cpu")
+    with pytest.raises(ValueError, match=r"start_method='thread'"):
+        ZeroStrategy(start_method="thread")
+
+
+def test_unsupported_precision_plugin_is_refused():
+    strategy = ZeroStrategy()
+    with pytest.raises(ValueError, match="does not support the DoubleWeird plugin"):
+        strategy.precision_plugin = type("DoubleWeird", (L.pytorch.plugins.precision.Precision,), {})()
+
+
+def test_lbfgs_is_refused_with_the_alternative():
+    plugin = ZeroPrecision("32-true")
+    opt = torch.optim.LBFGS([torch.nn.Parameter(torch.zeros(1))])
+    with pytest.raises(TypeError, match="LBFGS re-evaluates the closure.*Adam, AdamW, SGD"):
+        plugin.optimizer_step(opt, model=None, closure=lambda: None)
