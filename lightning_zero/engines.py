@@ -106,7 +106,8 @@ def assign_models(root: nn.Module, optimizers: list[Optimizer]) -> list[ModelAss
                 if p.requires_grad or id(p) in owner}
 
     def visit(prefix: str, module: nn.Module) -> None:
-        found = set(owners(module).values())
+        below = owners(module)
+        found = set(below.values())
         if not found:
             if any(True for _ in module.parameters()):
                 trained.setdefault(None, {})[prefix] = module
@@ -117,14 +118,15 @@ def assign_models(root: nn.Module, optimizers: list[Optimizer]) -> list[ModelAss
         direct = owners(module, recurse=False)
         where = f"submodule {prefix!r}" if prefix else "the LightningModule itself"
         dotted = (lambda n: f"{prefix}.{n}" if prefix else n)  # noqa: E731
-        untrained = [dotted(n) for n, i in owners(module).items() if i is None]
+        untrained = [dotted(n) for n, i in below.items() if i is None]
+        trained_by = sorted(i for i in found if i is not None)
         if untrained and (direct or found == {None} or not list(module.children())):
             problem = f"has trainable parameters that no optimizer trains ({', '.join(untrained[:3])})"
         elif direct:
             problem = (f"directly holds parameters {', '.join(dotted(n) for n in list(direct)[:3])} while its"
-                       f" submodules belong to optimizers {sorted(i for i in found if i is not None)}")
+                       f" submodules belong to optimizers {trained_by}")
         elif not list(module.children()):
-            problem = f"has its parameters split between optimizers {sorted(i for i in found if i is not None)}"
+            problem = f"has its parameters split between optimizers {trained_by}"
         else:
             problem = ""
         if problem:

@@ -256,6 +256,8 @@ class ZeroStrategy(ParallelStrategy):
                                    timeout=self._timeout)
         # Destroy the group before the interpreter exits: otherwise gloo's threads abort the process at exit
         # ("terminate called without an active exception") and the exit code is lost.
+        # (once per process, however many Trainer calls initialise it)
+        atexit.unregister(_destroy_process_group)
         atexit.register(_destroy_process_group)
 
     def set_world_ranks(self) -> None:
