@@ -64,7 +64,7 @@ EXTRA_ROWS = ["cpu_smoke"]
 # Options the parent forwards unchanged to each child.
 FORWARDED = [
     "d_model", "n_layer", "n_head", "vocab", "seq_len", "micro_batch", "warmup", "steps", "seed", "lr",
-    "optimizer", "init_device", "zero_config",
+    "optimizer", "init_device", "zero_config", "profile",
 ]
 
 
@@ -247,6 +247,7 @@ def run_raw(args, spec) -> dict:
 
     import deepspeed
     from gpt import count_params, make_tokens, split_batch
+    from probe import StepProbe
 
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -259,7 +260,8 @@ def run_raw(args, spec) -> dict:
 
     stage, offload = spec["stage"], spec["offload"]
     total = args.warmup + args.steps
-    tokens = make_tokens(total * args.micro_batch, args.seq_len, args.vocab, args.seed, device)
+    probe = StepProbe(total, args.profile, device)
+    tokens = make_tokens((total + probe.total_extra) * args.micro_batch, args.seq_len, args.vocab, args.seed, device)
 
     model = _build_model(args, device).to(device)
     n_params = count_params(model)
@@ -295,21 +297,29 @@ def run_raw(args, spec) -> dict:
 
     times, losses = [], []
     peak_before = None
-    for i in range(total):
+    for i in range(total + probe.total_extra):
         batch = tokens[i * args.micro_batch:(i + 1) * args.micro_batch]
         x, y = split_batch(batch)
+        probe.step_start(i)
         loss = engine(x, y)
+        probe.mark("fwd")
         engine.backward(loss)
+        probe.mark("bwd")
         engine.step()
+        probe.step_end(i)
+        if i >= total:
+            continue
         torch.cuda.synchronize(device)
         times.append(time.perf_counter())
         losses.append(loss.item())
         if i + 1 == args.warmup:
             peak_before = torch.cuda.max_memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
-    peak_timed = torch.cuda.max_memory_allocated(device)
+        if i + 1 == total:
+            peak_timed = torch.cuda.max_memory_allocated(device)
     peak_total = max(peak_before or 0, peak_timed)
     out = _summarize(args, spec, times, losses, n_params, peak_total, peak_timed if args.warmup else None)
+    out.update(probe.result)
     out["optimizer"] = opt_kind
     out["ds_config"] = config
     del engine, optimizer
@@ -326,6 +336,7 @@ def run_lightning(args, spec) -> dict:
     import lightning as L
     from lightning.pytorch.callbacks import Callback
     from gpt import Block, count_params, make_tokens, split_batch
+    from probe import StepProbe
 
     family, stage, offload = spec["family"], spec["stage"], spec["offload"]
     on_cpu = family == "cpu_smoke"
@@ -362,7 +373,8 @@ def run_lightning(args, spec) -> dict:
     if not on_cpu:
         torch.cuda.set_device(device)
     total = args.warmup + args.steps
-    tokens = make_tokens(total * args.micro_batch, args.seq_len, args.vocab, args.seed, device)
+    probe = StepProbe(total, args.profile, device)
+    tokens = make_tokens((total + probe.total_extra) * args.micro_batch, args.seq_len, args.vocab, args.seed, device)
     opt_kind = "torch_adamw" if on_cpu else _optimizer_kind(args, spec)
 
     class TokenRows(Dataset):
@@ -394,8 +406,21 @@ def run_lightning(args, spec) -> dict:
             self.warmup = warmup
             self.times, self.losses = [], []
             self.peak_before = None
+            self.peak_timed = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            probe.step_start(trainer.global_step)
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            probe.mark("fwd")
+
+        def on_after_backward(self, trainer, pl_module):
+            probe.mark("bwd")
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            probe.step_end(trainer.global_step - 1)
+            if len(self.times) >= total:
+                return
             _sync(device)
             self.times.append(time.perf_counter())
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -403,6 +428,8 @@ def run_lightning(args, spec) -> dict:
             if not on_cpu and len(self.times) == self.warmup:
                 self.peak_before = torch.cuda.max_memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
+            if not on_cpu and len(self.times) == total:
+                self.peak_timed = torch.cuda.max_memory_allocated(device)
 
     module = GPTModule()
     n_params = count_params(module.model)
@@ -413,7 +440,7 @@ def run_lightning(args, spec) -> dict:
         devices=1,
         precision="bf16-mixed",
         strategy=strategy,
-        max_steps=total,
+        max_steps=total + probe.total_extra,
         max_epochs=1,
         logger=False,
         enable_checkpointing=False,
@@ -430,11 +457,12 @@ def run_lightning(args, spec) -> dict:
     if on_cpu:
         peak_total = peak_timed = None
     else:
-        peak_timed = torch.cuda.max_memory_allocated(device)
+        peak_timed = timer.peak_timed
         peak_total = max(timer.peak_before or 0, peak_timed)
         if not args.warmup:
             peak_timed = None
     out = _summarize(args, spec, timer.times, timer.losses, n_params, peak_total, peak_timed)
+    out.update(probe.result)
     out["optimizer"] = opt_kind
     out["strategy"] = type(strategy).__name__ if not isinstance(strategy, str) else strategy
     if family in ("builtin", "zero") and hasattr(strategy, "config"):
@@ -678,6 +706,9 @@ def main(argv=None) -> int:
                    help="where the model is built and initialised before the strategy takes it (default cuda)")
     p.add_argument("--zero-config", dest="zero_config", default=None,
                    help="JSON dict passed as ZeroStrategy(config=...) in the zero_* rows")
+    p.add_argument("--profile", type=int, default=0,
+                   help="after the timed steps, profile K steps (kernel time by category, host syncs) and time K"
+                        " more with synchronised phases (forward/backward/step); see probe.py")
     p.add_argument("--row-timeout", dest="row_timeout", type=float, default=900.0, help="seconds per row")
     p.add_argument("--verbose", action="store_true", help="echo every child's output")
     p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # child mode

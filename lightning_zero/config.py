@@ -195,6 +195,8 @@ def _check_section(name: str, model: Any, section: Any, problems: list[str]) -> 
                 problems.append(f"unknown key '{name}.{loc}'.{hint}")
             elif name == "zero_optimization" and tuple(e["loc"]) == ("stage",):
                 problems.append(f"'{name}.stage' = {e['input']!r}: must be 0, 1, 2 or 3")
+            elif not loc:  # a check across keys of the section: the input is the whole section, do not echo it
+                problems.append(f"'{name}': {e['msg'].removeprefix('Value error, ')}")
             else:
                 problems.append(f"'{name}.{loc}' = {e['input']!r}: {e['msg']}")
 

@@ -145,7 +145,7 @@ class ZeroStrategy(ParallelStrategy):
                              " or 'fork'.")
         # Validate everything that does not need the Trainer now, before any process starts.
         self.user_config = cfg.load_user_config(config)
-        cfg.validate_user_config(self.user_config)
+        # validated once merged with the keywords: a section's cross-key checks need the keyword stage
         self.knobs = cfg.resolve_knobs(stage, offload_optimizer, offload_parameters, nvme_path, pin_memory,
                                        **zero_optimization)
         merged = cfg.merge_knobs(self.user_config, self.knobs)
