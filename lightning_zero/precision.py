@@ -53,7 +53,11 @@ class ZeroPrecision(Precision):
 
     @override
     def convert_module(self, module: Module) -> Module:
-        return module.to(dtype=self.dtype) if self.precision.endswith("-true") else module
+        if self.precision.endswith("-true"):
+            _cast_parameters_and_buffers(module, self.dtype)
+        if self.dtype != torch.float32:
+            _keep_metric_states_fp32(module, self.dtype)
+        return module
 
     @override
     def convert_input(self, data: Any) -> Any:
@@ -95,3 +99,33 @@ class ZeroPrecision(Precision):
                              " Use gradient_clip_algorithm='norm'.")
         if clip_val:
             self.engines.for_optimizer(optimizer).set_clip(float(clip_val))
+
+
+def _cast_parameters_and_buffers(module: Module, dtype: torch.dtype) -> None:
+    """``module.to(dtype)`` without torchmetrics states: ``Metric._apply`` casts its states on ``.to(dtype)``, which
+    would accumulate sums and counts in half precision. Each module's own parameters and buffers are cast through the
+    base ``Module._apply``; metric states are neither, so they keep their dtype."""
+
+    def cast(t: Tensor) -> Tensor:
+        return t.to(dtype) if t.is_floating_point() else t
+
+    for m in module.modules():
+        Module._apply(m, cast, recurse=False)
+
+
+def _keep_metric_states_fp32(module: Module, dtype: torch.dtype) -> None:
+    """Metrics created under the half-precision creation contexts (``configure_model`` with a "-true" precision, or
+    stage 3's ``zero.Init``, which creates every floating tensor in the compute dtype) get float32 states back."""
+    from torchmetrics import Metric
+
+    for m in module.modules():
+        if isinstance(m, Metric) and any(t.dtype == dtype for t in _metric_state_tensors(m)):
+            m.set_dtype(torch.float32)
+
+
+def _metric_state_tensors(metric: Any) -> list[Tensor]:
+    out: list[Tensor] = []
+    for name, default in metric._defaults.items():
+        for value in (default, getattr(metric, name)):
+            out.extend(v for v in (value if isinstance(value, list) else [value]) if isinstance(v, Tensor))
+    return out

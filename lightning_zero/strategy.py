@@ -28,6 +28,7 @@ from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _Su
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.strategies.strategy import TBroadcast
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.model_summary.model_summary import get_human_readable_count
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor
@@ -39,6 +40,7 @@ from lightning_zero import config as cfg
 from lightning_zero._imports import require_deepspeed, use_cpu_accelerator
 from lightning_zero.engines import EngineRegistry, EngineSlot, assign_models, build_engine, clone_optimizer
 from lightning_zero.precision import ZeroPrecision
+from lightning_zero.summary import install_summary
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -64,6 +66,15 @@ class _ScriptLauncher(_Precheck, _SubprocessScriptLauncher):
     def __init__(self, strategy: ZeroStrategy, *args: Any) -> None:
         super().__init__(*args)
         self._strategy = strategy
+
+    def start_processes(self) -> None:
+        """Start the other ranks now (for ``trainer.init_module()`` at stage 3); ``launch`` then finds them started:
+        starting sets ``LOCAL_RANK``, after which the cluster environment reports the processes as created."""
+        from lightning.pytorch.strategies.launchers.subprocess_script import _launch_process_observer
+
+        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+        self._call_children_scripts()
+        _launch_process_observer(self.procs)
 
 
 class _Launcher(_Precheck, _MultiProcessingLauncher):
@@ -300,17 +311,53 @@ class ZeroStrategy(ParallelStrategy):
 
     @contextmanager
     @override
-    def model_sharded_context(self) -> Generator[None, None, None]:
-        """``configure_model`` runs here: at stage 3 every parameter is partitioned as it is created."""
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        """Where ``configure_model`` and ``with trainer.init_module():`` create the model.
+
+        Stage 3: inside ``deepspeed.zero.Init``, so every parameter is partitioned as it is created. Stages 0-2: on the
+        root device, in the target dtype for the "-true" precisions (Lightning's default).
+        """
+        # Lightning enters this context around configure_model (with model_sharded_context, which we leave alone: its
+        # override would make `trainer.init_module()` warn that it is unsupported) and alone in trainer.init_module().
         if self.stage != 3:
-            yield
+            with super().tensor_init_context(empty_init=empty_init):
+                yield
+            return
+        if not self._distributed_ready_for_init():
+            with self.precision_plugin.tensor_init_context():
+                yield
             return
         import deepspeed
 
-        config = self._ensure_config()
+        # In configure_model the Trainer is known: resolve (and keep) the full config. Under trainer.init_module() the
+        # config is resolved again at setup with the Trainer's flags; zero.Init only needs the dtype and ZeRO keys.
+        config = self._ensure_config() if self.lightning_module is not None else self.resolve_config(None)
         # dtype comes from the config's fp16/bf16 sections (DeepSpeed 0.19 ignores an explicit dtype on CPU).
         with deepspeed.zero.Init(config_dict_or_path=config, remote_device=self._remote_device(config)):
             yield
+
+    def _distributed_ready_for_init(self) -> bool:
+        """Whether zero.Init can run now; starts the processes early for ``trainer.init_module()`` when it can.
+
+        zero.Init needs every rank: in configure_model they exist. Under init_module (before fit) they exist when an
+        external launcher started them (torchrun, SLURM, the children of the "popen" launcher); the popen launcher's
+        main process starts its children here, as ``fit`` would, and they re-run the script up to this point.
+        """
+        if _distributed_is_initialized():
+            return True
+        assert self.cluster_environment is not None
+        if not self.cluster_environment.creates_processes_externally:
+            if not isinstance(self._launcher, _ScriptLauncher):
+                rank_zero_warn(
+                    f"`trainer.init_module()` cannot partition the model with ZeroStrategy(stage=3,"
+                    f" start_method={self._start_method!r}): the processes only start inside `trainer.fit`. The model"
+                    " is created whole and partitioned at setup. Create the layers in `LightningModule.configure_model`"
+                    " instead (or use the default start_method='popen')."
+                )
+                return False
+            self._launcher.start_processes()
+        self.setup_environment()
+        return True
 
     def _ensure_config(self) -> dict[str, Any]:
         """Resolve the config once per Trainer call (configure_model runs before setup and needs it already)."""
@@ -329,10 +376,14 @@ class ZeroStrategy(ParallelStrategy):
         assert self.accelerator is not None and self.lightning_module is not None
         self.accelerator.setup(trainer)
         self._ensure_config()
+        if self.stage == 3:
+            install_summary(trainer)  # true parameter counts in the summary printed at fit start
         if self._engines_owner == id(self.lightning_module) and len(self.engines):
             # validate/test/predict after fit: keep the engines (and their partitioning) of the same module
             self.model = self._wrapped_model()
             return
+        if self.stage == 3:
+            _warn_unpartitioned(self.lightning_module)
         self.model = self.precision_plugin.convert_module(self.lightning_module)
         if trainer.state.fn == TrainerFn.FITTING:
             self._setup_training_engines()
@@ -375,6 +426,9 @@ class ZeroStrategy(ParallelStrategy):
         assert self.ds_config is not None
         train = face is not None or trainable
         config = self.ds_config if train else cfg.inference_config(self.ds_config)
+        if not train and self.stage < 3:
+            # DeepSpeed refuses ZeRO-1/2 without an optimizer; below stage 3 such a model stays a plain module anyway.
+            config["zero_optimization"] = {**config.get("zero_optimization", {}), "stage": 0}
         if self.stage < 3:
             module.to(self.root_device)
         device_index = self.root_device.index if self.root_device.type == "cuda" else -1
@@ -508,6 +562,18 @@ class ZeroStrategy(ParallelStrategy):
         register("zero_stage_3_offload_nvme", cls, description="ZeRO stage 3, optimizer and parameters on NVMe"
                  " (set $LIGHTNING_ZERO_NVME_PATH)", stage=3, offload_optimizer="nvme", offload_parameters="nvme",
                  nvme_path=os.environ.get("LIGHTNING_ZERO_NVME_PATH", "/local_nvme"))
+
+
+def _warn_unpartitioned(module: Module) -> None:
+    """Warn (once, rank 0) when stage-3 parameters were created outside zero.Init: each rank held them whole."""
+    whole = sum(p.numel() for p in module.parameters() if not hasattr(p, "ds_id"))
+    if whole:
+        rank_zero_warn(
+            f"ZeroStrategy(stage=3): {get_human_readable_count(whole).strip()} parameters ({whole:,} elements) were"
+            " created outside `configure_model`, so every rank materialized them whole before DeepSpeed partitioned"
+            " them at setup. Create the layers in `LightningModule.configure_model` (or under"
+            " `with trainer.init_module():`) so that each rank only ever holds its shard."
+        )
 
 
 def _destroy_process_group() -> None:
