@@ -115,17 +115,21 @@ def _cast_parameters_and_buffers(module: Module, dtype: torch.dtype) -> None:
 
 def _keep_metric_states_fp32(module: Module, dtype: torch.dtype) -> None:
     """Metrics created under the half-precision creation contexts (``configure_model`` with a "-true" precision, or
-    stage 3's ``zero.Init``, which creates every floating tensor in the compute dtype) get float32 states back."""
+    stage 3's ``zero.Init``, which creates every floating tensor in the compute dtype) get float32 states back.
+
+    Only the floating states in ``dtype`` change (``Metric.set_dtype`` would also turn integer counts into floats)."""
     from torchmetrics import Metric
 
+    def up(value: Any) -> Any:
+        if isinstance(value, list):
+            return [up(v) for v in value]
+        return value.float() if isinstance(value, Tensor) and value.dtype == dtype else value
+
     for m in module.modules():
-        if isinstance(m, Metric) and any(t.dtype == dtype for t in _metric_state_tensors(m)):
-            m.set_dtype(torch.float32)
-
-
-def _metric_state_tensors(metric: Any) -> list[Tensor]:
-    out: list[Tensor] = []
-    for name, default in metric._defaults.items():
-        for value in (default, getattr(metric, name)):
-            out.extend(v for v in (value if isinstance(value, list) else [value]) if isinstance(v, Tensor))
-    return out
+        if not isinstance(m, Metric):
+            continue
+        for name, default in m._defaults.items():
+            m._defaults[name] = up(default)
+            setattr(m, name, up(getattr(m, name)))
+        if m._dtype == dtype:  # the dtype torchmetrics creates new tensors in (the default dtype at creation)
+            m._dtype = torch.float32
