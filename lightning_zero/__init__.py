@@ -12,11 +12,13 @@ from lightning_zero.checkpoint import gather_full_state_dict, load_full_state_di
 from lightning_zero.config import ZeroConfigError, resolve_ds_config
 from lightning_zero.precision import ZeroPrecision
 from lightning_zero.strategy import ZeroStrategy
+from lightning_zero.summary import ZeroSummary
 
 __all__ = [
     "ZeroConfigError",
     "ZeroPrecision",
     "ZeroStrategy",
+    "ZeroSummary",
     "gather_full_state_dict",
     "load_full_state_dict",
     "resolve_ds_config",
