@@ -198,6 +198,8 @@ class EngineSlot:
         opt = self.engine.optimizer
         if hasattr(opt, "clip_grad"):
             opt.clip_grad = value
+        if value and getattr(opt, "compute_grad_norm", True) is False:
+            opt.compute_grad_norm = True  # the speed default skipped the norm while nothing clipped (tuning.py)
         self.engine._config.gradient_clipping = value
 
 

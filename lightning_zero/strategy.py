@@ -41,6 +41,7 @@ from lightning_zero._imports import require_deepspeed, use_cpu_accelerator
 from lightning_zero.engines import EngineRegistry, EngineSlot, assign_models, build_engine, clone_optimizer
 from lightning_zero.precision import ZeroPrecision
 from lightning_zero.summary import install_summary
+from lightning_zero.tuning import apply_speed_defaults
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -307,7 +308,7 @@ class ZeroStrategy(ParallelStrategy):
     def resolve_config(self, trainer: pl.Trainer | None) -> dict[str, Any]:
         flags = self.trainer_flags(trainer) if trainer is not None else cfg.TrainerFlags(
             precision=self.precision_plugin.precision, world_size=self.world_size)
-        return cfg.resolve_ds_config(self.user_config, self.knobs, flags)
+        return apply_speed_defaults(cfg.resolve_ds_config(self.user_config, self.knobs, flags))
 
     @contextmanager
     @override
