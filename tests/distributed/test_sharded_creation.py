@@ -1,6 +1,7 @@
 """Where models are created: the warning for stage-3 parameters built outside zero.Init, `trainer.init_module()` at
 stage 3 (real popen launch), the true stage-3 summary, and stages 0-2 building in the target dtype."""
 
+import json
 import math
 import os
 import subprocess
@@ -178,3 +179,18 @@ def test_stage2_bf16_true_creates_parameters_in_bf16(tmp_path):
         net = make_net()
     assert {p.dtype for p in net.parameters()} == {torch.bfloat16}
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_bench_init_peak_smoke(tmp_path):
+    """bench/bench_init_peak.py --small: the GPU benchmark's code path (Trainer, configure_model under zero.Init,
+    partitioned GPT, inference engine, one forward) on one CPU process."""
+    bench = Path(__file__).resolve().parents[2] / "bench" / "bench_init_peak.py"
+    out = tmp_path / "init_peak.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK")}
+    run = subprocess.run([sys.executable, str(bench), "--small", "--forward", "--out", str(out)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["checks_ok"] and result["params"] == result["params_expected"] == 135_808
+    assert result["detail"]["params_partitioned"] == result["detail"]["params_total"]
+    assert 5.5 < result["detail"]["forward_loss"] < 7.0  # about ln(vocab=512) = 6.24 for an untrained model
