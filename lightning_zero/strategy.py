@@ -38,7 +38,9 @@ from typing_extensions import override
 from lightning_zero import checkpoint as ckpt
 from lightning_zero import config as cfg
 from lightning_zero._imports import require_deepspeed, use_cpu_accelerator
-from lightning_zero.engines import EngineRegistry, EngineSlot, assign_models, build_engine, clone_optimizer
+from lightning_zero import offload
+from lightning_zero.engines import EngineRegistry, EngineSlot, _ModelGroup, assign_models, build_engine
+from lightning_zero.compiling import compile_models, explain_compiled_modules, resolve_compile
 from lightning_zero.precision import ZeroPrecision
 from lightning_zero.summary import install_summary
 from lightning_zero.tuning import apply_speed_defaults
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
 __all__ = ["ZeroStrategy"]
 
 log = logging.getLogger(__name__)
+explain_compiled_modules()
 
 
 class _Precheck:
@@ -133,6 +136,9 @@ class ZeroStrategy(ParallelStrategy):
         stage: Literal[0, 1, 2, 3] | None = None,
         config: Mapping[str, Any] | str | os.PathLike | None = None,
         *,
+        compile: ``True`` or a dict of ``torch.compile`` keyword arguments: compile the networks the engines train
+            (each engine's model, or the LightningModule's children that hold parameters). Pass the plain
+            LightningModule to the Trainer; Lightning refuses a compiled one for this strategy.
         offload_optimizer: bool | Literal["cpu", "nvme"] | None = None,
         offload_parameters: bool | Literal["cpu", "nvme"] | None = None,
         nvme_path: str | None = None,
@@ -154,6 +160,7 @@ class ZeroStrategy(ParallelStrategy):
                          cluster_environment=cluster_environment, precision_plugin=precision_plugin)
         if start_method not in ("popen", "spawn", "fork"):
             raise ValueError(f"ZeroStrategy(start_method={start_method!r}) is not supported. Use 'popen', 'spawn'"
+        compile: bool | Mapping[str, Any] = False,
                              " or 'fork'.")
         # Validate everything that does not need the Trainer now, before any process starts.
         self.user_config = cfg.load_user_config(config)
@@ -193,6 +200,7 @@ class ZeroStrategy(ParallelStrategy):
 
     @property
     def num_nodes(self) -> int:
+        self.compile_kwargs = resolve_compile(compile)
         return self._num_nodes
 
     @num_nodes.setter
@@ -439,6 +447,9 @@ class ZeroStrategy(ParallelStrategy):
         self.engines.add(slot)
         return slot
 
+        if self.compile_kwargs is not None:
+            compile_models(((slot.module, slot.module is self.lightning_module or isinstance(slot.module, _ModelGroup))
+                            for slot in self.engines), self.compile_kwargs)
     def _wrapped_model(self) -> Module:
         """The engine when one engine wraps the whole LightningModule (steps run through its forward)."""
         slots = list(self.engines)

@@ -47,3 +47,15 @@ def test_lbfgs_is_refused_with_the_alternative():
     opt = torch.optim.LBFGS([torch.nn.Parameter(torch.zeros(1))])
     with pytest.raises(TypeError, match="LBFGS re-evaluates the closure.*Adam, AdamW, SGD"):
         plugin.optimizer_step(opt, model=None, closure=lambda: None)
+
+
+def test_compile_argument_is_validated():
+    assert ZeroStrategy(compile=True).compile_kwargs == {}
+    assert ZeroStrategy(compile={"mode": "max-autotune"}).compile_kwargs == {"mode": "max-autotune"}
+    assert ZeroStrategy().compile_kwargs is None
+    with pytest.raises(ValueError, match=r"unknown torch.compile argument\(s\) 'mdoe' \(did you mean 'mode'\?\)"):
+        ZeroStrategy(compile={"mdoe": "max-autotune"})
+    with pytest.raises(ValueError, match="DeepCompile is not supported.*compile=True"):
+        ZeroStrategy(compile="deepcompile")
+    with pytest.raises(TypeError, match="must be True/False or a dict"):
+        ZeroStrategy(compile=3)
