@@ -218,6 +218,20 @@ def _accumulate_grad_params(loss: Tensor) -> Iterator[Tensor]:
         stack.extend(next_fn for next_fn, _ in node.next_functions)
 
 
+def _engine_backward(engine: Any, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+    """``engine.backward`` after the bookkeeping ``DeepSpeedEngine.forward`` does first.
+
+    With several engines the user calls the submodules directly, so no engine's forward runs. ZeRO's optimizers count
+    micro-batches in ``clear_backward_seen_flag()`` (called at the start of ``engine.forward``): without it, ZeRO-3
+    overwrites the gradient partitions accumulated by the previous backward instead of adding to them. Calling it again
+    after a forward that already did is a no-op.
+    """
+    start_micro_batch = getattr(engine.optimizer, "clear_backward_seen_flag", None)
+    if start_micro_batch is not None:
+        start_micro_batch()
+    engine.backward(loss, *args, scale_wrt_gas=False, **kwargs)
+
+
 class EngineRegistry:
     """The engines of one LightningModule, by name and by the optimizer Lightning sees."""
 
@@ -253,12 +267,12 @@ class EngineRegistry:
         """Backward through the engine whose parameters ``loss`` reaches."""
         trained = self.trained
         if len(trained) == 1:
-            trained[0].engine.backward(loss, *args, scale_wrt_gas=False, **kwargs)
+            _engine_backward(trained[0].engine, loss, *args, **kwargs)
             return
         reached = {id(p) for p in _accumulate_grad_params(loss)}
         hit = [s for s in trained if s.params & reached]
         if len(hit) == 1:
-            hit[0].engine.backward(loss, *args, scale_wrt_gas=False, **kwargs)
+            _engine_backward(hit[0].engine, loss, *args, **kwargs)
             return
         if not hit:
             raise RuntimeError("The loss passed to backward does not depend on any trainable parameter.")
@@ -277,6 +291,9 @@ class EngineRegistry:
             slot.engine.step()
         finally:
             slot.set_clip(slot.config_clip)  # a clip set by clip_gradients() lasts for one step
+        # The face's own step() never runs; tell its schedulers it stepped (torch warns "lr_scheduler.step() before
+        # optimizer.step()" otherwise).
+        slot.face._opt_called = True  # type: ignore[union-attr]
 
 
 def build_engine(module: nn.Module, config: dict[str, Any], optimizer: Optimizer | None, device_index: int,

@@ -437,7 +437,7 @@ class ZeroStrategy(ParallelStrategy):
         config = self.ds_config if train else cfg.inference_config(self.ds_config)
         if not train and self.stage < 3:
             # DeepSpeed refuses ZeRO-1/2 without an optimizer; below stage 3 such a model stays a plain module anyway.
-            config["zero_optimization"] = {**config.get("zero_optimization", {}), "stage": 0}
+            config["zero_optimization"] = {"stage": 0}
         if self.stage < 3:
             module.to(self.root_device)
         device_index = self.root_device.index if self.root_device.type == "cuda" else -1
