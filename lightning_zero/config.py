@@ -24,9 +24,12 @@ __all__ = [
     "PrecisionInput",
     "TrainerFlags",
     "ZeroConfigError",
+    "check_auto_stage",
+    "check_zero_features",
     "inference_config",
     "load_user_config",
     "merge_knobs",
+    "offload_device",
     "resolve_ds_config",
     "resolve_knobs",
     "validate_user_config",
@@ -86,6 +89,18 @@ _MINIMUM: dict[str, int] = {
 _SECTION_KEYS = ("zero_optimization", "fp16", "bf16", "bfloat16", "optimizer", "scheduler",
                  "activation_checkpointing", "aio")
 _OFFLOAD_SECTIONS = ("offload_optimizer", "offload_param")
+# Top-level sections the constructor keywords write into (merged key by key with the user config).
+_KNOB_SECTIONS = ("zero_optimization", "aio", "activation_checkpointing")
+# ZeRO++ (https://www.deepspeed.ai/tutorials/zeropp/): each is a stage-3 feature that DeepSpeed ignores at stages 0-2.
+_ZEROPP_KEYS = ("zero_hpz_partition_size", "zero_quantized_weights", "zero_quantized_nontrainable_weights",
+                "zero_quantized_gradients")
+_QUANTIZED_KEYS = _ZEROPP_KEYS[1:]
+# Keys DeepSpeed renamed: a user config with the old name would be silently ignored (DeepSpeed reads aio and
+# activation_checkpointing with `get`, without a schema).
+_RENAMED = {
+    ("aio", "thread_count"): "intra_op_parallelism",
+    ("activation_checkpointing", "partitioned_activations"): "partition_activations",
+}
 
 OffloadDevice = Literal["cpu", "nvme"]
 
@@ -104,6 +119,8 @@ class TrainerFlags:
     gradient_clip_algorithm: str | None = None
     micro_batch_size: int | None = None
     world_size: int = 1
+    devices_per_node: int | None = None  # processes per node (Trainer(devices=...))
+    device_type: str | None = None  # "cpu", "cuda", ... (None: not known)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -201,6 +218,31 @@ def _check_section(name: str, model: Any, section: Any, problems: list[str]) -> 
                 problems.append(f"'{name}.{loc}' = {e['input']!r}: {e['msg']}")
 
 
+def _plain_section_types(name: str) -> dict[str, type]:
+    """Key -> type for the sections DeepSpeed reads without a schema, from DeepSpeed's own defaults."""
+    if name == "aio":
+        from deepspeed.runtime.swap_tensor.aio_config import AIO_DEFAULT_DICT as defaults
+    else:
+        from deepspeed.runtime.activation_checkpointing.config import ACT_CHKPT_DEFAULT as defaults
+    return {key: bool if isinstance(default, bool) else int for key, default in defaults.items()}
+
+
+def _check_plain_section(name: str, section: Mapping[str, Any], problems: list[str]) -> None:
+    """Validate ``aio`` / ``activation_checkpointing``: DeepSpeed reads them with ``get`` and would silently ignore a
+    misspelled or renamed key."""
+    types = _plain_section_types(name)
+    for key, value in section.items():
+        if key not in types:
+            renamed = _RENAMED.get((name, key))
+            hint = f" DeepSpeed calls it {renamed!r}." if renamed else _suggest(key, set(types))
+            problems.append(f"unknown key '{name}.{key}'.{hint}")
+        elif types[key] is bool and not isinstance(value, bool):
+            problems.append(f"'{name}.{key}' must be true or false, got {type(value).__name__}: {value!r}")
+        elif types[key] is int and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if not (key == "number_checkpoints" and value is None):
+                problems.append(f"'{name}.{key}' must be a positive integer, got {type(value).__name__}: {value!r}")
+
+
 def validate_user_config(user: Mapping[str, Any]) -> None:
     """Raise one :class:`ZeroConfigError` listing every unknown key and wrong type in ``user``."""
     problems: list[str] = []
@@ -226,6 +268,9 @@ def validate_user_config(user: Mapping[str, Any]) -> None:
                         ("bf16", DeepSpeedBF16Config), ("bfloat16", DeepSpeedBF16Config)):
         if isinstance(user.get(name), Mapping):
             _check_section(name, model, user[name], problems)
+    for name in ("aio", "activation_checkpointing"):
+        if isinstance(user.get(name), Mapping):
+            _check_plain_section(name, user[name], problems)
     if problems:
         raise ZeroConfigError(
             "The DeepSpeed config has problems:\n  - " + "\n  - ".join(problems)
@@ -265,17 +310,40 @@ def resolve_knobs(
     params_buffer_count: int | None = None,
     params_buffer_size: int | None = None,
     max_in_cpu: int | None = None,
+    aio: Mapping[str, Any] | None = None,
+    partition_activations: bool | None = None,
+    cpu_checkpointing: bool | None = None,
+    contiguous_memory_optimization: bool | None = None,
+    synchronize_checkpoint_boundary: bool | None = None,
     **zero_keys: Any,
 ) -> dict[str, Any]:
-    """Turn ``ZeroStrategy(...)`` keywords into a partial DeepSpeed config. ``None`` means "not given"."""
+    """Turn ``ZeroStrategy(...)`` keywords into a partial DeepSpeed config. ``None`` means "not given".
+
+    Offload keywords go to ``zero_optimization.offload_*``, ``aio`` to the top-level ``aio`` section (NVMe async
+    I/O), the activation checkpointing keywords to ``activation_checkpointing``, everything else (ZeRO++'s
+    ``zero_hpz_partition_size``, ``zero_quantized_weights``, ``zero_quantized_gradients``, bucket sizes, ...) to
+    ``zero_optimization``.
+    """
     if stage is not None and (isinstance(stage, bool) or not isinstance(stage, int) or stage not in (0, 1, 2, 3)):
-        raise ZeroConfigError(f"ZeroStrategy(stage={stage!r}) is not supported. Use 0, 1, 2 or 3.")
+        raise ZeroConfigError(f"ZeroStrategy(stage={stage!r}) is not supported. Use 0, 1, 2 or 3. Or \"auto\""
+                              " to let ZeroStrategy choose from the model size and the hardware.")
     _check_offload_arg("offload_optimizer", offload_optimizer)
     _check_offload_arg("offload_parameters", offload_parameters)
+    if aio is not None and not isinstance(aio, Mapping):
+        raise TypeError(f"ZeroStrategy(aio={aio!r}) must be a dict of DeepSpeed's aio keys, e.g."
+                        " aio={'block_size': 1048576, 'queue_depth': 8, 'intra_op_parallelism': 1}.")
+    activation = {"partition_activations": partition_activations, "cpu_checkpointing": cpu_checkpointing,
+                  "contiguous_memory_optimization": contiguous_memory_optimization,
+                  "synchronize_checkpoint_boundary": synchronize_checkpoint_boundary}
+    for name, value in activation.items():
+        if value is not None and not isinstance(value, bool):
+            raise ZeroConfigError(f"ZeroStrategy({name}={value!r}) must be True or False.")
     # Keywords that only refine an offload keyword would otherwise be dropped without a word.
     orphans = []
     if nvme_path is not None and "nvme" not in (offload_optimizer, offload_parameters):
         orphans.append("nvme_path (needs offload_optimizer='nvme' or offload_parameters='nvme')")
+    if aio is not None and "nvme" not in (offload_optimizer, offload_parameters):
+        orphans.append("aio (needs offload_optimizer='nvme' or offload_parameters='nvme')")
     if pin_memory is not None and not (offload_optimizer or offload_parameters):
         orphans.append("pin_memory (needs offload_optimizer or offload_parameters)")
     if optimizer_buffer_count is not None and not offload_optimizer:
@@ -299,7 +367,13 @@ def resolve_knobs(
         device = "cpu" if offload_parameters is True else offload_parameters
         zero["offload_param"] = _offload_section(device, nvme_path, pin_memory, {
             "buffer_count": params_buffer_count, "buffer_size": params_buffer_size, "max_in_cpu": max_in_cpu})
-    return {"zero_optimization": zero} if zero else {}
+    knobs: dict[str, Any] = {"zero_optimization": zero} if zero else {}
+    if aio is not None:
+        knobs["aio"] = copy.deepcopy(dict(aio))
+    activation = {k: v for k, v in activation.items() if v is not None}
+    if activation:
+        knobs["activation_checkpointing"] = activation
+    return knobs
 
 
 def _as_stage(stage: Any) -> int:
@@ -345,12 +419,17 @@ def merge_knobs(user: Mapping[str, Any], knobs: Mapping[str, Any]) -> dict[str, 
     an NVMe offload without a path."""
     conflicts: list[str] = []
     merged = copy.deepcopy(dict(user))
-    zero = merged.setdefault("zero_optimization", {})
-    if not isinstance(zero, dict):
-        raise ZeroConfigError(f"'zero_optimization' must be a JSON object (dict), got {type(zero).__name__}:"
-                              f" {zero!r}")
-    for key, value in knobs.get("zero_optimization", {}).items():
-        zero[key] = _merge_value(f"zero_optimization.{key}", zero.get(key, AUTO), value, conflicts)
+    merged.setdefault("zero_optimization", {})
+    for name in _KNOB_SECTIONS:
+        if name not in knobs and name != "zero_optimization":
+            continue
+        section = merged.setdefault(name, {})
+        if not isinstance(section, dict):
+            raise ZeroConfigError(f"{name!r} must be a JSON object (dict), got {type(section).__name__}:"
+                                  f" {section!r}")
+        for key, value in knobs.get(name, {}).items():
+            section[key] = _merge_value(f"{name}.{key}", section.get(key, AUTO), value, conflicts)
+    zero = merged["zero_optimization"]
     if conflicts:
         raise ZeroConfigError(
             "ZeroStrategy keywords contradict the DeepSpeed config:\n  - " + "\n  - ".join(conflicts)
@@ -499,6 +578,7 @@ def resolve_ds_config(user: Mapping[str, Any], knobs: Mapping[str, Any], flags: 
     for section in ("zero_optimization", "fp16", "bf16"):
         if isinstance(config.get(section), Mapping):
             config[section] = {k: v for k, v in config[section].items() if v != AUTO}
+    check_zero_features(config, flags)
     # The Trainer owns the accumulation boundary: each optimizer step is one DeepSpeed step (see engines.py).
     config["managed_gradient_accumulation"] = False
     config.setdefault("steps_per_print", 2**31 - 1)  # no per-step prints; Lightning's progress bar reports
@@ -513,6 +593,97 @@ def resolve_ds_config(user: Mapping[str, Any], knobs: Mapping[str, Any], flags: 
             )
         config["zero_optimization"]["overlap_comm"] = False
     return config
+
+
+def offload_device(config: Mapping[str, Any], section: str) -> str | None:
+    """``"cpu"``/``"nvme"`` for ``zero_optimization.<section>`` (``offload_optimizer``/``offload_param``), else None."""
+    value = (config.get("zero_optimization") or {}).get(section)
+    device = value.get("device") if isinstance(value, Mapping) else None
+    return device if device in ("cpu", "nvme") else None
+
+
+def check_auto_stage(user: Mapping[str, Any], keywords: Mapping[str, Any]) -> None:
+    """``ZeroStrategy(stage="auto")`` chooses the stage and the offload itself: refuse keywords or config keys that
+    would pin part of that choice (``nvme_path`` is allowed: it lets "auto" consider NVMe offload)."""
+    pinned = [f"{k}={v!r}" for k, v in keywords.items()
+              if v is not None and v is not False and (k in _ZEROPP_KEYS or k in (
+                  "offload_optimizer", "offload_parameters", "pin_memory", "optimizer_buffer_count",
+                  "params_buffer_count", "params_buffer_size", "max_in_cpu", "aio"))]
+    zero = user.get("zero_optimization") if isinstance(user.get("zero_optimization"), Mapping) else {}
+
+    def pins(key: str, value: Any) -> bool:
+        if value is None or value is False or isinstance(value, str) and value == AUTO:
+            return False
+        if key in _OFFLOAD_SECTIONS:
+            return offload_device({"zero_optimization": {key: value}}, key) is not None
+        return not (key == "zero_hpz_partition_size" and value is not True and value == 1)
+
+    pinned += [f"config zero_optimization.{k}" for k in ("stage", *_OFFLOAD_SECTIONS, *_ZEROPP_KEYS)
+               if pins(k, zero.get(k))]
+    if pinned:
+        raise ZeroConfigError(
+            f"ZeroStrategy(stage=\"auto\") chooses the stage and the offload from the model size and the hardware, so"
+            f" it cannot be combined with {', '.join(pinned)}. Remove them, or name the stage yourself (run"
+            " `lightning-zero estimate` to see the choices)."
+        )
+
+
+def check_zero_features(config: Mapping[str, Any], flags: TrainerFlags | None = None) -> None:
+    """Raise one :class:`ZeroConfigError` for offload, ZeRO++ and activation checkpointing settings that cannot
+    work: a wrong stage, and with ``flags`` also the world size, devices per node and device type."""
+    zero = config.get("zero_optimization") or {}
+    try:
+        stage = _as_stage(zero.get("stage"))
+    except ZeroConfigError:
+        return  # reported by validate_user_config / resolve_ds_config
+    problems: list[str] = []
+    param_device, optimizer_device = offload_device(config, "offload_param"), offload_device(config,
+                                                                                            "offload_optimizer")
+    if param_device and stage != 3:
+        problems.append(f"zero_optimization.offload_param.device={param_device!r} needs stage 3 (stage is {stage}):"
+                        " only ZeRO-3 partitions parameters. Use ZeroStrategy(stage=3) or remove offload_param")
+    if optimizer_device and stage == 0:
+        problems.append(f"zero_optimization.offload_optimizer.device={optimizer_device!r} needs stage 1, 2 or 3"
+                        " (stage is 0): stage 0 has no optimizer partition to offload. Use ZeroStrategy(stage=2) or"
+                        " remove offload_optimizer")
+    if optimizer_device == "nvme" and stage in (1, 2):
+        problems.append(f"zero_optimization.offload_optimizer.device='nvme' at stage {stage}: DeepSpeed swaps optimizer"
+                        " state to NVMe at stage 3 only (ZeRO-Infinity); at stages 1-2 it would keep it in CPU memory"
+                        " and ignore nvme_path. Use ZeroStrategy(stage=3) or offload_optimizer='cpu'")
+    hpz = zero.get("zero_hpz_partition_size", 1)
+    hpz = hpz if isinstance(hpz, int) and not isinstance(hpz, bool) else 1
+    quantized = [key for key in _QUANTIZED_KEYS if zero.get(key) is True]
+    zeropp = ([f"zero_hpz_partition_size={hpz}"] if hpz > 1 else []) + [f"{key}=True" for key in quantized]
+    if zeropp and stage != 3:
+        problems.append(f"zero_optimization {', '.join(zeropp)}: ZeRO++ works at stage 3 only (stage is {stage}) and"
+                        " DeepSpeed would ignore it. Use ZeroStrategy(stage=3) or remove it")
+    if flags is not None and hpz > 1:
+        per_node = flags.devices_per_node or flags.world_size
+        if per_node % hpz or flags.world_size % hpz:
+            divisors = [d for d in range(per_node, 0, -1) if per_node % d == 0 and flags.world_size % d == 0]
+            problems.append(f"zero_optimization.zero_hpz_partition_size={hpz} must divide the devices per node"
+                            f" ({per_node}) and the world size ({flags.world_size}): hpZ keeps a secondary copy of"
+                            f" the weights partitioned within each node. Use one of {divisors} (1 turns hpZ off)")
+    on_cpu = flags is not None and flags.device_type == "cpu"
+    if on_cpu and quantized:
+        problems.append(f"zero_optimization {', '.join(f'{k}=True' for k in quantized)} needs a CUDA GPU: DeepSpeed's"
+                        " quantization kernels (CUDAQuantizer) have no CPU implementation. Remove it for CPU runs, or"
+                        " train with Trainer(accelerator='gpu')")
+    aio = config.get("aio") if isinstance(config.get("aio"), Mapping) else {}
+    if on_cpu and aio.get("use_gds") is True:
+        problems.append("aio.use_gds=True needs a CUDA GPU (GPUDirect Storage). Remove it for CPU runs")
+    act = config.get("activation_checkpointing") if isinstance(config.get("activation_checkpointing"), Mapping) else {}
+    if act.get("contiguous_memory_optimization") is True:
+        if act.get("partition_activations") is not True:
+            problems.append("activation_checkpointing.contiguous_memory_optimization=True needs"
+                            " partition_activations=True: DeepSpeed copies the partitioned checkpoints into the"
+                            " contiguous buffer. Set ZeroStrategy(partition_activations=True) too")
+        if not act.get("number_checkpoints"):
+            problems.append("activation_checkpointing.contiguous_memory_optimization=True needs"
+                            " activation_checkpointing.number_checkpoints (how many layers you checkpoint) to size its"
+                            " buffer. Set it in the config")
+    if problems:
+        raise ZeroConfigError("These ZeRO settings cannot work:\n  - " + "\n  - ".join(problems))
 
 
 def inference_config(config: Mapping[str, Any]) -> dict[str, Any]:

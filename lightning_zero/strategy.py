@@ -111,13 +111,26 @@ class ZeroStrategy(ParallelStrategy):
     """DeepSpeed ZeRO for Lightning, with one DeepSpeed engine per model.
 
     Args:
-        stage: ZeRO stage ``0``, ``1``, ``2`` (default) or ``3``.
+        stage: ZeRO stage ``0``, ``1``, ``2`` (default) or ``3``; or ``"auto"``: at setup, the fastest stage and
+            offload whose model states fit the free GPU memory and host memory (and NVMe space when ``nvme_path`` is
+            given), counted from the model (``configure_model`` is run once on the meta device to count) and logged.
         config: a DeepSpeed config dict or the path to a JSON file (default: ``$LIGHTNING_ZERO_CONFIG``). Trainer
             flags fill the keys left out or set to ``"auto"``; conflicting values are an error.
-        offload_optimizer: ``False``, ``"cpu"`` or ``"nvme"``: where the optimizer state lives (stages 1-3).
+        offload_optimizer: ``False``, ``"cpu"`` (stages 1-3) or ``"nvme"`` (stage 3): where the optimizer state lives
+            and steps. A torch ``Adam``/``AdamW`` is then stepped by DeepSpeed's ``DeepSpeedCPUAdam`` with the same
+            hyperparameters; other optimizers need ``"zero_force_ds_cpu_optimizer": false`` in the config.
         offload_parameters: ``False``, ``"cpu"`` or ``"nvme"``: where the parameters live (stage 3).
-        nvme_path: the folder used for NVMe offload.
+        nvme_path: the folder used for NVMe offload (must exist, be writable and have room; needs ``libaio-dev``).
         pin_memory: pin the CPU memory used for offload.
+        optimizer_buffer_count, params_buffer_count, params_buffer_size, max_in_cpu: the offload sections' buffer
+            settings (DeepSpeed's ``buffer_count``, ``buffer_size``, ``max_in_cpu``).
+        aio: DeepSpeed's ``aio`` section for NVMe offload, e.g. ``{"block_size": 1048576, "queue_depth": 8,
+            "intra_op_parallelism": 1, "single_submit": False, "overlap_events": True}``.
+        zero_hpz_partition_size, zero_quantized_weights, zero_quantized_gradients: ZeRO++ (stage 3): hierarchical
+            partitioning (a divisor of the devices per node) and quantized all-gather / reduce-scatter (CUDA only).
+        partition_activations, cpu_checkpointing, contiguous_memory_optimization, synchronize_checkpoint_boundary:
+            DeepSpeed's ``activation_checkpointing`` section, used where the model calls
+            ``deepspeed.checkpointing.checkpoint``.
         remote_device: where ``zero.Init`` puts parameters created in ``configure_model`` (``None``, ``"cpu"``,
             ``"nvme"``); defaults to the parameter offload device.
         start_method: ``"popen"`` (re-run the script per process, default), ``"spawn"`` or ``"fork"``.
@@ -133,7 +146,7 @@ class ZeroStrategy(ParallelStrategy):
 
     def __init__(
         self,
-        stage: Literal[0, 1, 2, 3] | None = None,
+        stage: Literal[0, 1, 2, 3, "auto"] | None = None,
         config: Mapping[str, Any] | str | os.PathLike | None = None,
         *,
         compile: ``True`` or a dict of ``torch.compile`` keyword arguments: compile the networks the engines train
@@ -164,6 +177,14 @@ class ZeroStrategy(ParallelStrategy):
                              " or 'fork'.")
         # Validate everything that does not need the Trainer now, before any process starts.
         self.user_config = cfg.load_user_config(config)
+        # stage="auto" is decided at setup from the model and the hardware (see _plan_auto_stage)
+        self._auto_nvme_path: str | None = None
+        self._auto = isinstance(stage, str) and stage == "auto"
+        if self._auto:
+            cfg.check_auto_stage(self.user_config, dict(offload_optimizer=offload_optimizer,
+                                                        offload_parameters=offload_parameters, pin_memory=pin_memory,
+                                                        **zero_optimization))
+            stage, self._auto_nvme_path, nvme_path = None, nvme_path, None
         # validated once merged with the keywords: a section's cross-key checks need the keyword stage
         self.knobs = cfg.resolve_knobs(stage, offload_optimizer, offload_parameters, nvme_path, pin_memory,
                                        **zero_optimization)
@@ -174,7 +195,9 @@ class ZeroStrategy(ParallelStrategy):
             raise ValueError(f"ZeroStrategy(offload_parameters={offload_parameters!r}) needs stage=3 (stage is"
                              f" {self.stage}): only ZeRO-3 partitions parameters. Use ZeroStrategy(stage=3, ...).")
         if offload_optimizer and self.stage == 0:
-            raise ValueError(f"ZeroStrategy(offload_optimizer={offload_optimizer!r}) needs stage 1, 2 or 3.")
+            raise ValueError(f"ZeroStrategy(offload_optimizer={offload_optimizer!r}) needs stage 1, 2 or 3: stage 0"
+                             " has no optimizer partition to offload. Use ZeroStrategy(stage=2, offload_optimizer=...).")
+        cfg.check_zero_features(merged)  # offload / ZeRO++ / activation checkpointing keys set in the config file
         self.remote_device = remote_device
         self.exclude_frozen_parameters = exclude_frozen_parameters
         self.ds_config: dict[str, Any] | None = None  # resolved at setup, with the Trainer's flags
@@ -307,11 +330,32 @@ class ZeroStrategy(ParallelStrategy):
             gradient_clip_algorithm=trainer.gradient_clip_algorithm if trainer.gradient_clip_val else None,
             micro_batch_size=_train_micro_batch_size(trainer) if with_batch else None,
             world_size=self.num_nodes * self.num_processes,
+            devices_per_node=self.num_processes,
+            device_type=self.parallel_devices[0].type if self.parallel_devices else None,
         )
 
     def precheck(self, trainer: pl.Trainer) -> None:
-        """Check the config against the Trainer's static flags (precision, accumulation, clipping)."""
-        cfg.resolve_ds_config(self.user_config, self.knobs, self.trainer_flags(trainer, with_batch=False))
+        """Check the config against the Trainer's static flags (precision, accumulation, clipping), the topology
+        (ZeRO++) and the NVMe folder."""
+        config = cfg.resolve_ds_config(self.user_config, self.knobs, self.trainer_flags(trainer, with_batch=False))
+        offload.check_nvme(config)
+
+    def _plan_auto_stage(self) -> None:
+        """``stage="auto"``: choose the stage and offload once, before the model is created (rank 0 decides)."""
+        if not self._auto or self.lightning_module is None or not _distributed_is_initialized():
+            return
+        from lightning_zero import estimate
+
+        choice = estimate.plan_auto(self.lightning_module, num_nodes=self.num_nodes,
+                                    devices_per_node=self.num_processes, device=self.root_device,
+                                    precision=self.precision_plugin.precision, nvme_path=self._auto_nvme_path)
+        self.stage, optimizer, parameters, message = self.broadcast(choice)
+        rank_zero_info(message)
+        nvme_path = self._auto_nvme_path if "nvme" in (optimizer, parameters) else None
+        self.knobs = cfg.merge_knobs(self.knobs, cfg.resolve_knobs(
+            self.stage, optimizer if optimizer != "none" else None, parameters if parameters != "none" else None,
+            nvme_path))
+        self._auto = False
 
     def resolve_config(self, trainer: pl.Trainer | None) -> dict[str, Any]:
         flags = self.trainer_flags(trainer) if trainer is not None else cfg.TrainerFlags(
@@ -328,6 +372,7 @@ class ZeroStrategy(ParallelStrategy):
         """
         # Lightning enters this context around configure_model (with model_sharded_context, which we leave alone: its
         # override would make `trainer.init_module()` warn that it is unsupported) and alone in trainer.init_module().
+        self._plan_auto_stage()
         if self.stage != 3:
             with super().tensor_init_context(empty_init=empty_init):
                 yield
@@ -384,6 +429,7 @@ class ZeroStrategy(ParallelStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.accelerator is not None and self.lightning_module is not None
         self.accelerator.setup(trainer)
+        self._plan_auto_stage()
         self._ensure_config()
         if self.stage == 3:
             install_summary(trainer)  # true parameter counts in the summary printed at fit start
@@ -441,8 +487,13 @@ class ZeroStrategy(ParallelStrategy):
         if self.stage < 3:
             module.to(self.root_device)
         device_index = self.root_device.index if self.root_device.type == "cuda" else -1
-        engine = build_engine(module, config, clone_optimizer(face) if face is not None else None, device_index,
-                              train=train)
+        # before the first step: the NVMe drive has room for this node's share of the model (needs the model's size)
+        offload.check_nvme(config, offload.count_parameters(self.lightning_module), self.num_processes,
+                           self.world_size)
+        offload.configure_activation_checkpointing(config)
+        # the optimizer DeepSpeed steps: a clone of the face, or DeepSpeedCPUAdam when the optimizer is offloaded
+        optimizer = offload.build_stepped_optimizer(face, config) if face is not None else None
+        engine = build_engine(module, config, optimizer, device_index, train=train)
         slot = EngineSlot(name, module, engine, face, config_clip=float(config.get("gradient_clipping", 0.0)))
         self.engines.add(slot)
         return slot

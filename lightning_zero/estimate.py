@@ -1,0 +1,383 @@
+"""Memory planning: model-state memory of every stage x offload choice, and the fastest choice that fits.
+
+    lightning-zero estimate --params 7e9 --largest-layer 2e8 --nodes 1 --gpus-per-node 8 --gpu-memory 80 --cpu-memory 512
+    lightning-zero estimate --model my_package.models:MyLitModel --gpus-per-node 8 --gpu-memory 80
+
+The figures are DeepSpeed's own estimators (``estimate_zero2_model_states_mem_needs`` for stages 0-2,
+``estimate_zero3_model_states_mem_needs`` for stage 3, with their 1.5 host buffer factor); see :func:`estimate_memory`
+for what is derived from them. ``ZeroStrategy(stage="auto")`` runs the same planner at setup (:func:`auto_choice`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+__all__ = ["CHOICES", "MemoryPlan", "MemoryRow", "add_parser", "auto_choice", "count_with_configure_model",
+           "detect_free_memory", "estimate_memory", "model_size", "plan_auto"]
+
+GiB = 2**30
+Offload = Literal["none", "cpu", "nvme"]
+# Host buffer factor DeepSpeed's estimators use by default.
+_BUFFER_FACTOR = 1.5
+# DeepSpeed defaults that size the pinned host buffers of NVMe offload (runtime/zero/offload_config.py, config.py).
+_OPTIMIZER_BUFFER_COUNT, _SUB_GROUP_SIZE = 4, 10**9
+_PARAM_BUFFER_COUNT, _PARAM_BUFFER_SIZE = 5, 10**8
+
+# Every valid (stage, offload_optimizer, offload_parameters), fastest first. Stages 0-2 cost about the same (the same
+# gradient traffic), stage 2 first as it needs the least memory of them; NVMe offload is stage 3 only (ZeRO-Infinity),
+# and parameter offload comes with optimizer offload (as in DeepSpeed's estimator).
+CHOICES: tuple[tuple[int, Offload, Offload], ...] = (
+    (2, "none", "none"), (1, "none", "none"), (0, "none", "none"),
+    (3, "none", "none"),
+    (2, "cpu", "none"), (1, "cpu", "none"), (3, "cpu", "none"),
+    (3, "cpu", "cpu"),
+    (3, "nvme", "none"), (3, "nvme", "cpu"), (3, "cpu", "nvme"), (3, "nvme", "nvme"),
+)
+
+
+@dataclass(frozen=True)
+class MemoryRow:
+    """Model-state memory of one choice: bytes per GPU, per node of host RAM and per node of NVMe."""
+
+    stage: int
+    offload_optimizer: Offload
+    offload_parameters: Offload
+    gpu_bytes: int
+    cpu_bytes: int
+    nvme_bytes: int
+    fits: bool | None = None  # None: no capacity given to check against
+    why_not: str = ""
+
+    def strategy(self, nvme_path: str | None = None) -> str:
+        """The ``ZeroStrategy(...)`` call for this choice."""
+        args = [f"stage={self.stage}"]
+        if self.offload_optimizer != "none":
+            args.append(f"offload_optimizer={self.offload_optimizer!r}")
+        if self.offload_parameters != "none":
+            args.append(f"offload_parameters={self.offload_parameters!r}")
+        if "nvme" in (self.offload_optimizer, self.offload_parameters):
+            args.append(f"nvme_path={nvme_path or '/local_nvme'!r}")
+        return f"ZeroStrategy({', '.join(args)})"
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    num_params: int
+    largest_layer_params: int
+    num_nodes: int
+    gpus_per_node: int
+    rows: tuple[MemoryRow, ...]
+    recommended: MemoryRow | None
+
+    def table(self) -> str:
+        head = (f"Model states of {self.num_params / 1e6:,.1f}M parameters (largest layer"
+                f" {self.largest_layer_params / 1e6:,.1f}M) on {self.num_nodes} node(s) x {self.gpus_per_node} GPU(s);"
+                " activations not included.")
+        lines = [head, f"{'stage':>5}  {'offload_optimizer':<17}  {'offload_param':<13}  {'per GPU':>10}"
+                       f"  {'CPU/node':>10}  {'NVMe/node':>10}  fits"]
+        for r in self.rows:
+            fits = {True: "yes", False: f"no ({r.why_not})", None: "?"}[r.fits]
+            lines.append(f"{r.stage:>5}  {r.offload_optimizer:<17}  {r.offload_parameters:<13}"
+                         f"  {_gib(r.gpu_bytes):>10}  {_gib(r.cpu_bytes):>10}  {_gib(r.nvme_bytes):>10}  {fits}")
+        return "\n".join(lines)
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n else "-"
+
+
+def model_size(module: nn.Module) -> tuple[int, int]:
+    """``(total parameters, largest layer)`` as DeepSpeed's ``model_to_params`` counts them (a layer is one module's
+    own parameters), but deduplicated by tensor identity so that meta-device models count too."""
+    total = sum({id(p): int(getattr(p, "ds_numel", p.numel())) for p in module.parameters()}.values())
+    largest = max((sum(int(getattr(p, "ds_numel", p.numel())) for p in m.parameters(recurse=False))
+                   for m in module.modules()), default=0)
+    return total, largest
+
+
+def _model_states(stage: int, opt: Offload, param: Offload, p: int, layer: int, nodes: int, per_node: int,
+                  weight_bytes: int, buffer_factor: float) -> tuple[float, float, float]:
+    """(GPU bytes per GPU, CPU bytes per node, NVMe bytes per node) of one choice; see estimate_memory."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs as zero3
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs as zero2
+
+    gpus = nodes * per_node
+    extra = weight_bytes - 2  # fp32: 2 more bytes per resident 16-bit weight / gradient element
+    if stage < 3:
+        offload = opt != "none"
+        cpu, gpu = zero2(p, per_node, nodes, cpu_offload=offload, additional_buffer_factor=buffer_factor)
+        if stage == 0:  # nothing partitioned: the stage-2 formula on one GPU
+            _, gpu = zero2(p, 1, 1, cpu_offload=False, additional_buffer_factor=buffer_factor)
+        if stage == 1:  # full 16-bit gradients on every GPU instead of a 1/N partition (none when offloaded)
+            gpu += 2 * p - (0 if offload else 2 * p / gpus)
+        grads = p if stage < 2 else 0 if offload else p / gpus
+        return gpu + extra * (p + grads), cpu, 0
+
+    def z3(opt_cpu: bool, param_cpu: bool) -> tuple[int, int]:
+        cpu, gpu, _ = zero3(p, layer, per_node, nodes, cpu_offload=opt_cpu, cpu_offload_params=param_cpu,
+                            zero_init=True, additional_buffer_factor=buffer_factor)
+        return cpu, gpu
+
+    if opt == "none":
+        cpu, gpu = z3(False, False)
+        return gpu + extra * (layer + 2 * p / gpus), cpu, 0
+    # DeepSpeed's host memory with offload splits into the optimizer part (offload_optimizer only) and the 16-bit
+    # parameter part (the difference once parameters are offloaded too); NVMe moves that part to the drive and keeps
+    # pinned swap buffers in host memory instead.
+    opt_cpu, opt_gpu = z3(True, False)
+    all_cpu, all_gpu = z3(True, True)
+    param_part = all_cpu - opt_cpu
+    cpu = nvme = 0.0
+    if opt == "cpu":
+        cpu += opt_cpu
+    else:
+        cpu += per_node * _OPTIMIZER_BUFFER_COUNT * min(_SUB_GROUP_SIZE, p / gpus) * 4
+        nvme += 16 * p / nodes
+    if param == "none":
+        gpu = opt_gpu + extra * (layer + p / gpus)
+    else:
+        gpu = all_gpu + extra * layer
+        if param == "cpu":
+            cpu += param_part * weight_bytes / 2
+        else:
+            cpu += per_node * _PARAM_BUFFER_COUNT * min(_PARAM_BUFFER_SIZE, p) * weight_bytes
+            nvme += weight_bytes * p / nodes
+    return gpu, cpu, nvme
+
+
+def estimate_memory(
+    num_params: int | float | None = None,
+    largest_layer_params: int | float | None = None,
+    *,
+    model: nn.Module | None = None,
+    num_nodes: int = 1,
+    gpus_per_node: int = 1,
+    gpu_memory_gb: float | None = None,
+    cpu_memory_gb: float | None = None,
+    nvme_gb: float | None = None,
+    precision: str = "bf16-mixed",
+    activation_memory_gb: float = 0.0,
+    buffer_factor: float = _BUFFER_FACTOR,
+    choices: tuple[tuple[int, Offload, Offload], ...] = CHOICES,
+) -> MemoryPlan:
+    """Model-state memory of every stage x offload choice and the fastest choice that fits (capacities in GiB).
+
+    Give either ``num_params`` and ``largest_layer_params`` or a ``model`` (counted without allocating when it lives
+    on the meta device). Per GPU, per node of host RAM, per node of NVMe, from DeepSpeed's estimators:
+
+    - stage 2: ``estimate_zero2_model_states_mem_needs`` (2 bytes/param of 16-bit weights + 18/N of gradients, fp32
+      weights and Adam state; or 2 bytes/param on the GPU and the rest on the host when the optimizer is offloaded).
+    - stage 1: the same plus full 16-bit gradients (2 bytes/param instead of 2/N); stage 0: the stage-2 GPU figure
+      for one GPU (nothing partitioned).
+    - stage 3: ``estimate_zero3_model_states_mem_needs`` with ``zero_init=True`` (models built in
+      ``configure_model``). NVMe rows move the optimizer's 16 bytes/param (and the parameters' 2) from host RAM to
+      the drive, leaving DeepSpeed's pinned swap buffers in host RAM (4 x min(sub_group_size, partition) fp32
+      elements per GPU for the optimizer; 5 x 1e8 elements per GPU for parameters).
+    - ``precision="32-true"``: 2 more bytes per resident weight and gradient element (an upper bound).
+
+    Activations, temporary buffers and the CUDA context are not included: pass ``activation_memory_gb`` (per GPU) to
+    reserve room for them. A row fits when each figure is within the given capacity (capacities left ``None`` are not
+    checked; NVMe rows need ``nvme_gb``).
+    """
+    if model is not None:
+        num_params, largest_layer_params = model_size(model)
+    if num_params is None:
+        raise ValueError("estimate_memory needs num_params (with largest_layer_params) or a model.")
+    if largest_layer_params is None:
+        raise ValueError("estimate_memory needs largest_layer_params (the most parameters one module holds itself,"
+                         " e.g. the embedding) with num_params: stage 3 gathers one such layer at a time.")
+    p, layer = int(num_params), int(largest_layer_params)
+    for name, value in (("num_nodes", num_nodes), ("gpus_per_node", gpus_per_node)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"estimate_memory({name}={value!r}) must be a positive integer.")
+    if p < 1 or not 0 <= layer <= p:
+        raise ValueError(f"estimate_memory needs num_params >= 1 and 0 <= largest_layer_params <= num_params, got"
+                         f" {p} and {layer}.")
+    weight_bytes = 4 if precision == "32-true" else 2
+    reserve = activation_memory_gb * GiB
+    rows = []
+    for stage, opt, param in choices:
+        gpu, cpu, nvme = _model_states(stage, opt, param, p, layer, num_nodes, gpus_per_node, weight_bytes,
+                                       buffer_factor)
+        gpu += reserve
+        why = []
+        if gpu_memory_gb is not None and gpu > gpu_memory_gb * GiB:
+            why.append("GPU")
+        if cpu_memory_gb is not None and cpu > cpu_memory_gb * GiB:
+            why.append("CPU")
+        if nvme and (nvme_gb is None or nvme > nvme_gb * GiB):
+            why.append("NVMe" if nvme_gb is not None else "no NVMe given")
+        checked = gpu_memory_gb is not None or cpu_memory_gb is not None or nvme_gb is not None or bool(nvme)
+        rows.append(MemoryRow(stage, opt, param, int(gpu), int(cpu), int(nvme), fits=not why if checked else None,
+                              why_not=", ".join(why)))
+    recommended = next((r for r in rows if r.fits), None)
+    return MemoryPlan(p, layer, num_nodes, gpus_per_node, tuple(rows), recommended)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# ZeroStrategy(stage="auto")
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _host_memory_available() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def count_with_configure_model(module: nn.Module) -> tuple[int, int]:
+    """``model_size`` of ``module`` after its ``configure_model``, run on a meta-device shell so nothing is allocated
+    and ``module`` itself is unchanged (the shell has its own submodule/parameter dicts)."""
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    if not is_overridden("configure_model", module):
+        return model_size(module)
+    shell = object.__new__(type(module))
+    shell.__dict__.update(module.__dict__)
+    for attr in ("_modules", "_parameters", "_buffers"):
+        shell.__dict__[attr] = dict(module.__dict__[attr])
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            shell.configure_model()
+    except Exception as err:  # the user's code: report it with the way out
+        raise RuntimeError(
+            f"ZeroStrategy(stage=\"auto\") counts the parameters by running {type(module).__name__}.configure_model()"
+            f" on the meta device first, which failed: {type(err).__name__}: {err}. Name the stage instead (see"
+            " `lightning-zero estimate` for the choices)."
+        ) from err
+    return model_size(shell)
+
+
+def auto_choice(num_params: int, largest_layer_params: int, *, num_nodes: int, devices_per_node: int,
+                device_type: str, precision: str, gpu_free_bytes: int | None, cpu_free_bytes: int | None,
+                nvme_free_bytes: int | None = None) -> tuple[MemoryRow, str]:
+    """The choice ``ZeroStrategy(stage="auto")`` makes, and the log line that explains it.
+
+    On GPUs: the fastest row of :func:`estimate_memory` that fits the free GPU memory, the available host memory
+    and (when ``nvme_path`` was given) the free NVMe space; stage 3 with everything offloaded when nothing fits.
+    Without GPUs the model states live in host memory whatever the choice, so offload gains nothing: the fastest
+    stage without offload whose states (per process x processes per node) fit the available host memory.
+    """
+    size = f"{num_params / 1e6:,.1f}M parameters"
+    if device_type != "cuda":
+        budget = None if cpu_free_bytes is None else cpu_free_bytes / GiB / devices_per_node
+        plan = estimate_memory(num_params, largest_layer_params, num_nodes=num_nodes, gpus_per_node=devices_per_node,
+                               gpu_memory_gb=budget, precision=precision,
+                               choices=tuple(c for c in CHOICES if c[1:] == ("none", "none")))
+        row = plan.recommended or plan.rows[-1]
+        return row, (f"ZeroStrategy(stage=\"auto\"): no GPU, so the model states live in host memory whatever the"
+                     f" stage and offloading gains nothing; chose stage {row.stage} ({size}: about"
+                     f" {_gib(row.gpu_bytes)} per process, {devices_per_node} process(es) per node,"
+                     f" {_gib(cpu_free_bytes or 0)} host memory available).")
+    gib = (lambda n: None if n is None else n / GiB)  # noqa: E731
+    choices = CHOICES if nvme_free_bytes is not None else tuple(c for c in CHOICES if "nvme" not in c)
+    plan = estimate_memory(num_params, largest_layer_params, num_nodes=num_nodes, gpus_per_node=devices_per_node,
+                           gpu_memory_gb=gib(gpu_free_bytes), cpu_memory_gb=gib(cpu_free_bytes),
+                           nvme_gb=gib(nvme_free_bytes), precision=precision, choices=choices)
+    row = plan.recommended
+    verdict = "the fastest choice that fits"
+    if row is None:
+        row = plan.rows[-1]
+        verdict = "nothing fits by the estimate (activations excluded), trying the most frugal choice"
+    return row, (f"ZeroStrategy(stage=\"auto\"): {size} (largest layer {largest_layer_params / 1e6:,.1f}M) on"
+                 f" {num_nodes} x {devices_per_node} GPU(s) with {_gib(gpu_free_bytes or 0)} free per GPU and"
+                 f" {_gib(cpu_free_bytes or 0)} host memory available: {row.strategy()} is {verdict} (model states"
+                 f" about {_gib(row.gpu_bytes)} per GPU, {_gib(row.cpu_bytes)} host memory per node).")
+
+
+def detect_free_memory(device: torch.device, nvme_path: str | None = None,
+                       disk_usage: Callable[[str], Any] = shutil.disk_usage) -> tuple[int | None, int, int | None]:
+    """(free GPU bytes or None on CPU, available host bytes, free bytes at ``nvme_path`` or None)."""
+    gpu = int(torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else None
+    nvme = int(disk_usage(nvme_path).free) if nvme_path else None
+    return gpu, _host_memory_available(), nvme
+
+
+def plan_auto(module: nn.Module, *, num_nodes: int, devices_per_node: int, device: torch.device, precision: str,
+              nvme_path: str | None = None) -> tuple[int, Offload, Offload, str]:
+    """``(stage, offload_optimizer, offload_parameters, log line)`` for ``ZeroStrategy(stage="auto")``: the model
+    counted with :func:`count_with_configure_model`, this machine's free memory, then :func:`auto_choice`."""
+    total, largest = count_with_configure_model(module)
+    gpu, cpu, nvme = detect_free_memory(device, nvme_path)
+    row, message = auto_choice(total, largest, num_nodes=num_nodes, devices_per_node=devices_per_node,
+                               device_type=device.type, precision=precision, gpu_free_bytes=gpu, cpu_free_bytes=cpu,
+                               nvme_free_bytes=nvme)
+    return row.stage, row.offload_optimizer, row.offload_parameters, message
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# lightning-zero estimate
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _load_model(spec: str) -> nn.Module:
+    """Instantiate ``pkg.module:Class`` on the meta device and run its ``configure_model`` there."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"--model {spec!r}: use the form package.module:ClassName.")
+    factory = importlib.import_module(module_name)
+    for part in attr.split("."):
+        factory = getattr(factory, part)
+    with torch.device("meta"):
+        model = factory()
+        configure = getattr(model, "configure_model", None)
+        if callable(configure):
+            configure()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"--model {spec!r} made a {type(model).__name__}, not a torch.nn.Module.")
+    return model
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "estimate", help="model-state memory of every ZeRO stage x offload choice, and the fastest that fits",
+        description="Per-GPU, per-node host RAM and NVMe memory of every ZeRO stage x offload choice (model states"
+                    " only: activations excluded), and the fastest choice that fits. Sizes in GiB.")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--params", type=float, help="total parameters, e.g. 7e9")
+    what.add_argument("--model", help="a LightningModule or nn.Module class, package.module:ClassName; built"
+                                      " with no arguments on the meta device (configure_model included)")
+    parser.add_argument("--largest-layer", type=float, help="parameters of the largest layer (with --params)")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=1)
+    parser.add_argument("--gpu-memory", type=float, help="GiB per GPU")
+    parser.add_argument("--cpu-memory", type=float, help="GiB of host RAM per node")
+    parser.add_argument("--nvme", type=float, help="GiB of NVMe space per node (enables the NVMe rows)")
+    parser.add_argument("--precision", default="bf16-mixed", choices=["bf16-mixed", "16-mixed", "bf16-true",
+                                                                        "16-true", "32-true"])
+    parser.add_argument("--activation-memory", type=float, default=0.0, help="GiB per GPU to reserve for activations")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.params is not None and args.largest_layer is None:
+        print("lightning-zero estimate: --params needs --largest-layer (the most parameters one module holds"
+              " itself, e.g. the embedding).")
+        return 2
+    model = _load_model(args.model) if args.model else None
+    plan = estimate_memory(args.params, args.largest_layer, model=model, num_nodes=args.nodes,
+                           gpus_per_node=args.gpus_per_node, gpu_memory_gb=args.gpu_memory,
+                           cpu_memory_gb=args.cpu_memory, nvme_gb=args.nvme, precision=args.precision,
+                           activation_memory_gb=args.activation_memory)
+    print(plan.table())
+    if plan.recommended is not None:
+        print(f"\nRecommended (fastest that fits): {plan.recommended.strategy()}")
+        return 0
+    if any(r.fits is None for r in plan.rows):
+        print("\nGive --gpu-memory / --cpu-memory (and --nvme) for a recommendation.")
+        return 0
+    print("\nNothing fits: add GPUs or nodes, host memory or NVMe space.")
+    return 1

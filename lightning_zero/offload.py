@@ -1,0 +1,233 @@
+"""Offload glue: DeepSpeed's CPU Adam for offloaded torch Adam/AdamW, NVMe checks, activation checkpointing.
+
+Vocabulary as in engines.py: the user's optimizer stays the *face* Lightning sees; DeepSpeed steps a private optimizer
+built from it. When the optimizer is offloaded (ZeRO-Offload, ZeRO-Infinity) the step runs on the CPU, where
+DeepSpeed insists on its vectorised ``DeepSpeedCPUAdam``: a torch ``Adam``/``AdamW`` face is stepped by a
+``DeepSpeedCPUAdam`` with the same hyperparameters, and ``EngineSlot.sync_hyperparameters`` copies lr/betas/... from
+the face to it before every step, exactly as it does for a plain clone.
+
+Filesystem access goes through ``disk_usage`` so tests can fake a full drive.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.optim import Optimizer
+
+from lightning_zero.config import ZeroConfigError, offload_device
+from lightning_zero.engines import clone_optimizer
+
+__all__ = [
+    "build_stepped_optimizer",
+    "check_aio_buildable",
+    "check_nvme",
+    "configure_activation_checkpointing",
+    "count_parameters",
+    "nvme_swap_bytes",
+]
+
+# Bytes per parameter DeepSpeed swaps to NVMe. Optimizer (ZeRO-Infinity's optimizer swapper): the fp32 master weights,
+# fp32 gradients, exp_avg and exp_avg_sq. Parameters: one copy in the model's dtype.
+_OPTIMIZER_SWAP_BYTES = 16
+# System package that provides libaio's headers, by package manager (as DeepSpeed's AsyncIOBuilder suggests).
+_LIBAIO_PACKAGES = (("dpkg", "apt install libaio-dev"), ("rpm", "yum install libaio-devel"),
+                    ("pacman", "pacman -S libaio"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The optimizer DeepSpeed steps
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def build_stepped_optimizer(face: Optimizer, config: Mapping[str, Any]) -> Optimizer:
+    """The optimizer DeepSpeed steps for ``face``: a clone, or ``DeepSpeedCPUAdam`` when the optimizer is offloaded.
+
+    Raises ``ValueError`` for an offloaded optimizer that DeepSpeed cannot step on the CPU, unless the config allows
+    it with ``"zero_force_ds_cpu_optimizer": false``.
+    """
+    device = offload_device(config, "offload_optimizer")
+    if device is None:
+        return clone_optimizer(face)
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+    from deepspeed.ops.lion import DeepSpeedCPULion
+
+    if isinstance(face, DeepSpeedCPUAdam):
+        groups = _groups(face, tuple(face.defaults))
+        return DeepSpeedCPUAdam(groups, **face.defaults, adamw_mode=face.adam_w_mode,
+                                fp32_optimizer_states=face.fp32_optimizer_states)
+    if isinstance(face, DeepSpeedCPULion):
+        return clone_optimizer(face)
+    if type(face) in (torch.optim.Adam, torch.optim.AdamW):
+        return _cpu_adam(face, device)
+    name = type(face).__name__
+    if config.get("zero_force_ds_cpu_optimizer") is False:
+        rank_zero_info(f"ZeroStrategy: the optimizer is offloaded to {device}; your {name} steps there as it is"
+                       " (\"zero_force_ds_cpu_optimizer\": false). DeepSpeedCPUAdam would be faster.")
+        return clone_optimizer(face)
+    raise ValueError(
+        f"ZeroStrategy(offload_optimizer={device!r}) steps the optimizer on the CPU, where DeepSpeed uses its own"
+        f" DeepSpeedCPUAdam; {name} cannot be translated to it. Use torch.optim.Adam or AdamW (ZeroStrategy then"
+        f" steps DeepSpeedCPUAdam with the same hyperparameters), or keep {name} with a slower CPU step by adding"
+        " \"zero_force_ds_cpu_optimizer\": false to the DeepSpeed config (ZeroStrategy(config={...}))."
+    )
+
+
+def _groups(face: Optimizer, keys: Iterable[str]) -> list[dict[str, Any]]:
+    return [{**{k: v for k, v in g.items() if k in keys}, "params": list(g["params"])} for g in face.param_groups]
+
+
+def _cpu_adam(face: Optimizer, device: str) -> Optimizer:
+    """``DeepSpeedCPUAdam`` with the hyperparameters of a torch Adam/AdamW (AdamW and decoupled weight decay map to
+    ``adamw_mode=True``, Adam's L2 penalty to ``adamw_mode=False``)."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    name = type(face).__name__
+    unsupported = []
+    groups = face.param_groups
+    if any(g.get("amsgrad") for g in groups):
+        unsupported.append("amsgrad=True (DeepSpeedCPUAdam has no AMSGrad)")
+    if any(g.get("maximize") for g in groups):
+        unsupported.append("maximize=True (minimise the negated loss instead)")
+    if any(isinstance(g.get(k), torch.Tensor) for g in groups for k in ("lr", "eps", "weight_decay")):
+        unsupported.append("a Tensor lr/eps/weight_decay (pass floats)")
+    modes = {bool(g.get("decoupled_weight_decay", isinstance(face, torch.optim.AdamW))) for g in groups}
+    if len(modes) > 1:
+        unsupported.append("param groups that mix decoupled and L2 weight decay (use one optimizer per kind)")
+    if unsupported:
+        raise ValueError(
+            f"ZeroStrategy(offload_optimizer={device!r}) steps your {name} with DeepSpeedCPUAdam, which does not"
+            f" support {'; '.join(unsupported)}. Change the optimizer's arguments, or do not offload the optimizer."
+        )
+    adamw_mode = modes.pop()
+    d = face.defaults
+    betas = tuple(float(b) for b in d["betas"])
+    optimizer = DeepSpeedCPUAdam(_groups(face, ("lr", "betas", "eps", "weight_decay")), lr=float(d["lr"]),
+                                 betas=betas, eps=float(d["eps"]), weight_decay=float(d["weight_decay"]),
+                                 adamw_mode=adamw_mode)
+    rank_zero_info(
+        f"ZeroStrategy: the optimizer is offloaded to {device}, so DeepSpeedCPUAdam(adamw_mode={adamw_mode}) steps in"
+        f" place of your {name}, with the same hyperparameters (lr={d['lr']}, betas={betas}, eps={d['eps']},"
+        f" weight_decay={d['weight_decay']}); your {name} stays the optimizer Lightning and your schedulers see."
+    )
+    return optimizer
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# NVMe offload (ZeRO-Infinity)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    """Parameters of ``module``, each shared tensor once; full sizes also for stage-3 partitioned parameters."""
+    return sum({id(p): int(getattr(p, "ds_numel", p.numel())) for p in module.parameters()}.values())
+
+
+def _nvme_sections(config: Mapping[str, Any]) -> dict[str, str]:
+    """offload section name -> nvme_path, for the sections that offload to NVMe."""
+    zero = config.get("zero_optimization") or {}
+    return {name: str(zero[name].get("nvme_path")) for name in ("offload_optimizer", "offload_param")
+            if offload_device(config, name) == "nvme"}
+
+
+def nvme_swap_bytes(config: Mapping[str, Any], num_params: int, ranks_on_node: int, world_size: int
+                    ) -> dict[str, int]:
+    """Bytes DeepSpeed swaps under each ``nvme_path`` on one node: each of the node's ``ranks_on_node`` ranks writes
+    its 1/``world_size`` partition; the optimizer takes 16 bytes per parameter (fp32 weights, gradients, exp_avg,
+    exp_avg_sq), the parameters 2 (fp16/bf16) or 4 (fp32)."""
+    weight_bytes = 2 if any((config.get(s) or {}).get("enabled") is True for s in ("fp16", "bf16")) else 4
+    per_node = -(-num_params // world_size) * ranks_on_node
+    need: dict[str, int] = {}
+    for name, path in _nvme_sections(config).items():
+        need[path] = need.get(path, 0) + per_node * (_OPTIMIZER_SWAP_BYTES if name == "offload_optimizer"
+                                                     else weight_bytes)
+    return need
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def check_aio_buildable() -> None:
+    """Raise when DeepSpeed's async I/O op (needed for NVMe offload) is neither installed nor buildable here."""
+    from deepspeed.git_version_info import installed_ops
+
+    if installed_ops.get("async_io"):
+        return
+    from deepspeed.ops.op_builder.cpu.async_io import AsyncIOBuilder
+
+    if AsyncIOBuilder().is_compatible(verbose=False):
+        return
+    install = next((cmd for manager, cmd in _LIBAIO_PACKAGES if shutil.which(manager)), "install libaio-dev"
+                   " (Debian/Ubuntu) or libaio-devel (RHEL/Fedora)")
+    raise ZeroConfigError(
+        "NVMe offload needs DeepSpeed's async I/O op (async_io), which cannot be built here: the libaio headers and"
+        f" library are missing. Install them with `{install}` (as root), or set CFLAGS/LDFLAGS to where libaio is"
+        " installed; or offload to \"cpu\" instead."
+    )
+
+
+def check_nvme(config: Mapping[str, Any], num_params: int | None = None, ranks_on_node: int = 1,
+               world_size: int = 1, disk_usage: Callable[[str], Any] = shutil.disk_usage) -> None:
+    """Before any training: every ``nvme_path`` exists and is writable, the async I/O op can be built, and (given
+    ``num_params``) the drive has room for what this node swaps."""
+    sections = _nvme_sections(config)
+    if not sections:
+        return
+    for name, path in sections.items():
+        where = f"zero_optimization.{name}.nvme_path={path!r}"
+        folder = Path(path)
+        if not folder.is_dir():
+            what = "is a file, not a folder" if folder.exists() else "does not exist"
+            raise ZeroConfigError(f"{where} {what}. Create the folder on a local NVMe drive (`mkdir -p {path}`) or"
+                                  " pass another ZeroStrategy(nvme_path=...).")
+        try:
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as err:
+            raise ZeroConfigError(f"{where} is not writable ({err.strerror}). Choose a folder this user can write"
+                                  " to, or fix its permissions.") from None
+    check_aio_buildable()
+    if num_params is None:
+        return
+    for path, need in nvme_swap_bytes(config, num_params, ranks_on_node, world_size).items():
+        free = disk_usage(path).free
+        if need > free:
+            raise ZeroConfigError(
+                f"NVMe offload swaps about {_size(need)} to nvme_path={path!r} on this node ({num_params:,}"
+                f" parameters, {ranks_on_node} of {world_size} ranks here), but only {_size(free)} is free there."
+                " Free up space, use a larger drive, or offload less (offload_parameters=\"cpu\")."
+            )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Activation checkpointing
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def configure_activation_checkpointing(config: Mapping[str, Any]) -> None:
+    """Set up ``deepspeed.checkpointing`` from the config's ``activation_checkpointing`` section, as Lightning's
+    DeepSpeedStrategy does. It applies where the model calls ``deepspeed.checkpointing.checkpoint(fn, *args)``."""
+    section = config.get("activation_checkpointing")
+    if not section:
+        return
+    import deepspeed
+
+    deepspeed.checkpointing.configure(
+        None,
+        partition_activations=section.get("partition_activations"),
+        contiguous_checkpointing=section.get("contiguous_memory_optimization"),
+        num_checkpoints=section.get("number_checkpoints"),
+        checkpoint_in_cpu=section.get("cpu_checkpointing"),
+        synchronize=section.get("synchronize_checkpoint_boundary"),
+        profile=section.get("profile"),
+    )
