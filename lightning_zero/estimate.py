@@ -79,8 +79,8 @@ class MemoryPlan:
     recommended: MemoryRow | None
 
     def table(self) -> str:
-        head = (f"Model states of {self.num_params / 1e6:,.1f}M parameters (largest layer"
-                f" {self.largest_layer_params / 1e6:,.1f}M) on {self.num_nodes} node(s) x {self.gpus_per_node} GPU(s);"
+        head = (f"Model states of {_count(self.num_params)} parameters (largest layer"
+                f" {_count(self.largest_layer_params)}) on {self.num_nodes} node(s) x {self.gpus_per_node} GPU(s);"
                 " activations not included.")
         lines = [head, f"{'stage':>5}  {'offload_optimizer':<17}  {'offload_param':<13}  {'per GPU':>10}"
                        f"  {'CPU/node':>10}  {'NVMe/node':>10}  fits"]
@@ -89,6 +89,11 @@ class MemoryPlan:
             lines.append(f"{r.stage:>5}  {r.offload_optimizer:<17}  {r.offload_parameters:<13}"
                          f"  {_gib(r.gpu_bytes):>10}  {_gib(r.cpu_bytes):>10}  {_gib(r.nvme_bytes):>10}  {fits}")
         return "\n".join(lines)
+
+
+def _count(n: float) -> str:
+    """Parameter counts as people say them: 7.00B, 939.5M, 179."""
+    return f"{n / 1e9:,.2f}B" if n >= 1e9 else f"{n / 1e6:,.1f}M" if n >= 1e6 else f"{n:,.0f}"
 
 
 def _gib(n: int) -> str:
@@ -270,7 +275,7 @@ def auto_choice(num_params: int, largest_layer_params: int, *, num_nodes: int, d
     Without GPUs the model states live in host memory whatever the choice, so offload gains nothing: the fastest
     stage without offload whose states (per process x processes per node) fit the available host memory.
     """
-    size = f"{num_params / 1e6:,.1f}M parameters"
+    size = f"{_count(num_params)} parameters"
     if device_type != "cuda":
         budget = None if cpu_free_bytes is None else cpu_free_bytes / GiB / devices_per_node
         plan = estimate_memory(num_params, largest_layer_params, num_nodes=num_nodes, gpus_per_node=devices_per_node,
@@ -291,7 +296,7 @@ def auto_choice(num_params: int, largest_layer_params: int, *, num_nodes: int, d
     if row is None:
         row = plan.rows[-1]
         verdict = "nothing fits by the estimate (activations excluded), trying the most frugal choice"
-    return row, (f"ZeroStrategy(stage=\"auto\"): {size} (largest layer {largest_layer_params / 1e6:,.1f}M) on"
+    return row, (f"ZeroStrategy(stage=\"auto\"): {size} (largest layer {_count(largest_layer_params)}) on"
                  f" {num_nodes} x {devices_per_node} GPU(s) with {_gib(gpu_free_bytes or 0)} free per GPU and"
                  f" {_gib(cpu_free_bytes or 0)} host memory available: {row.strategy()} is {verdict} (model states"
                  f" about {_gib(row.gpu_bytes)} per GPU, {_gib(row.cpu_bytes)} host memory per node).")

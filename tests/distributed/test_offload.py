@@ -144,3 +144,18 @@ class CheckpointedRegressor(Regressor):
 def test_activation_checkpointing_keeps_parity(tmp_path):
     strategy = ZeroStrategy(stage=2, partition_activations=True, cpu_checkpointing=True, start_method="spawn")
     assert max_diff(fit_weights(tmp_path, strategy, CheckpointedRegressor()), reference()) <= 1e-5
+
+
+def test_auto_stage_on_cpu_plans_from_configure_model_logs_and_trains(tmp_path, capfd):
+    out = tmp_path / "weights.pt"
+    trainer = cpu_trainer(strategy=ZeroStrategy(stage="auto", start_method="spawn"),
+                          callbacks=[SaveFullWeights(str(out))], max_steps=STEPS, accumulate_grad_batches=ACCUMULATE,
+                          gradient_clip_val=CLIP)
+    trainer.fit(WideRegressor())  # its layers exist only after configure_model: counted on the meta device
+    assert max_diff(torch.load(out), wide_reference()) <= 1e-5
+    captured = capfd.readouterr()
+    lines = [line for line in (captured.out + captured.err).splitlines() if 'ZeroStrategy(stage="auto")' in line]
+    # 8x1024+1024 + 1024x512+512 + 512+1 = 534,529 parameters; no GPU: stage 2, said once (rank 0)
+    assert len(lines) == 1, lines
+    assert "no GPU, so the model states live in host memory whatever the stage and offloading gains nothing; chose" \
+           " stage 2 (534,529 parameters" in lines[0]

@@ -678,3 +678,212 @@ def test_inference_config_drops_optimizer_parts() -> None:
     assert out["zero_optimization"]["stage"] == 3
     assert config == before  # the training config is untouched
     assert inference_config({}) == {}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Offload, NVMe async I/O, ZeRO++ and activation checkpointing keys (keywords and config file)
+# ----------------------------------------------------------------------------------------------------------------------
+
+from lightning_zero.config import check_auto_stage, check_zero_features, offload_device  # noqa: E402
+
+
+def test_knobs_aio_and_activation_checkpointing_sections() -> None:
+    aio = {"block_size": 262144, "queue_depth": 16, "intra_op_parallelism": 2}
+    knobs = resolve_knobs(stage=3, offload_optimizer="nvme", nvme_path="/nvme", aio=aio, partition_activations=True,
+                          cpu_checkpointing=True, contiguous_memory_optimization=None,
+                          synchronize_checkpoint_boundary=False, zero_hpz_partition_size=8,
+                          zero_quantized_weights=True, zero_quantized_gradients=True)
+    assert knobs == {
+        "zero_optimization": {"stage": 3, "zero_hpz_partition_size": 8, "zero_quantized_weights": True,
+                              "zero_quantized_gradients": True,
+                              "offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"}},
+        "aio": aio,
+        "activation_checkpointing": {"partition_activations": True, "cpu_checkpointing": True,
+                                     "synchronize_checkpoint_boundary": False},
+    }
+    assert knobs["aio"] is not aio  # copied
+
+
+def test_knobs_aio_without_nvme_offload_is_an_orphan() -> None:
+    with pytest.raises(ZeroConfigError, match=re.escape(
+            "ZeroStrategy got aio (needs offload_optimizer='nvme' or offload_parameters='nvme') without the offload it"
+            " configures, so it would be ignored.")):
+        resolve_knobs(stage=3, offload_optimizer="cpu", aio={"queue_depth": 8})
+
+
+def test_knobs_aio_must_be_a_dict() -> None:
+    with pytest.raises(TypeError, match=re.escape("ZeroStrategy(aio=8) must be a dict of DeepSpeed's aio keys")):
+        resolve_knobs(offload_optimizer="nvme", nvme_path="/n", aio=8)
+
+
+@pytest.mark.parametrize("name", ["partition_activations", "cpu_checkpointing", "contiguous_memory_optimization",
+                                  "synchronize_checkpoint_boundary"])
+def test_knobs_activation_flags_must_be_bool(name: str) -> None:
+    with pytest.raises(ZeroConfigError, match=re.escape(f"ZeroStrategy({name}=1) must be True or False.")):
+        resolve_knobs(**{name: 1})
+
+
+def test_merge_aio_and_activation_sections_key_by_key() -> None:
+    user = {"aio": {"block_size": 1048576, "single_submit": False}, "activation_checkpointing": {"profile": True}}
+    knobs = resolve_knobs(stage=3, offload_parameters="nvme", nvme_path="/n", aio={"queue_depth": 4},
+                          cpu_checkpointing=True)
+    merged = merge_knobs(user, knobs)
+    assert merged["aio"] == {"block_size": 1048576, "single_submit": False, "queue_depth": 4}
+    assert merged["activation_checkpointing"] == {"profile": True, "cpu_checkpointing": True}
+    assert "aio" not in merge_knobs({}, resolve_knobs(stage=2))  # no empty sections added
+
+
+def test_merge_aio_conflict_names_both_values() -> None:
+    with pytest.raises(ZeroConfigError, match=re.escape("aio.queue_depth: ZeroStrategy(...) says 4, the config says"
+                                                        " 32")):
+        merge_knobs({"aio": {"queue_depth": 32}}, resolve_knobs(stage=3, offload_parameters="nvme", nvme_path="/n",
+                                                                aio={"queue_depth": 4}))
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"aio": {"thread_count": 4}}, "unknown key 'aio.thread_count'. DeepSpeed calls it 'intra_op_parallelism'."),
+    ({"aio": {"queue_dept": 4}}, "unknown key 'aio.queue_dept'. Did you mean 'queue_depth'?"),
+    ({"aio": {"block_size": "1M"}}, "'aio.block_size' must be a positive integer, got str: '1M'"),
+    ({"aio": {"queue_depth": 0}}, "'aio.queue_depth' must be a positive integer, got int: 0"),
+    ({"aio": {"single_submit": 1}}, "'aio.single_submit' must be true or false, got int: 1"),
+    ({"aio": []}, "'aio' must be a JSON object (dict), got list: []"),
+    ({"activation_checkpointing": {"partitioned_activations": True}},
+     "unknown key 'activation_checkpointing.partitioned_activations'. DeepSpeed calls it 'partition_activations'."),
+    ({"activation_checkpointing": {"cpu_checkpointing": "yes"}},
+     "'activation_checkpointing.cpu_checkpointing' must be true or false, got str: 'yes'"),
+    ({"activation_checkpointing": {"number_checkpoints": True}},
+     "'activation_checkpointing.number_checkpoints' must be a positive integer, got bool: True"),
+    ({"zero_optimization": {"zero_hpz_partition_size": -1}},
+     "'zero_optimization.zero_hpz_partition_size' = -1: Input should be greater than or equal to 0"),
+    ({"zero_optimization": {"zero_quantized_weights": "sometimes"}},
+     "'zero_optimization.zero_quantized_weights' = 'sometimes': Input should be a valid boolean"),
+])
+def test_validate_offload_and_zeropp_sections(config: dict[str, Any], message: str) -> None:
+    with pytest.raises(ZeroConfigError, match=re.escape(message)):
+        validate_user_config(config)
+
+
+def test_validate_accepts_deepspeeds_aio_and_activation_keys() -> None:
+    validate_user_config({
+        "aio": {"block_size": 1048576, "queue_depth": 8, "intra_op_parallelism": 1, "single_submit": False,
+                "overlap_events": True, "use_gds": False},
+        "activation_checkpointing": {"partition_activations": True, "cpu_checkpointing": False,
+                                     "contiguous_memory_optimization": False, "number_checkpoints": None,
+                                     "synchronize_checkpoint_boundary": False, "profile": False},
+        "zero_optimization": {"stage": 3, "zero_hpz_partition_size": 8, "zero_quantized_weights": True,
+                              "zero_quantized_gradients": True,
+                              "offload_param": {"device": "nvme", "nvme_path": "/n", "buffer_count": 5,
+                                                "buffer_size": 100000000, "max_in_cpu": 1000000000}},
+    })
+
+
+def test_offload_device() -> None:
+    assert offload_device({"zero_optimization": {"offload_param": {"device": "nvme"}}}, "offload_param") == "nvme"
+    assert offload_device({"zero_optimization": {"offload_param": {"device": "none"}}}, "offload_param") is None
+    assert offload_device({}, "offload_optimizer") is None
+
+
+def _feature_error(config: dict[str, Any], flags: TrainerFlags | None = None) -> str:
+    with pytest.raises(ZeroConfigError) as info:
+        check_zero_features(config, flags)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(("zero", "line"), [
+    ({"stage": 2, "offload_param": {"device": "cpu"}},
+     "zero_optimization.offload_param.device='cpu' needs stage 3 (stage is 2): only ZeRO-3 partitions parameters."
+     " Use ZeroStrategy(stage=3) or remove offload_param"),
+    ({"stage": 0, "offload_optimizer": {"device": "cpu"}},
+     "zero_optimization.offload_optimizer.device='cpu' needs stage 1, 2 or 3 (stage is 0): stage 0 has no optimizer"
+     " partition to offload. Use ZeroStrategy(stage=2) or remove offload_optimizer"),
+    ({"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": "/n"}},
+     "zero_optimization.offload_optimizer.device='nvme' at stage 2: DeepSpeed swaps optimizer state to NVMe at stage 3"
+     " only (ZeRO-Infinity); at stages 1-2 it would keep it in CPU memory and ignore nvme_path. Use"
+     " ZeroStrategy(stage=3) or offload_optimizer='cpu'"),
+    ({"stage": 2, "zero_hpz_partition_size": 4, "zero_quantized_gradients": True},
+     "zero_optimization zero_hpz_partition_size=4, zero_quantized_gradients=True: ZeRO++ works at stage 3 only (stage"
+     " is 2) and DeepSpeed would ignore it. Use ZeroStrategy(stage=3) or remove it"),
+])
+def test_features_need_their_stage(zero: dict[str, Any], line: str) -> None:
+    assert _feature_error({"zero_optimization": zero}) == f"These ZeRO settings cannot work:\n  - {line}"
+
+
+def test_features_accept_what_works() -> None:
+    check_zero_features({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2,
+                                               "offload_optimizer": {"device": "nvme"},
+                                               "offload_param": {"device": "cpu"}}},
+                        TrainerFlags(world_size=8, devices_per_node=4, device_type="cuda"))
+    check_zero_features({"zero_optimization": {"stage": 2, "zero_hpz_partition_size": 1,
+                                               "zero_quantized_weights": False, "offload_param": {"device": "none"}}})
+    check_zero_features({"zero_optimization": {"stage": "three"}})  # reported by validate_user_config instead
+
+
+@pytest.mark.parametrize(("hpz", "world", "per_node", "divisors"), [(3, 4, 2, [2, 1]), (4, 4, 2, [2, 1]),
+                                                                     (2, 6, 3, [3, 1]), (8, 16, 8, [8, 4, 2, 1])])
+def test_features_hpz_must_divide_devices_per_node_and_world(hpz: int, world: int, per_node: int,
+                                                             divisors: list[int]) -> None:
+    zero = {"stage": 3, "zero_hpz_partition_size": hpz}
+    flags = TrainerFlags(world_size=world, devices_per_node=per_node)
+    if per_node % hpz == 0 and world % hpz == 0:
+        check_zero_features({"zero_optimization": zero}, flags)
+        return
+    assert _feature_error({"zero_optimization": zero}, flags).endswith(
+        f"zero_optimization.zero_hpz_partition_size={hpz} must divide the devices per node ({per_node}) and the world"
+        f" size ({world}): hpZ keeps a secondary copy of the weights partitioned within each node. Use one of"
+        f" {divisors} (1 turns hpZ off)")
+
+
+def test_features_quantization_and_gds_need_a_gpu() -> None:
+    config = {"zero_optimization": {"stage": 3, "zero_quantized_weights": True, "zero_quantized_gradients": True},
+              "aio": {"use_gds": True}}
+    message = _feature_error(config, TrainerFlags(world_size=2, devices_per_node=2, device_type="cpu"))
+    assert message.splitlines()[1:] == [
+        "  - zero_optimization zero_quantized_weights=True, zero_quantized_gradients=True needs a CUDA GPU: DeepSpeed's"
+        " quantization kernels (CUDAQuantizer) have no CPU implementation. Remove it for CPU runs, or train with"
+        " Trainer(accelerator='gpu')",
+        "  - aio.use_gds=True needs a CUDA GPU (GPUDirect Storage). Remove it for CPU runs",
+    ]
+    check_zero_features(config, TrainerFlags(world_size=2, devices_per_node=2, device_type="cuda"))
+
+
+def test_features_contiguous_activation_checkpointing_needs_partitioning_and_a_count() -> None:
+    message = _feature_error({"activation_checkpointing": {"contiguous_memory_optimization": True}})
+    assert message.splitlines()[1:] == [
+        "  - activation_checkpointing.contiguous_memory_optimization=True needs partition_activations=True: DeepSpeed"
+        " copies the partitioned checkpoints into the contiguous buffer. Set ZeroStrategy(partition_activations=True)"
+        " too",
+        "  - activation_checkpointing.contiguous_memory_optimization=True needs activation_checkpointing.number_checkpoints"
+        " (how many layers you checkpoint) to size its buffer. Set it in the config",
+    ]
+    check_zero_features({"activation_checkpointing": {"contiguous_memory_optimization": True,
+                                                      "partition_activations": True, "number_checkpoints": 4}})
+
+
+def test_resolve_runs_the_feature_checks_with_the_trainer_topology() -> None:
+    knobs = resolve_knobs(stage=3, zero_hpz_partition_size=4)
+    with pytest.raises(ZeroConfigError, match=re.escape("zero_hpz_partition_size=4 must divide the devices per node"
+                                                        " (2) and the world size (4)")):
+        resolve(None, knobs, world_size=4, devices_per_node=2)
+    config = resolve(None, knobs, world_size=8, devices_per_node=4)
+    assert config["zero_optimization"]["zero_hpz_partition_size"] == 4
+
+
+@pytest.mark.parametrize(("user", "keywords", "pinned"), [
+    ({}, {"offload_optimizer": "cpu"}, "offload_optimizer='cpu'"),
+    ({}, {"pin_memory": True, "zero_quantized_weights": True}, "pin_memory=True, zero_quantized_weights=True"),
+    ({"zero_optimization": {"stage": 1}}, {}, "config zero_optimization.stage"),
+    ({"zero_optimization": {"offload_param": {"device": "cpu"}}}, {}, "config zero_optimization.offload_param"),
+    ({"zero_optimization": {"zero_hpz_partition_size": 2}}, {}, "config zero_optimization.zero_hpz_partition_size"),
+])
+def test_auto_stage_refuses_pinned_choices(user: dict[str, Any], keywords: dict[str, Any], pinned: str) -> None:
+    with pytest.raises(ZeroConfigError, match=re.escape(
+            f"ZeroStrategy(stage=\"auto\") chooses the stage and the offload from the model size and the hardware, so it"
+            f" cannot be combined with {pinned}. Remove them, or name the stage yourself (run `lightning-zero"
+            " estimate` to see the choices).")):
+        check_auto_stage(user, keywords)
+
+
+def test_auto_stage_accepts_the_rest() -> None:
+    check_auto_stage({"zero_optimization": {"stage": "auto", "zero_hpz_partition_size": 1,
+                                            "offload_param": {"device": "none"}, "reduce_bucket_size": 5}},
+                     {"offload_optimizer": None, "offload_parameters": False, "overlap_comm": True})

@@ -1,0 +1,208 @@
+"""lightning_zero.estimate: the arithmetic against hand-computed values, the recommendation, the command line and the
+choice ZeroStrategy(stage="auto") makes."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before anything imports deepspeed
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import GAN, Regressor
+from lightning_zero.cli import main
+from lightning_zero.estimate import GiB, auto_choice, count_with_configure_model, estimate_memory, model_size
+
+P, LAYER = 10**9, 10**8  # 1B parameters, largest layer 100M; 1 node x 4 GPUs (N = 4)
+
+# (stage, offload_optimizer, offload_param) -> (bytes per GPU, host bytes per node, NVMe bytes per node), by hand:
+HAND = {
+    # DeepSpeed ZeRO-2: GPU 2P + 18P/N = 2e9 + 4.5e9; host 4P x 4 GPUs x 1.5 = 24e9
+    (2, "none", "none"): (6.5e9, 24e9, 0),
+    # stage 1: + full 16-bit gradients: 2P - 2P/N = 1.5e9 more
+    (1, "none", "none"): (8.0e9, 24e9, 0),
+    # stage 0: the ZeRO-2 GPU figure on one GPU, 2P + 18P = 20e9
+    (0, "none", "none"): (20e9, 24e9, 0),
+    # ZeRO-3: GPU 4 x largest layer + 18P/N = 0.4e9 + 4.5e9; host 4 x layer x 4 GPUs x 1.5 = 2.4e9
+    (3, "none", "none"): (4.9e9, 2.4e9, 0),
+    # ZeRO-2 offload: GPU 2P; host P x max(4N, 16) x 1.5 = 24e9
+    (2, "cpu", "none"): (2e9, 24e9, 0),
+    # stage 1 offload: + full 16-bit gradients 2P
+    (1, "cpu", "none"): (4e9, 24e9, 0),
+    # ZeRO-3 optimizer offload: GPU 4 x layer + 2P/N = 0.4e9 + 0.5e9; host 16P x 1.5 (1 node) = 24e9
+    (3, "cpu", "none"): (0.9e9, 24e9, 0),
+    # ZeRO-3 everything offloaded: GPU 4 x layer; host 18P x 1.5 = 27e9
+    (3, "cpu", "cpu"): (0.4e9, 27e9, 0),
+    # optimizer on NVMe: the optimizer's 16P go to the drive; host keeps 4 GPUs x 4 buffers x min(1e9, P/N = 2.5e8)
+    # fp32 elements = 16e9
+    (3, "nvme", "none"): (0.9e9, 16e9, 16e9),
+    # + parameters in host RAM: their part of DeepSpeed's host figure, 27e9 - 24e9 = 3e9
+    (3, "nvme", "cpu"): (0.4e9, 19e9, 16e9),
+    # parameters on NVMe: 2P to the drive; host keeps 4 GPUs x 5 buffers x 1e8 elements x 2 bytes = 4e9
+    (3, "cpu", "nvme"): (0.4e9, 24e9 + 4e9, 2e9),
+    (3, "nvme", "nvme"): (0.4e9, 16e9 + 4e9, 18e9),
+}
+
+
+def _by_choice(plan) -> dict:
+    return {(r.stage, r.offload_optimizer, r.offload_parameters): (r.gpu_bytes, r.cpu_bytes, r.nvme_bytes)
+            for r in plan.rows}
+
+
+def test_every_row_matches_the_hand_computation() -> None:
+    plan = estimate_memory(P, LAYER, num_nodes=1, gpus_per_node=4, precision="bf16-mixed")
+    assert list(_by_choice(plan)) == list(HAND)  # every stage x offload choice, fastest first
+    for choice, got in _by_choice(plan).items():
+        assert got == pytest.approx(HAND[choice], rel=1e-9), choice
+    assert all(r.fits is False for r in plan.rows if r.nvme_bytes)  # NVMe rows need nvme_gb
+    assert all(r.fits is None for r in plan.rows if not r.nvme_bytes)  # no capacity given: not checked
+    assert plan.recommended is None
+
+
+def test_two_nodes_split_the_host_figures() -> None:
+    # 2 nodes x 4 GPUs (N = 8): ZeRO-3 offload host figure per node 16P / 2 nodes x 1.5 = 12e9; GPU 0.4e9 + 2P/8
+    plan = _by_choice(estimate_memory(P, LAYER, num_nodes=2, gpus_per_node=4))
+    assert plan[(3, "cpu", "none")] == pytest.approx((0.65e9, 12e9, 0))
+    # ZeRO-2 offload host: P x max(4 x 8, 16) x 1.5 = 48e9 per node (DeepSpeed's figure)
+    assert plan[(2, "cpu", "none")] == pytest.approx((2e9, 48e9, 0))
+    # optimizer on NVMe: 16P / 2 nodes = 8e9 per node on the drive
+    assert plan[(3, "nvme", "none")][2] == pytest.approx(8e9)
+
+
+def test_fp32_adds_two_bytes_per_resident_weight_and_gradient() -> None:
+    plan = _by_choice(estimate_memory(P, LAYER, gpus_per_node=4, precision="32-true"))
+    # stage 2: weights P + gradient partition P/4 -> 6.5e9 + 2 x 1.25e9
+    assert plan[(2, "none", "none")][0] == pytest.approx(9e9)
+    # stage 3, nothing offloaded: gathered layer + weight and gradient partitions -> 4.9e9 + 2 x (1e8 + 5e8)
+    assert plan[(3, "none", "none")][0] == pytest.approx(6.1e9)
+    # everything offloaded: the host keeps 4-byte weights, 3e9 -> 6e9
+    assert plan[(3, "cpu", "cpu")][1] == pytest.approx(30e9)
+
+
+def test_activation_reserve_is_added_per_gpu() -> None:
+    plan = _by_choice(estimate_memory(P, LAYER, gpus_per_node=4, activation_memory_gb=2))
+    assert plan[(2, "none", "none")][0] == pytest.approx(6.5e9 + 2 * GiB)
+
+
+@pytest.mark.parametrize(("gpu", "cpu", "nvme", "expected"), [
+    (80, 512, None, (2, "none", "none")),  # everything fits: stage 2
+    (5, 100, None, (3, "none", "none")),  # 6.5e9 B = 6.05 GiB > 5: stage 3 (4.56 GiB)
+    (4, 100, None, (2, "cpu", "none")),  # stage 3 needs 4.56 GiB: offload the optimizer (1.86 GiB GPU, 22.4 GiB host)
+    (0.5, 100, None, (3, "cpu", "cpu")),  # only 0.37 GiB (4 x largest layer) fits the GPU
+    (0.5, 20, 100, (3, "nvme", "cpu")),  # host 25.1 GiB > 20: the optimizer goes to NVMe (17.7 GiB host)
+    (0.5, 10, 100, None),  # nothing fits
+])
+def test_recommendation_is_the_fastest_row_that_fits(gpu, cpu, nvme, expected) -> None:
+    plan = estimate_memory(P, LAYER, gpus_per_node=4, gpu_memory_gb=gpu, cpu_memory_gb=cpu, nvme_gb=nvme)
+    got = plan.recommended
+    assert (got and (got.stage, got.offload_optimizer, got.offload_parameters)) == expected
+    if got:
+        assert got.fits and got.gpu_bytes <= gpu * GiB and got.cpu_bytes <= cpu * GiB
+        faster = [r for r in plan.rows[:plan.rows.index(got)]]
+        assert all(not r.fits and r.why_not for r in faster)
+
+
+def test_strategy_call_of_a_row() -> None:
+    plan = estimate_memory(P, LAYER, gpus_per_node=4, gpu_memory_gb=0.5, cpu_memory_gb=20, nvme_gb=100)
+    assert plan.recommended.strategy("/nvme") == ("ZeroStrategy(stage=3, offload_optimizer='nvme',"
+                                                  " offload_parameters='cpu', nvme_path='/nvme')")
+    assert plan.rows[0].strategy() == "ZeroStrategy(stage=2)"
+
+
+def test_bad_inputs_name_the_fix() -> None:
+    with pytest.raises(ValueError, match="needs largest_layer_params"):
+        estimate_memory(P)
+    with pytest.raises(ValueError, match="needs num_params"):
+        estimate_memory()
+    with pytest.raises(ValueError, match=r"estimate_memory\(gpus_per_node=0\) must be a positive integer"):
+        estimate_memory(P, LAYER, gpus_per_node=0)
+    with pytest.raises(ValueError, match="0 <= largest_layer_params <= num_params"):
+        estimate_memory(10, 20)
+
+
+def test_model_size_counts_like_deepspeed_without_allocating() -> None:
+    with torch.device("meta"):
+        shared = nn.Linear(100, 50)  # 5050, the largest layer
+        model = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(50, 10))  # + 510
+    assert model_size(model) == (5560, 5050)
+    plan = estimate_memory(model=model, gpus_per_node=2)
+    assert (plan.num_params, plan.largest_layer_params) == (5560, 5050)
+
+
+def test_count_with_configure_model_leaves_the_module_untouched() -> None:
+    # GAN builds generator (4x16+16, 16x2+2) and discriminator (2x16+16, 16x1+1) in configure_model: 114 + 65 = 179
+    gan = GAN()
+    rng = torch.random.get_rng_state()
+    assert count_with_configure_model(gan) == (179, 80)
+    assert not hasattr(gan, "generator") and not list(gan.parameters())
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    # a module without configure_model is counted as it is: 8x16+16 + 16x16+16 + 16+1 = 433, largest 272
+    assert count_with_configure_model(Regressor()) == (433, 272)
+
+
+def test_count_with_configure_model_explains_a_failure() -> None:
+    class Broken(Regressor):
+        def configure_model(self) -> None:
+            self.extra = nn.Linear(2, 2).to("cpu").weight.sum().item()  # needs real data
+
+    with pytest.raises(RuntimeError, match=r"counts the parameters by running Broken.configure_model\(\) on the meta"
+                                           r" device first, which failed: .*Name the stage instead"):
+        count_with_configure_model(Broken())
+
+
+def test_auto_choice_on_cpu_keeps_the_states_in_host_memory() -> None:
+    # 1e9 parameters, 2 processes: stage 2 needs 2e9 + 18e9/2 = 11e9 B = 10.2 GiB per process
+    row, message = auto_choice(P, LAYER, num_nodes=1, devices_per_node=2, device_type="cpu", precision="bf16-mixed",
+                               gpu_free_bytes=None, cpu_free_bytes=64 * GiB)
+    assert (row.stage, row.offload_optimizer, row.offload_parameters) == (2, "none", "none")
+    assert message == ("ZeroStrategy(stage=\"auto\"): no GPU, so the model states live in host memory whatever the"
+                       " stage and offloading gains nothing; chose stage 2 (1.00B parameters: about 10.24 GiB per"
+                       " process, 2 process(es) per node, 64.00 GiB host memory available).")
+    # 20 GiB host for 2 processes = 10 GiB each: stage 2 (10.24 GiB) does not fit, stage 3 (0.4e9 + 9e9 = 8.75 GiB)
+    # does; with 16 GiB (8 each) nothing fits and the most frugal, stage 3, is tried
+    for host in (20, 16):
+        row, _ = auto_choice(P, LAYER, num_nodes=1, devices_per_node=2, device_type="cpu", precision="bf16-mixed",
+                             gpu_free_bytes=None, cpu_free_bytes=host * GiB)
+        assert (row.stage, row.offload_optimizer, row.offload_parameters) == (3, "none", "none")
+
+
+def test_auto_choice_on_gpus() -> None:
+    row, message = auto_choice(P, LAYER, num_nodes=1, devices_per_node=4, device_type="cuda", precision="bf16-mixed",
+                               gpu_free_bytes=4 * GiB, cpu_free_bytes=100 * GiB)
+    assert (row.stage, row.offload_optimizer) == (2, "cpu")
+    assert message.startswith("ZeroStrategy(stage=\"auto\"): 1.00B parameters (largest layer 100.0M) on 1 x 4"
+                              " GPU(s) with 4.00 GiB free per GPU and 100.00 GiB host memory available:"
+                              " ZeroStrategy(stage=2, offload_optimizer='cpu') is the fastest choice that fits")
+    # without nvme_path NVMe is never chosen; when nothing fits, the most frugal CPU choice is tried
+    row, message = auto_choice(P, LAYER, num_nodes=1, devices_per_node=4, device_type="cuda", precision="bf16-mixed",
+                               gpu_free_bytes=GiB // 4, cpu_free_bytes=10 * GiB)
+    assert (row.stage, row.offload_optimizer, row.offload_parameters) == (3, "cpu", "cpu")
+    assert "nothing fits by the estimate" in message
+
+
+def test_command_line_with_parameter_counts(capsys) -> None:
+    code = main(["estimate", "--params", "1e9", "--largest-layer", "1e8", "--nodes", "1", "--gpus-per-node", "4",
+                 "--gpu-memory", "5", "--cpu-memory", "100"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.splitlines()[0] == ("Model states of 1.00B parameters (largest layer 100.0M) on 1 node(s) x 4"
+                                   " GPU(s); activations not included.")
+    assert "    2  none               none             6.05 GiB   22.35 GiB           -  no (GPU)" in out
+    assert "    3  none               none             4.56 GiB    2.24 GiB           -  yes" in out
+    assert out.rstrip().endswith("Recommended (fastest that fits): ZeroStrategy(stage=3)")
+
+
+def test_command_line_with_a_model_class(capsys) -> None:
+    assert main(["estimate", "--model", "helpers:GAN", "--gpus-per-node", "2", "--gpu-memory", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "Model states of 179 parameters (largest layer 80)" in out and out.rstrip().endswith("ZeroStrategy(stage=2)")
+
+
+def test_command_line_errors(capsys) -> None:
+    assert main(["estimate", "--params", "1e9"]) == 2
+    assert "--params needs --largest-layer" in capsys.readouterr().out
+    assert main(["estimate", "--params", "1e12", "--largest-layer", "1e9", "--gpu-memory", "80", "--cpu-memory",
+                 "64"]) == 1
+    assert capsys.readouterr().out.rstrip().endswith("Nothing fits: add GPUs or nodes, host memory or NVMe space.")
