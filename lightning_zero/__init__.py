@@ -10,6 +10,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_zero.checkpoint import gather_full_state_dict, load_full_state_dict
 from lightning_zero.config import ZeroConfigError, resolve_ds_config
+from lightning_zero.estimate import estimate_memory
 from lightning_zero.precision import ZeroPrecision
 from lightning_zero.strategy import ZeroStrategy
 from lightning_zero.summary import ZeroSummary
@@ -19,6 +20,7 @@ __all__ = [
     "ZeroPrecision",
     "ZeroStrategy",
     "ZeroSummary",
+    "estimate_memory",
     "gather_full_state_dict",
     "load_full_state_dict",
     "resolve_ds_config",
