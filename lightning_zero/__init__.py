@@ -11,6 +11,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 from lightning_zero.checkpoint import gather_full_state_dict, load_full_state_dict
 from lightning_zero.config import ZeroConfigError, resolve_ds_config
 from lightning_zero.estimate import estimate_memory
+from lightning_zero.consolidate import consolidate_checkpoint, consolidated_state_dict
 from lightning_zero.precision import ZeroPrecision
 from lightning_zero.strategy import ZeroStrategy
 from lightning_zero.summary import ZeroSummary
@@ -20,6 +21,8 @@ __all__ = [
     "ZeroPrecision",
     "ZeroStrategy",
     "ZeroSummary",
+    "consolidate_checkpoint",
+    "consolidated_state_dict",
     "estimate_memory",
     "gather_full_state_dict",
     "load_full_state_dict",

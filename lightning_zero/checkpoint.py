@@ -1,44 +1,70 @@
-"""On-disk layout, crash-safe sharded save/load, and full (unsharded) state dicts.
+"""On-disk layout, crash-safe sharded save/load, resume on another number of processes, and full state dicts.
 
 A ZeroStrategy checkpoint is a folder::
 
     epoch=3-step=400.ckpt/                 <- the path you pass to `ckpt_path=` / `save_checkpoint`
-        meta.json                           written last: its presence means the folder is complete
+        meta.json                           written last: format, world size, stage, engines, and the size of every
+                                            file below (a folder whose files do not match is refused)
         lightning.pt                        Lightning's state: loops, callbacks, schedulers, optimizer hyperparameters
+        rng/rank_00000.pt ...               each rank's RNG states (torch, CUDA, numpy, Python)
         <engine name>/                      one folder per DeepSpeed engine ("model", or e.g. "generator")
             latest                          DeepSpeed's tag file
-            checkpoint/                     DeepSpeed's shards: mp_rank_00_model_states.pt, *_optim_states.pt
+            checkpoint/                     DeepSpeed's shards: *_model_states.pt, *_optim_states.pt
+            checkpoint_universal/           added on the first resume with another number of processes or another
+                                            ZeRO stage: DeepSpeed's universal format, cached for the next resume
+        <frozen engine name>/weights.pt     a model without optimizer: its full weights (plain tensors)
 
-Every rank writes into ``<path>.partial`` first; rank 0 renames it to ``<path>`` only after every rank finished, so a
-crash mid-save leaves the previous checkpoint untouched and never a folder that looks complete.
-``lightning.pt`` is a trusted pickle (it holds Lightning's loop and callback state); only load checkpoints you wrote.
+Every rank writes into ``<path>.partial`` first; after all ranks finished, rank 0 writes ``meta.json`` and renames the
+folder to ``<path>``. Overwriting an existing ``<path>`` (``last.ckpt``) swaps the two folders atomically
+(``renameat2(RENAME_EXCHANGE)`` on Linux), so ``<path>`` is never missing or half-written. A crash at any point leaves
+the previous checkpoint loadable; a ``.partial`` folder is never loaded.
+
+Trusted files: ``lightning.pt`` and ``rng/*`` are read with ``weights_only=True`` (``trainer.fit(...,
+weights_only=False)`` lifts that for unusual callback state); ``weights.pt`` with ``weights_only=True``. DeepSpeed's
+shards are pickles that DeepSpeed reads with ``weights_only=False``: only load or convert checkpoints you trust, and
+share weights as safetensors (``lightning-zero consolidate``).
 """
 
 from __future__ import annotations
 
+import argparse
+import ctypes
+import io
 import json
+import logging
 import os
 import pickle
 import shutil
 import sys
+import time
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 if TYPE_CHECKING:
     from lightning_zero.strategy import ZeroStrategy
 
-__all__ = ["FORMAT", "gather_full_state_dict", "load", "load_full_state_dict", "remove", "save", "validate_path"]
+__all__ = ["FORMAT", "engine_weights", "gather_full_state_dict", "load", "load_full_state_dict", "model_key", "remove",
+           "resume_method", "save", "validate_path"]
+
+log = logging.getLogger(__name__)
 
 FORMAT = "lightning_zero/1"
 META = "meta.json"
 LIGHTNING_STATE = "lightning.pt"
-PARTIAL_SUFFIX = ".partial"
+WEIGHTS = "weights.pt"  # a frozen model's full weights
+RNG_DIR = "rng"
+PARTIAL_SUFFIX = ".partial"  # a save in progress (or interrupted): never loaded
+REMOVING_SUFFIX = ".removing"  # a checkpoint being deleted: renamed first, so it disappears at once
 TAG = "checkpoint"
+UNIVERSAL_TAG = "checkpoint_universal"
+# Test hook: seconds each rank sleeps after writing its shards, before the commit (makes a kill mid-save reliable).
+SAVE_DELAY_ENV = "LIGHTNING_ZERO_TEST_SAVE_DELAY"
 # Lightning's own copies of weights/optimizer state are replaced by the engines' shards.
 _EXCLUDED_KEYS = ("state_dict",)
 
@@ -296,111 +322,478 @@ def _key_report(missing: list[str], unexpected: list[str]) -> str:
     return "The checkpoint does not match the model: " + "; ".join(parts) + "."
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Save: every rank writes into <path>.partial, rank 0 writes meta.json last and renames
+# ----------------------------------------------------------------------------------------------------------------------
+
+
 def save(strategy: ZeroStrategy, checkpoint: dict[str, Any], path: str) -> None:
     """Write a complete checkpoint folder at ``path`` (collective: every rank calls it)."""
     final = Path(path)
-    partial = final.with_name(final.name + PARTIAL_SUFFIX)
+    partial = _sibling(final, PARTIAL_SUFFIX)
     if strategy.is_global_zero:
-        shutil.rmtree(partial, ignore_errors=True)  # a leftover of a crashed save
+        _remove_path(partial)  # the leftover of an interrupted save
         partial.mkdir(parents=True)
     strategy.barrier()
-    for slot in strategy.engines:
-        if slot.face is None and strategy.stage == 3:
-            continue  # frozen models are rebuilt by configure_model; their weights are not training state
-        slot.engine.save_checkpoint(str(partial / slot.name), tag=TAG,
-                                    exclude_frozen_parameters=strategy.exclude_frozen_parameters)
+    # Phase 1, every rank: its shards of every engine and its RNG state.
+    engines = {slot.name: _save_engine(strategy, slot, partial / slot.name) for slot in strategy.engines}
+    _save_rng(partial, strategy.global_rank)
+    delay = float(os.environ.get(SAVE_DELAY_ENV, 0) or 0)
+    if delay:
+        time.sleep(delay)
+    strategy.barrier()  # every rank's files are on disk
+    # Phase 2, rank 0: Lightning's state, the manifest (meta.json, last), then the rename that makes it visible.
     if strategy.is_global_zero:
-        state = {k: v for k, v in checkpoint.items() if k not in _EXCLUDED_KEYS}
-        torch.save(state, partial / LIGHTNING_STATE)
+        torch.save({k: v for k, v in checkpoint.items() if k not in _EXCLUDED_KEYS}, partial / LIGHTNING_STATE)
         meta = {"format": FORMAT, "world_size": strategy.world_size, "stage": strategy.stage,
-                "engines": [s.name for s in strategy.engines if not (s.face is None and strategy.stage == 3)]}
+                "precision": str(strategy.precision_plugin.precision), "engines": engines, "files": _manifest(partial)}
         (partial / META).write_text(json.dumps(meta, indent=1))
-    strategy.barrier()
-    if strategy.is_global_zero:
         _commit(partial, final)
     strategy.barrier()
 
 
+def _save_engine(strategy: ZeroStrategy, slot: Any, folder: Path) -> dict[str, Any]:
+    """Write one engine's part and return its description for meta.json."""
+    assert strategy.lightning_module is not None
+    modules = _module_prefixes(strategy.lightning_module, slot.module)
+    info: dict[str, Any] = {"modules": modules, "keys": _state_keys(slot.module, modules),
+                            "stage": int(slot.engine.zero_optimization_stage()), "optimizer": slot.face is not None}
+    exclude = strategy.exclude_frozen_parameters
+    if slot.face is not None:
+        info["kind"] = "deepspeed"
+        info["excluded"] = [model_key(n, modules) for n, p in slot.module.named_parameters()
+                            if exclude and not p.requires_grad]
+        slot.engine.save_checkpoint(str(folder), tag=TAG, exclude_frozen_parameters=exclude)
+        return info
+    # A model without optimizer (a frozen teacher, an EMA copy): its full weights, as plain tensors. They may have
+    # been changed by hand (EMA), so they are saved unless the user excludes frozen parameters.
+    info["kind"] = "weights"
+    info["saved"] = not exclude
+    info["excluded"] = list(info["keys"]) if exclude else []
+    if info["saved"]:
+        if strategy.stage == 3:  # collective: one module gathered at a time
+            state = gather_full_state_dict(slot.module, rank_zero_only=True, is_rank_zero=strategy.is_global_zero)
+        else:
+            state = {k: v.detach().cpu() for k, v in slot.module.state_dict().items()}
+        if strategy.is_global_zero:
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.save(state, folder / WEIGHTS)
+    return info
+
+
+def _module_prefixes(root: nn.Module, module: nn.Module) -> dict[str, str]:
+    """Engine-local key head -> the LightningModule's prefix: ``{"": ""}`` for the LightningModule itself,
+    ``{"": "generator"}`` for a submodule, ``{"a__b": "a.b", "c": "c"}`` for a group of submodules (engines.py)."""
+    names: dict[int, str] = {}
+    for name, sub in root.named_modules():
+        names.setdefault(id(sub), name)
+    if id(module) in names:
+        return {"": names[id(module)]}
+    return {head: names[id(child)] for head, child in module.named_children()}
+
+
+def model_key(key: str, modules: Mapping[str, str]) -> str:
+    """An engine-local state-dict key as the LightningModule names it."""
+    if "" in modules:
+        prefix = modules[""]
+    else:
+        head, _, key = key.partition(".")
+        prefix = modules[head]
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _state_keys(module: nn.Module, modules: Mapping[str, str]) -> dict[str, list[Any]]:
+    """LightningModule key -> [shape, dtype] of everything the module's state dict holds (full shapes at stage 3)."""
+    out = {}
+    for key, value in module.state_dict(keep_vars=True).items():
+        shape = list(getattr(value, "ds_shape", value.shape))
+        out[model_key(key, modules)] = [shape, str(value.dtype).replace("torch.", "")]
+    return out
+
+
+def _manifest(folder: Path) -> dict[str, int]:
+    return {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
 def _commit(partial: Path, final: Path) -> None:
-    """Replace ``final`` by ``partial``; the old folder is removed only after the new one is in place."""
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
+    """Make ``partial`` visible as ``final``; an existing ``final`` is replaced without ever being missing."""
+    if not os.path.lexists(final):
+        os.replace(partial, final)
+        return
+    if _exchange(partial, final):
+        _remove_path(partial)  # now the old checkpoint
+        return
+    # No atomic exchange on this OS/file system: a short window exists in which only `<final>.old` is complete.
+    old = _sibling(final, ".old")
+    _remove_path(old)
+    os.replace(final, old)
     os.replace(partial, final)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_path(old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where the OS or file system can't."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _sibling(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
+
+
+def _remove_path(path: Path) -> None:
+    """Delete a file, link or folder; a folder is renamed first, so a crash never leaves a half-deleted checkpoint
+    under its own name."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+        return
+    if not path.exists():
+        return
+    trash = _sibling(path, REMOVING_SUFFIX)
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash)
+
+
+def remove(path: Any) -> None:
+    """Remove a checkpoint (ModelCheckpoint's top-k rotation; called after the new checkpoint is committed)."""
+    _remove_path(Path(path))
+
+
+def _save_rng(folder: Path, rank: int) -> None:
+    from lightning.fabric.utilities.seed import _collect_rng_states
+
+    state = _collect_rng_states(include_cuda=torch.cuda.is_available())
+    if "numpy" in state:  # stored as tensors, so the file loads with weights_only=True
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        state["numpy"] = (name, torch.from_numpy(keys.copy()), pos, has_gauss, cached)
+    (folder / RNG_DIR).mkdir(parents=True, exist_ok=True)
+    torch.save(state, folder / RNG_DIR / f"rank_{rank:05d}.pt")
+
+
+def _load_rng(folder: Path, rank: int) -> None:
+    from lightning.fabric.utilities.seed import _set_rng_states
+
+    file = folder / RNG_DIR / f"rank_{rank:05d}.pt"
+    if not file.is_file():
+        return
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    if "numpy" in state:
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        state["numpy"] = (name, keys.numpy(), pos, has_gauss, cached)
+    if not torch.cuda.is_available():
+        state.pop("torch.cuda", None)
+    _set_rng_states(state)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validate: what a path is, before anything is loaded
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 def validate_path(path: str) -> dict[str, Any]:
-    """Check that ``path`` is a complete ZeroStrategy checkpoint folder and return its metadata."""
+    """Check that ``path`` is a complete ZeroStrategy checkpoint folder and return its metadata; ``{}`` for a plain
+    weights file (or a folder of ``.safetensors``). Raises ``ValueError``/``FileNotFoundError`` naming the fix."""
     p = Path(path)
     if p.name.endswith(PARTIAL_SUFFIX):
-        raise ValueError(f"{path!r} is a half-written checkpoint (a save was interrupted); it cannot be loaded."
-                         f" Resume from a complete checkpoint, e.g. {str(p.with_name(p.name[:-len(PARTIAL_SUFFIX)]))!r}"
-                         " if it exists.")
+        complete = _sibling(p.with_name(p.name[:-len(PARTIAL_SUFFIX)]), "")
+        raise ValueError(f"{path!r} is a half-written checkpoint (its save was interrupted); it is never loaded. Resume"
+                         f" from a complete checkpoint, e.g. {str(complete)!r} if it exists, or ckpt_path='last'.")
+    if p.name.endswith(REMOVING_SUFFIX):
+        raise ValueError(f"{path!r} is a checkpoint whose deletion was interrupted; it cannot be loaded. Resume from"
+                         " another checkpoint.")
     if not p.exists():
-        partial = p.with_name(p.name + PARTIAL_SUFFIX)
+        partial = _sibling(p, PARTIAL_SUFFIX)
         extra = (f" A half-written {partial.name!r} exists beside it: that save was interrupted and is not loadable."
                  if partial.exists() else "")
         raise FileNotFoundError(f"Checkpoint {path!r} does not exist.{extra}")
     if p.is_dir() and (p / META).is_file():
-        meta = json.loads((p / META).read_text())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path!r} was written by another version ({meta.get('format')!r}); expected {FORMAT!r}.")
-        return meta
-    for parent in list(p.parents)[:3]:
+        return _read_meta(p, path)
+    for parent in list(p.parents)[:4]:
         if (parent / META).is_file():
             raise ValueError(f"{path!r} is inside a ZeroStrategy checkpoint. Pass the checkpoint folder itself:"
                              f" {str(parent)!r}.")
     if p.is_dir():
-        raise ValueError(f"{path!r} is a folder but not a ZeroStrategy checkpoint (no {META}). Pass a folder written"
-                         " by `trainer.save_checkpoint` with ZeroStrategy, or a single-file checkpoint.")
+        if any(p.glob("*.safetensors")):
+            return {}  # exported weights (lightning-zero consolidate --format safetensors)
+        inside = sorted(c.name for c in p.iterdir() if (c / META).is_file())
+        hint = (f" It holds the checkpoints {inside[:4]}{' ...' if len(inside) > 4 else ''}: pass one of them, or"
+                " ckpt_path='last' with the ModelCheckpoint that wrote them." if inside else
+                " Pass a folder written by `trainer.save_checkpoint` with ZeroStrategy, or a weights file.")
+        raise ValueError(f"{path!r} is a folder but not a ZeroStrategy checkpoint (no {META}).{hint}")
     return {}  # a single file: a plain Lightning/torch checkpoint
 
 
-def load(strategy: ZeroStrategy, path: str, load_optimizer_states: bool) -> dict[str, Any]:
-    """Load a checkpoint folder (or a single-file weights checkpoint) into the strategy's engines."""
+def _read_meta(folder: Path, path: str) -> dict[str, Any]:
+    try:
+        meta = json.loads((folder / META).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path!r} has an unreadable {META} ({err}); the checkpoint is damaged. Use another one.")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{path!r} was written in format {found!r}; this version of lightning_zero reads {FORMAT!r}.")
+    bad = [rel for rel, size in meta["files"].items()
+           if not (folder / rel).is_file() or (folder / rel).stat().st_size != size]
+    if bad:
+        raise ValueError(f"{path!r} is incomplete: {len(bad)} of its {len(meta['files'])} files are missing or have"
+                         f" another size ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}). It was partly deleted"
+                         " or copied incompletely; resume from another checkpoint.")
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Load: same layout -> DeepSpeed's own load; other world size or stage -> DeepSpeed's universal format
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def load(strategy: ZeroStrategy, path: str, fitting: bool, weights_only: bool | None = None) -> dict[str, Any]:
+    """Load a checkpoint folder (or a weights file) into the strategy's engines; return Lightning's state to restore.
+
+    ``fitting``: restore optimizer states too (``trainer.fit``); otherwise weights only (validate/test/predict).
+    """
     meta = validate_path(path)
     assert strategy.lightning_module is not None
     if not meta:
-        return _load_single_file(strategy, path)
-    if meta["world_size"] != strategy.world_size and load_optimizer_states:
-        raise ValueError(
-            f"{path!r} was saved by {meta['world_size']} processes and this run has {strategy.world_size}. Resuming"
-            " the optimizer state on another number of processes is not supported yet; resume with"
-            f" {meta['world_size']} processes, or load weights only with `trainer.validate/test/predict`."
-        )
-    names = {s.name for s in strategy.engines if not (s.face is None and strategy.stage == 3)}
-    if set(meta["engines"]) != names:
-        raise ValueError(f"{path!r} holds engines {sorted(meta['engines'])} but this model has {sorted(names)}."
-                         " The checkpoint belongs to another model or another optimizer layout.")
+        return _load_weights_file(strategy, path, fitting, weights_only)
     root = Path(path)
+    _report_interrupted_saves(root)
+    state = _load_lightning_state(root / LIGHTNING_STATE, weights_only)
+    _check_model(strategy, meta, path)
     for slot in strategy.engines:
-        if slot.name not in meta["engines"]:
-            continue
-        load_path, _ = slot.engine.load_checkpoint(
-            str(root / slot.name), tag=TAG, load_optimizer_states=load_optimizer_states and slot.face is not None,
-            load_lr_scheduler_states=False, load_module_strict=strategy.lightning_module.strict_loading)
-        if load_path is None:
-            raise ValueError(f"DeepSpeed found no checkpoint for engine {slot.name!r} under {str(root / slot.name)!r}.")
-    # Trusted pickle: Lightning's loop/callback state (see the module docstring).
-    return torch.load(root / LIGHTNING_STATE, map_location="cpu", weights_only=False)
+        info = meta["engines"][slot.name]
+        if info["kind"] == "weights":
+            if info["saved"]:
+                load_full_state_dict(slot.module, root / slot.name / WEIGHTS, strict=False)
+            continue  # else: excluded (exclude_frozen_parameters): configure_model built them
+        _load_engine(strategy, slot, root, meta, with_optimizer=fitting and slot.face is not None)
+    if meta["world_size"] == strategy.world_size:
+        _load_rng(root, strategy.global_rank)
+    else:
+        log.info("RNG states not restored: %r was saved by %d processes, this run has %d.", path, meta["world_size"],
+                 strategy.world_size)
+    return state
 
 
-def _load_single_file(strategy: ZeroStrategy, path: str) -> dict[str, Any]:
-    """A plain Lightning ``.ckpt`` or torch weights file: load weights only (fine-tuning start)."""
+def _load_engine(strategy: ZeroStrategy, slot: Any, root: Path, meta: Mapping[str, Any], with_optimizer: bool) -> None:
+    info, folder = meta["engines"][slot.name], root / slot.name
+    saved, now = info["stage"], int(slot.engine.zero_optimization_stage())
+    how = resume_method(meta["world_size"], saved, strategy.world_size, now, with_optimizer)
+    if how == "native":
+        # Keys were checked above (frozen parameters may be excluded from the shards): DeepSpeed need not be strict.
+        loaded, _ = slot.engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=with_optimizer,
+                                                load_lr_scheduler_states=False, load_module_strict=False)
+        if loaded is None:
+            raise ValueError(f"DeepSpeed found no checkpoint for engine {slot.name!r} under {str(folder)!r}.")
+        return
+    if how == "weights":  # no optimizer state to restore: rebuild the full weights, whatever the layout
+        weights = {k: v.contiguous() for k, v in engine_weights(folder, info).items()}
+        load_full_state_dict(slot.module, weights, strict=False)
+        return
+    change = _describe_change(meta, strategy, saved, now)
+    rank_zero_info(f"Checkpoint {str(root)!r}: {change}. Resuming engine {slot.name!r} through DeepSpeed's universal"
+                   f" checkpoint format (converted once, cached in {str(folder / UNIVERSAL_TAG)!r}).")
+    _ensure_universal(strategy, folder)
+    engine = slot.engine
+    engine._config.load_universal_checkpoint = True  # read by DeepSpeed at load time only
+    try:
+        loaded, _ = engine.load_checkpoint(str(folder), tag=UNIVERSAL_TAG, load_optimizer_states=True,
+                                           load_lr_scheduler_states=False, load_module_strict=False)
+    finally:
+        engine._config.load_universal_checkpoint = False
+    if loaded is None:
+        raise ValueError(f"DeepSpeed could not load the universal checkpoint of engine {slot.name!r} from"
+                         f" {str(folder / UNIVERSAL_TAG)!r}.")
+
+
+def resume_method(saved_world_size: int, saved_stage: int, world_size: int, stage: int, with_optimizer: bool
+                  ) -> Literal["native", "weights", "universal"]:
+    """How an engine saved at (``saved_world_size``, ``saved_stage``) loads now: DeepSpeed's own load when the layout
+    is the same, its full weights when no optimizer state is needed, else through the universal format (stages 1-3)."""
+    if saved_stage == stage and (saved_world_size == world_size or stage == 0):
+        return "native"
+    if not with_optimizer:
+        return "weights"
+    if 0 in (saved_stage, stage):
+        change = (f"saved at stage {saved_stage} by {saved_world_size} processes, resumed at stage {stage} by"
+                  f" {world_size}")
+        raise ValueError(
+            f"Cannot resume this checkpoint's optimizer state ({change}): stage 0 keeps a plain, unpartitioned"
+            " optimizer state that DeepSpeed's universal checkpoint format cannot convert to or from stages 1-3."
+            f" Resume with ZeroStrategy(stage={saved_stage})"
+            f"{'' if saved_stage else ' (any number of processes works at stage 0)'}, or start a new run from its"
+            " weights: export them with `lightning-zero consolidate` and pass that file as ckpt_path."
+        )
+    return "universal"
+
+
+def _describe_change(meta: Mapping[str, Any], strategy: ZeroStrategy, saved: int, now: int) -> str:
+    parts = []
+    if meta["world_size"] != strategy.world_size:
+        parts.append(f"saved by {meta['world_size']} processes, this run has {strategy.world_size}")
+    if saved != now:
+        parts.append(f"saved at ZeRO stage {saved}, this run uses stage {now}")
+    return " and ".join(parts)
+
+
+def _ensure_universal(strategy: ZeroStrategy, folder: Path) -> None:
+    """Rank 0 converts ``folder/checkpoint`` into ``folder/checkpoint_universal`` unless that exists (the rename
+    makes it visible only when complete); every rank waits, and raises if the conversion failed."""
+    error = None
+    target = folder / UNIVERSAL_TAG
+    if strategy.is_global_zero and not target.is_dir():
+        try:
+            _convert_to_universal(folder)
+        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+            error = f"{type(err).__name__}: {err}"
+    error = strategy.broadcast(error)
+    strategy.barrier()
+    if error:
+        raise RuntimeError(f"Converting {str(folder / TAG)!r} to DeepSpeed's universal checkpoint format failed: {error}."
+                           " The folder must be writable (the conversion is cached there); copy the checkpoint to a"
+                           " writable place, or resume with the original number of processes and ZeRO stage.")
+
+
+def _convert_to_universal(folder: Path) -> None:
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    target = folder / UNIVERSAL_TAG
+    work = _sibling(target, PARTIAL_SUFFIX)
+    _remove_path(work)
+    args = argparse.Namespace(input_folder=str(folder / TAG), output_folder=str(work), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    started = time.monotonic()
+    with redirect_stdout(io.StringIO()) as printed:
+        ds_to_universal(args)
+    log.debug("ds_to_universal output:\n%s", printed.getvalue())
+    _serve_every_stage(work)
+    os.replace(work, target)
+    (folder / "latest_universal").write_text(UNIVERSAL_TAG)
+    rank_zero_info(f"Converted {str(folder / TAG)!r} to the universal format in {time.monotonic() - started:.1f} s.")
+
+
+def _serve_every_stage(folder: Path) -> None:
+    """Make one universal conversion loadable at any stage 1-3 (DeepSpeed 0.19 writes it for the saving stage only).
+
+    The loaders differ in four places: the model-states file name (``mp_rank_00_...`` at stages 1-2,
+    ``zero_pp_rank_0_mp_rank_00_...`` at stage 3), where the optimizer step lives (a ``step.pt`` per parameter at
+    stages 1-2; ``optimizer_state_dict.state[0].step`` at stage 3), the tensor files (shaped, in a dict, at stages 1-2;
+    the stage-3 converter writes flat tensors) and ``ds_version`` (required at stages 1-2).
+    """
+    import deepspeed
+    from deepspeed.checkpoint.constants import CAT_DIM, DS_VERSION, OPTIMIZER_STATE_DICT, PARAM, PARAM_GROUPS
+
+    names = [folder / "mp_rank_00_model_states.pt", folder / "zero_pp_rank_0_mp_rank_00_model_states.pt"]
+    source = next(f for f in names if f.is_file())
+    for name in names:
+        if not name.exists():
+            os.link(source, name)
+    zero = folder / "zero"
+    state_file = zero / "optimizer_state.pt"
+    state = torch.load(state_file, map_location="cpu", weights_only=False)  # DeepSpeed's file, just written
+    params = [d for d in zero.iterdir() if d.is_dir()]
+    if OPTIMIZER_STATE_DICT not in state:  # converted from stage 1-2
+        steps = [torch.load(d / "step.pt", weights_only=True) for d in params if (d / "step.pt").is_file()]
+        inner: dict[str, Any] = {"state": {0: {"step": steps[0]}} if steps else {}, "param_groups": state[PARAM_GROUPS]}
+        state[OPTIMIZER_STATE_DICT] = inner
+    else:  # converted from stage 3: flat tensors, which the stage 1-2 loader wants as {"param": shaped, "cat_dim": 0}
+        shapes: dict[str, Any] = {}
+        for group in torch.load(names[1], map_location="cpu", weights_only=False)["param_shapes"]:
+            shapes.update(group)
+        step = state[OPTIMIZER_STATE_DICT].get("state", {}).get(0, {}).get("step")
+        for d in params:
+            for file in d.glob("*.pt"):
+                value = torch.load(file, map_location="cpu", weights_only=False)
+                if isinstance(value, torch.Tensor) and file.stem != "step":
+                    torch.save({PARAM: value.view(shapes[d.name]), CAT_DIM: 0}, file)
+            if step is not None and not (d / "step.pt").exists():
+                torch.save(step, d / "step.pt")
+    state.setdefault(DS_VERSION, deepspeed.__version__)
+    torch.save(state, state_file)
+
+
+def engine_weights(folder: Path, info: Mapping[str, Any]) -> dict[str, Any]:
+    """One engine's full fp32 weights with engine-local keys, rebuilt from its shards by DeepSpeed's zero_to_fp32.
+
+    Values are tensors, or DeepSpeed's lazy tensors at stage 3: call ``.contiguous()`` on each to get the tensor
+    (memory then grows one tensor at a time). Tied parameters share one value object.
+    """
+    if info["kind"] == "weights":
+        return torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True, mmap=True)
+    shards = folder / TAG
+    if any(shards.glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with redirect_stdout(io.StringIO()):
+            return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=TAG, lazy_mode=True)
+    # Stage 0 in fp32: the module's weights are the master weights. Trusted pickle (DeepSpeed's own file).
+    state = torch.load(shards / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return dict(state["module"])
+
+
+def _check_model(strategy: ZeroStrategy, meta: Mapping[str, Any], path: str) -> None:
+    """The checkpoint must hold this model: same keys and shapes (listed when not), then the same engines."""
     assert strategy.lightning_module is not None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state_dict = state.get("state_dict", state)
-    load_full_state_dict(strategy.lightning_module, state_dict, strict=strategy.lightning_module.strict_loading)
-    return {k: v for k, v in state.items() if k not in ("state_dict", "optimizer_states")} if "state_dict" in state \
-        else {}
+    saved = {k: v for info in meta["engines"].values() for k, v in info["keys"].items()}
+    current = {}
+    for slot in strategy.engines:
+        current.update(_state_keys(slot.module, _module_prefixes(strategy.lightning_module, slot.module)))
+    if strategy.lightning_module.strict_loading:
+        missing = sorted(set(current) - set(saved))
+        unexpected = sorted(set(saved) - set(current))
+        shapes = [f"{k} (checkpoint {saved[k][0]}, model {current[k][0]})" for k in current
+                  if k in saved and list(saved[k][0]) != list(current[k][0])]
+        if missing or unexpected or shapes:
+            parts = [_key_report(missing, unexpected)] if missing or unexpected else []
+            if shapes:
+                parts.append(f"{len(shapes)} shape mismatch(es): {', '.join(shapes[:5])}{' ...' if len(shapes) > 5 else ''}.")
+            raise ValueError(f"{path!r} is a checkpoint of another model. " + " ".join(parts)
+                             + " Pass a checkpoint written by this model.")
+    names = {slot.name for slot in strategy.engines}
+    if set(meta["engines"]) != names:
+        raise ValueError(
+            f"{path!r} holds engines {sorted(meta['engines'])} (one per optimizer) but this model has {sorted(names)}:"
+            " `configure_optimizers` changed. Resume with the same optimizers, or start from the checkpoint's weights:"
+            " export them with `lightning-zero consolidate` and pass that file as ckpt_path."
+        )
 
 
-def remove(path: Any) -> None:
-    """Remove a checkpoint folder (used by ModelCheckpoint for top-k rotation)."""
-    p = Path(path)
-    if p.is_dir():
-        shutil.rmtree(p)
-    elif p.exists():
-        p.unlink()
+def _report_interrupted_saves(root: Path) -> None:
+    stale = sorted(p.name for p in root.parent.glob(f"*{PARTIAL_SUFFIX}") if p.is_dir())
+    if stale:
+        rank_zero_warn(f"Skipped {len(stale)} half-written checkpoint(s) beside {root.name!r} (interrupted saves,"
+                       f" never loaded): {', '.join(stale)}. Loading {str(root)!r}.")
+
+
+def _load_lightning_state(file: Path, weights_only: bool | None) -> dict[str, Any]:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=weights_only is not False)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{str(file)!r} holds objects that `weights_only=True` loading refuses ({str(err).splitlines()[0]}). It is"
+            " Lightning's loop and callback state; if you trust this checkpoint, pass"
+            " `trainer.fit(..., weights_only=False)`."
+        ) from None
+
+
+def _load_weights_file(strategy: ZeroStrategy, path: str, fitting: bool, weights_only: bool | None) -> dict[str, Any]:
+    """A plain weights file (a DDP/single-device ``.ckpt``, a consolidated export, torch or safetensors weights):
+    load the weights only. Training starts fresh: step 0, new optimizer state, schedulers and loops."""
+    import lightning.pytorch as pl
+
+    module = strategy.lightning_module
+    assert module is not None
+    source: Any = path
+    if weights_only is False and not Path(path).is_dir() and not path.endswith(".safetensors"):
+        source = torch.load(path, map_location="cpu", weights_only=False)  # the user trusts this file
+    load_full_state_dict(module, source, strict=module.strict_loading)
+    if fitting:
+        rank_zero_warn(f"{path!r} is a plain weights file: ZeroStrategy loaded its weights only. Training starts at step"
+                       " 0 with a new optimizer state (DeepSpeed cannot adopt another strategy's optimizer state).")
+    # Lightning restores whatever the returned dict holds: nothing here but the version it requires.
+    return {"pytorch-lightning_version": pl.__version__, "optimizer_states": [], "lr_schedulers": []}

@@ -572,18 +572,28 @@ class ZeroStrategy(ParallelStrategy):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Write a sharded checkpoint folder at ``filepath`` (collective: every rank writes its shards)."""
         if storage_options is not None:
             raise TypeError("ZeroStrategy writes sharded checkpoint folders itself; `storage_options` is not"
                             " supported. Remove it from `trainer.save_checkpoint(...)`.")
+        if not len(self.engines):
+            raise RuntimeError(
+                f"trainer.save_checkpoint({str(filepath)!r}) found no DeepSpeed engine in this process. With"
+                f" ZeroStrategy(start_method={self._start_method!r}) the engines live in the worker processes during"
+                " `trainer.fit` only: save during fit (ModelCheckpoint, or `trainer.save_checkpoint` in a callback such"
+                " as `on_train_end`), or launch with start_method='popen' (the default) or torchrun."
+            )
         filepath = self.broadcast(str(filepath))
         ckpt.save(self, checkpoint, filepath)
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load a checkpoint folder into the engines (any number of processes, see checkpoint.py), or a plain weights
+        file (weights only: fine-tuning starts at step 0)."""
         checkpoint_path = self.broadcast(str(checkpoint_path))
         assert self.lightning_module is not None
         fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
-        return ckpt.load(self, checkpoint_path, load_optimizer_states=fitting)
+        return ckpt.load(self, checkpoint_path, fitting=fitting, weights_only=weights_only)
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
@@ -591,7 +601,29 @@ class ZeroStrategy(ParallelStrategy):
         pass
 
     @override
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """What ``lightning.pt`` keeps of an optimizer: its hyperparameters (lr, betas, ... as schedulers set them).
+        Its state (Adam's moments, partitioned) is in the engine's shards."""
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # unwrap LightningOptimizer
+        return {"state": {}, "param_groups": optimizer.state_dict()["param_groups"]}
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        saved = checkpoint["optimizer_states"]
+        if saved and len(saved) != len(self.optimizers):
+            raise ValueError(f"The checkpoint holds {len(saved)} optimizer(s) but `configure_optimizers` returned"
+                             f" {len(self.optimizers)}. Resume with the optimizers the checkpoint was written with.")
+        for optimizer, state in zip(self.optimizers, saved):
+            groups = state["param_groups"]
+            if len(groups) != len(optimizer.param_groups):
+                raise ValueError(f"The checkpoint's {type(optimizer).__name__} has {len(groups)} parameter group(s),"
+                                 f" this one {len(optimizer.param_groups)}. Resume with the same parameter groups.")
+            for group, saved_group in zip(optimizer.param_groups, groups):
+                group.update({k: v for k, v in saved_group.items() if k != "params"})
+
+    @override
     def remove_checkpoint(self, filepath: Any) -> None:
+        # ModelCheckpoint calls this only after the checkpoint that replaces `filepath` is committed (see checkpoint.py).
         if self.is_global_zero:
             ckpt.remove(filepath)
 

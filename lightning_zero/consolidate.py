@@ -1,0 +1,293 @@
+"""Export a sharded ZeroStrategy checkpoint as one Lightning ``.ckpt`` or as safetensors weights.
+
+    from lightning_zero import consolidate_checkpoint
+    consolidate_checkpoint("ckpts/last.ckpt", "model.ckpt")                       # LightningModule.load_from_checkpoint
+    consolidate_checkpoint("ckpts/last.ckpt", "export/", format="safetensors", dtype="bf16", max_shard_size="2GB")
+
+or ``lightning-zero consolidate ckpts/last.ckpt model.ckpt [--format safetensors] [--dtype bf16]``.
+
+Each engine's full fp32 weights are rebuilt from its shards by DeepSpeed's ``zero_to_fp32`` (its lazy mode at stage 3:
+one tensor materialised at a time), renamed to the LightningModule's keys, and written. Neither output needs DeepSpeed
+to load. The safetensors export holds one shard in memory at a time; the ``.ckpt`` holds the whole state dict (one
+``torch.save``). Reading the checkpoint unpickles DeepSpeed's shards: consolidate only checkpoints you trust.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from lightning_zero import checkpoint as ckpt
+
+__all__ = ["add_parser", "consolidate_checkpoint", "consolidated_state_dict"]
+
+log = logging.getLogger(__name__)
+
+Format = Literal["ckpt", "safetensors"]
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30, "TIB": 2**40}
+# What a consolidated .ckpt keeps of Lightning's state besides the weights (load_from_checkpoint needs these).
+_LIGHTNING_KEYS = ("epoch", "global_step", "pytorch-lightning_version", "hyper_parameters", "hparams_name",
+                   "hparams_type", "datamodule_hyper_parameters", "datamodule_hparams_name", "datamodule_hparams_type")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def consolidate_checkpoint(checkpoint_dir: str | Path, out: str | Path, *, format: Format | None = None,
+                           dtype: str | torch.dtype | None = None, max_shard_size: int | str = "5GB",
+                           allow_missing: bool = False, progress: bool = True) -> list[Path]:
+    """Turn a sharded checkpoint folder into a Lightning ``.ckpt`` file or safetensors weights.
+
+    Args:
+        checkpoint_dir: a checkpoint folder written by ``trainer.save_checkpoint`` / ``ModelCheckpoint``.
+        out: the ``.ckpt`` file to write, or the folder for the safetensors files.
+        format: ``"ckpt"`` (loads with ``LightningModule.load_from_checkpoint``) or ``"safetensors"`` (one
+            ``model.safetensors``, or ``model-00001-of-0000N.safetensors`` shards plus ``model.safetensors.index.json``
+            like Hugging Face's). Default: ``"ckpt"`` when ``out`` ends in ``.ckpt``/``.pt``/``.pth``, else safetensors.
+        dtype: floating-point dtype of the output: ``None``/``"fp32"`` (DeepSpeed's fp32 master weights), ``"bf16"``,
+            ``"fp16"``. Integer buffers keep their dtype.
+        max_shard_size: safetensors only: the largest shard, in bytes or as ``"5GB"``, ``"500MB"``, ``"2GiB"``.
+        allow_missing: write what the checkpoint holds even when weights the model needs are absent (frozen
+            parameters left out with ``exclude_frozen_parameters=True``, e.g. the base of a LoRA model).
+        progress: show a progress bar (tqdm, on stderr).
+
+    Returns the files written. Raises ``ValueError`` for a bad argument, a path that is not a checkpoint folder, or
+    missing weights.
+    """
+    target = Path(out)
+    fmt = _resolve_format(format, target)
+    out_dtype = _resolve_dtype(dtype)
+    shard_bytes = _parse_size(max_shard_size)
+    meta = _read_checkpoint(checkpoint_dir)
+    keys = _expected_keys(meta, Path(checkpoint_dir), allow_missing)
+    tensors = _iter_tensors(Path(checkpoint_dir), meta, keys, out_dtype, progress)
+    if fmt == "ckpt":
+        return [_write_ckpt(Path(checkpoint_dir), target, dict(tensors))]
+    return _write_safetensors(target, tensors, _plan_shards(keys, out_dtype, shard_bytes))
+
+
+def consolidated_state_dict(checkpoint_dir: str | Path, dtype: str | torch.dtype | None = None,
+                            allow_missing: bool = False, progress: bool = False) -> dict[str, torch.Tensor]:
+    """The full state dict of a sharded checkpoint, with the LightningModule's keys (tied weights share a tensor)."""
+    meta = _read_checkpoint(checkpoint_dir)
+    keys = _expected_keys(meta, Path(checkpoint_dir), allow_missing)
+    return dict(_iter_tensors(Path(checkpoint_dir), meta, keys, _resolve_dtype(dtype), progress))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _resolve_format(format: str | None, out: Path) -> Format:
+    if format is None:
+        return "ckpt" if out.suffix in (".ckpt", ".pt", ".pth") else "safetensors"
+    if format not in ("ckpt", "safetensors"):
+        raise ValueError(f"format={format!r} is not supported. Use 'ckpt' or 'safetensors'.")
+    if format == "safetensors" and out.suffix == ".safetensors":
+        raise ValueError(f"format='safetensors' writes a folder (one or more .safetensors files and an index); got"
+                         f" the file name {str(out)!r}. Pass a folder, e.g. {str(out.with_suffix(''))!r}.")
+    return format  # type: ignore[return-value]
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower().replace("torch.", "") in _DTYPES:
+        return _DTYPES[dtype.lower().replace("torch.", "")]
+    raise ValueError(f"dtype={dtype!r} is not supported. Use one of {sorted(set(_DTYPES) - {'half'})} (or None for"
+                     " fp32).")
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
+    if match and match.group(2).upper() in _UNITS and float(match.group(1)) > 0:
+        return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    raise ValueError(f"max_shard_size={size!r} is not a size. Use a number of bytes or e.g. '5GB', '500MB', '2GiB'.")
+
+
+def _read_checkpoint(checkpoint_dir: str | Path) -> dict[str, Any]:
+    meta = ckpt.validate_path(str(checkpoint_dir))
+    if not meta:
+        raise ValueError(f"{str(checkpoint_dir)!r} is already a single weights file (or a folder of safetensors), not"
+                         " a sharded ZeroStrategy checkpoint folder: there is nothing to consolidate.")
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading: engine shards -> LightningModule keys
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _expected_keys(meta: Mapping[str, Any], root: Path, allow_missing: bool) -> dict[str, list[Any]]:
+    """LightningModule key -> [shape, dtype] of every weight the checkpoint holds; missing ones are an error."""
+    available: dict[str, list[Any]] = {}
+    missing: list[str] = []
+    for info in meta["engines"].values():
+        excluded = set(info["excluded"])
+        for key, spec in info["keys"].items():
+            if key in excluded:
+                missing.append(key)
+            else:
+                available[key] = spec
+    if missing and not allow_missing:
+        raise ValueError(
+            f"{str(root)!r} does not hold {len(missing)} weight(s) the model needs: {', '.join(missing[:6])}"
+            f"{' ...' if len(missing) > 6 else ''}. They are frozen parameters the checkpoint left out"
+            " (ZeroStrategy(exclude_frozen_parameters=True)); the model rebuilds them from its own code. Pass"
+            " allow_missing=True (--allow-missing) to export the weights it holds, e.g. a LoRA adapter."
+        )
+    return available
+
+
+def _iter_tensors(root: Path, meta: Mapping[str, Any], keys: Mapping[str, Any], dtype: torch.dtype,
+                  progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """(LightningModule key, tensor) in the order of ``keys``; tied keys yield the same tensor object."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(keys), desc="Consolidating", unit="tensor", disable=not progress, file=sys.stderr) as bar:
+        for name, info in meta["engines"].items():
+            wanted = [k for k in info["keys"] if k in keys]
+            if not wanted:
+                continue
+            # zero_to_fp32 maps the engine's shards (memory-mapped; lazy tensors at stage 3)
+            state = {ckpt.model_key(k, info["modules"]): v for k, v in ckpt.engine_weights(root / name, info).items()}
+            absent = [k for k in wanted if k not in state]
+            if absent:
+                raise ValueError(f"Engine {name!r} of {str(root)!r} lacks {len(absent)} weight(s) its metadata lists:"
+                                 f" {', '.join(absent[:6])}. The checkpoint is damaged; use another one.")
+            done: dict[int, torch.Tensor] = {}  # id(value) -> tensor: tied parameters stay one tensor
+            for key in wanted:
+                value = state[key]
+                if id(value) not in done:
+                    tensor = value.contiguous()
+                    done[id(value)] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                yield key, done[id(value)]
+                bar.update(1)
+            del state, done
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _write_ckpt(root: Path, out: Path, state_dict: dict[str, torch.Tensor]) -> Path:
+    # Lightning's hyperparameters and version, so `load_from_checkpoint` rebuilds the module. lightning.pt is a pickle
+    # the checkpoint's author wrote, read with weights_only=False like the DeepSpeed shards above.
+    lightning_state = torch.load(root / ckpt.LIGHTNING_STATE, map_location="cpu", weights_only=False)
+    out_state = {k: lightning_state[k] for k in _LIGHTNING_KEYS if k in lightning_state}
+    out_state["state_dict"] = state_dict
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ckpt.PARTIAL_SUFFIX)
+    torch.save(out_state, partial)
+    partial.replace(out)
+    return out
+
+
+def _plan_shards(keys: Mapping[str, list[Any]], dtype: torch.dtype, max_bytes: int) -> list[list[str]]:
+    """Greedy split in the model's order; a tensor larger than ``max_bytes`` gets a shard of its own."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, (shape, stored) in keys.items():
+        stored_dtype = getattr(torch, stored)
+        itemsize = (dtype if stored_dtype.is_floating_point else stored_dtype).itemsize
+        nbytes = itemsize * int(torch.Size(shape).numel())
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    return shards
+
+
+def _write_safetensors(folder: Path, tensors: Iterator[tuple[str, torch.Tensor]], plan: list[list[str]]
+                       ) -> list[Path]:
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise ImportError("format='safetensors' needs the safetensors package: `pip install safetensors`.") from None
+    folder.mkdir(parents=True, exist_ok=True)
+    names = (["model.safetensors"] if len(plan) == 1 else
+             [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
+    shard_of = {key: i for i, keys in enumerate(plan) for key in keys}
+    written: list[Path] = []
+    weight_map: dict[str, str] = {}
+    current: dict[str, torch.Tensor] = {}
+    total = 0
+    index = 0
+
+    def flush() -> None:
+        # safetensors refuses tensors that share memory: a tied weight is stored once per key (a copy).
+        seen: set[int] = set()
+        shard = {}
+        for k, t in current.items():
+            shard[k] = t.clone() if t.data_ptr() in seen else t
+            seen.add(t.data_ptr())
+        path = folder / names[index]
+        save_file(shard, str(path), metadata={"format": "pt"})
+        written.append(path)
+        current.clear()
+
+    for key, tensor in tensors:
+        if shard_of[key] != index:
+            flush()
+            index = shard_of[key]
+        current[key] = tensor
+        weight_map[key] = names[index]
+        total += tensor.numel() * tensor.element_size()
+    flush()
+    if len(plan) > 1:
+        index_file = folder / SAFETENSORS_INDEX
+        index_file.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        written.append(index_file)
+    return written
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Console command: lightning-zero consolidate CKPT_DIR OUT
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "consolidate", help="turn a sharded checkpoint folder into one .ckpt or safetensors weights",
+        description="Rebuild the full weights of a sharded ZeroStrategy checkpoint folder (no GPU needed) and write"
+                    " them as a Lightning .ckpt (LightningModule.load_from_checkpoint) or as safetensors files.")
+    parser.add_argument("checkpoint_dir", metavar="CKPT_DIR", help="a checkpoint folder (e.g. checkpoints/last.ckpt)")
+    parser.add_argument("out", metavar="OUT", help="the .ckpt file, or the folder for the safetensors files")
+    parser.add_argument("--format", choices=("ckpt", "safetensors"), default=None,
+                        help="default: ckpt when OUT ends in .ckpt/.pt/.pth, else safetensors")
+    parser.add_argument("--dtype", default=None, help="fp32 (default), bf16 or fp16")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="export even when frozen weights were left out of the checkpoint")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_run)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        written = consolidate_checkpoint(args.checkpoint_dir, args.out, format=args.format, dtype=args.dtype,
+                                         max_shard_size=args.max_shard_size, allow_missing=args.allow_missing,
+                                         progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"lightning-zero consolidate: error: {err}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
