@@ -14,6 +14,7 @@ import copy
 import inspect
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,6 +180,20 @@ class EngineSlot:
     face: Optimizer | None = None  # what Lightning sees (the user's optimizer); None for frozen models
     config_clip: float = 0.0
     params: set[int] = field(default_factory=set)
+    pending: bool = False  # a backward reached this engine since its last step
+
+    def check_discard(self) -> None:
+        """``zero_grad()`` before ``step()``: plain PyTorch drops the gradients; DeepSpeed may already hold them."""
+        if not self.pending or self.engine.optimizer is self.basic_optimizer:  # stage 0, fp32: gradients in p.grad
+            return
+        raise RuntimeError(
+            f"`zero_grad()` was called on {type(self.face).__name__} (the optimizer of {self.name!r}) after a backward"
+            f" reached {self.name!r} and before its `step()`. DeepSpeed has already reduced those gradients into its"
+            " own buffers, so they cannot be discarded. If that loss should not train"
+            f" {self.name!r}, call `self.toggle_optimizer(opt)` for the optimizer that steps before computing the loss"
+            " (and `self.untoggle_optimizer(opt)` after its step), or `.detach()` the output that feeds"
+            f" {self.name!r}."
+        )
 
     def sync_hyperparameters(self) -> None:
         """Copy lr/betas/... the user's schedulers set on the face to the optimizer DeepSpeed steps."""
@@ -232,6 +247,50 @@ def _engine_backward(engine: Any, loss: Tensor, *args: Any, **kwargs: Any) -> No
     engine.backward(loss, *args, scale_wrt_gas=False, **kwargs)
 
 
+@contextmanager
+def _backward_reaches_only(params: list[Tensor]) -> Iterator[None]:
+    """Inside, ``tensor.backward()`` accumulates into ``params`` only (as with ``inputs=params``).
+
+    ``DeepSpeedEngine.backward`` calls ``loss.backward(retain_graph=...)`` without ``inputs``. A backward that also
+    reached another engine's parameters would fire that engine's ZeRO gradient hooks outside its own backward (its
+    reduction and epilogue then run half-prepared). With ``inputs`` autograd does not run the other parameters'
+    accumulation nodes at all, so their hooks stay silent; ``requires_grad_(False)`` after the forward would not do:
+    the gradient is dropped but the post-accumulate hook still fires.
+    """
+    original = torch.Tensor.backward
+
+    def backward(self: Tensor, gradient: Tensor | None = None, retain_graph: bool | None = None,
+                 create_graph: bool = False, inputs: Any = None) -> None:
+        original(self, gradient, retain_graph, create_graph, inputs=params if inputs is None else inputs)
+
+    torch.Tensor.backward = backward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.backward = original  # type: ignore[method-assign]
+
+
+class _Zero3BackwardCounters:
+    """ZeRO-3's per-module backward bookkeeping, so that several backward passes can run over one graph.
+
+    ZeRO-3 gathers a module's parameters before its backward only while ``applied_pre_backward_ref_cnt`` (one per
+    forward) is positive, and releases them when ``ds_grads_remaining`` (one per input needing a gradient) reaches 0;
+    both count down during a backward. Each pass starts from the counts the forward left; at the end every module
+    keeps the counts of a pass that went through it (the lowest), as after one ordinary backward.
+    """
+
+    _NAMES = ("applied_pre_backward_ref_cnt", "ds_grads_remaining")
+
+    def __init__(self, modules: Iterator[nn.Module]) -> None:
+        self.saved = [(m, name, m.__dict__[name]) for m in modules for name in self._NAMES if name in m.__dict__]
+        self.lowest = [value for _, _, value in self.saved]
+
+    def after_pass(self, last: bool) -> None:
+        for i, (module, name, value) in enumerate(self.saved):
+            self.lowest[i] = min(self.lowest[i], getattr(module, name))
+            setattr(module, name, self.lowest[i] if last else value)
+
+
 class EngineRegistry:
     """The engines of one LightningModule, by name and by the optimizer Lightning sees."""
 
@@ -264,25 +323,43 @@ class EngineRegistry:
         return slot
 
     def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
-        """Backward through the engine whose parameters ``loss`` reaches."""
+        """Backward through every engine whose parameters ``loss`` reaches (``manual_backward``, the closure)."""
         trained = self.trained
         if len(trained) == 1:
+            trained[0].pending = True
             _engine_backward(trained[0].engine, loss, *args, **kwargs)
             return
         reached = {id(p) for p in _accumulate_grad_params(loss)}
         hit = [s for s in trained if s.params & reached]
+        if not hit:
+            raise RuntimeError("The loss passed to backward does not depend on any trainable parameter.")
+        for slot in hit:
+            slot.pending = True
         if len(hit) == 1:
             _engine_backward(hit[0].engine, loss, *args, **kwargs)
             return
-        if not hit:
-            raise RuntimeError("The loss passed to backward does not depend on any trainable parameter.")
-        names = ", ".join(f"{s.name!r} ({type(s.face).__name__})" for s in hit)
-        raise RuntimeError(
-            f"This loss reaches the parameters of {len(hit)} optimizers: {names}. Each optimizer has its own DeepSpeed"
-            " engine, so one backward must feed one optimizer. Call `self.toggle_optimizer(opt)` before computing the"
-            " loss for `opt` (and `self.untoggle_optimizer(opt)` after its step), or `.detach()` the output of the"
-            " model that should not receive gradients."
-        )
+        # One loss, several engines: one backward per engine over the same graph, each reaching only its own
+        # parameters, so each engine's ZeRO hooks see exactly the gradients it reduces.
+        retain_graph = kwargs.pop("retain_graph", False)
+        counters = _Zero3BackwardCounters(m for s in self.slots.values() for m in s.module.modules())
+        for i, slot in enumerate(hit):
+            last = i == len(hit) - 1
+            own = [p for p in slot.module.parameters() if id(p) in reached and p.requires_grad]
+            with _backward_reaches_only(own):
+                _engine_backward(slot.engine, loss, *args, retain_graph=retain_graph or not last, **kwargs)
+            counters.after_pass(last)
+
+    def guard_zero_grad(self, lightning_optimizer: Any) -> None:
+        """Make ``opt.zero_grad()`` (the ``LightningOptimizer`` of ``self.optimizers()``) refuse to drop gradients
+        that DeepSpeed already took in (see ``EngineSlot.check_discard``)."""
+        slot = self.for_optimizer(lightning_optimizer)
+        original = lightning_optimizer.zero_grad
+
+        def zero_grad(*args: Any, **kwargs: Any) -> None:
+            slot.check_discard()
+            original(*args, **kwargs)
+
+        lightning_optimizer.zero_grad = zero_grad
 
     def step(self, optimizer: Any) -> None:
         slot = self.for_optimizer(optimizer)
@@ -291,6 +368,7 @@ class EngineRegistry:
             slot.engine.step()
         finally:
             slot.set_clip(slot.config_clip)  # a clip set by clip_gradients() lasts for one step
+        slot.pending = False
         # The face's own step() never runs; tell its schedulers it stepped (torch warns "lr_scheduler.step() before
         # optimizer.step()" otherwise).
         slot.face._opt_called = True  # type: ignore[union-attr]

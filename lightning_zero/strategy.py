@@ -475,6 +475,8 @@ class ZeroStrategy(ParallelStrategy):
             face = None if assignment.optimizer_index is None else optimizers[assignment.optimizer_index]
             self._add_slot(assignment.name, module, face)
         self.optimizers, self.lr_scheduler_configs = optimizers, schedulers
+        for lightning_optimizer in self._lightning_optimizers:
+            self.engines.guard_zero_grad(lightning_optimizer)
 
     def _add_slot(self, name: str, module: Module, face: torch.optim.Optimizer | None, trainable: bool = False
                   ) -> EngineSlot:

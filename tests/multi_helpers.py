@@ -255,3 +255,117 @@ def _clip_and_step(net: nn.Module, opt: torch.optim.Optimizer, clip: float | Non
         clipped[name] += int(norm > clip)
     opt.step()
     opt.zero_grad()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One loss, two engines that both step: an autoencoder whose encoder and decoder have their own optimizers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def make_autoencoder(seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(seed)
+    encoder = nn.Sequential(nn.Linear(FEATURES, 16), nn.Tanh(), nn.Linear(16, 3))
+    decoder = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, FEATURES))
+    return encoder, decoder
+
+
+def autoencoder_optimizers(encoder: nn.Module, decoder: nn.Module) -> list[torch.optim.Optimizer]:
+    return [torch.optim.Adam(encoder.parameters(), lr=1e-2), torch.optim.AdamW(decoder.parameters(), lr=3e-2)]
+
+
+class SharedLoss(L.LightningModule):
+    """One reconstruction loss reaches both engines; ``manual_backward`` once, then both optimizers step."""
+
+    def __init__(self, batch_size: int = 4, n: int = 64, accumulate: int = 1) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.batch_size, self.n, self.accumulate = batch_size, n, accumulate
+
+    def configure_model(self) -> None:
+        self.encoder, self.decoder = make_autoencoder()
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, _ = batch
+        loss = nn.functional.mse_loss(self.decoder(self.encoder(x)), x) / self.accumulate
+        self.manual_backward(loss)
+        if (batch_idx + 1) % self.accumulate == 0:
+            for opt in self.optimizers():
+                opt.step()
+                opt.zero_grad()
+
+    def configure_optimizers(self) -> Any:
+        return autoencoder_optimizers(self.encoder, self.decoder)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(ClassifyDataset(self.n), batch_size=self.batch_size)
+
+
+def reference_shared_loss(world_size: int, steps: int, accumulate: int = 1, batch_size: int = 4, n: int = 64
+                          ) -> dict[str, torch.Tensor]:
+    encoder, decoder = make_autoencoder()
+    opts = autoencoder_optimizers(encoder, decoder)
+    batches = _global_batches(ClassifyDataset(n), world_size, batch_size)
+    for _ in range(steps):
+        for _ in range(accumulate):
+            x, _ = next(batches)
+            (nn.functional.mse_loss(decoder(encoder(x)), x) / accumulate).backward()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+    state = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    state.update({f"decoder.{k}": v for k, v in decoder.state_dict().items()})
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GANs that do not toggle: the generator's loss also reaches the discriminator's engine
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def reference_untoggled_gan(world_size: int, steps: int, batch_size: int = 4, n: int = 64) -> dict[str, torch.Tensor]:
+    """helpers.GAN(toggle=False) in plain PyTorch: the generator's loss leaves gradients in the discriminator, which
+    its next step includes (its zero_grad() comes after its step)."""
+    from helpers import gan_optimizers
+
+    g, d = make_gan()
+    (opt_g, opt_d), (sched_g, sched_d) = gan_optimizers(g, d)
+    batches = _global_batches(GanDataset(n), world_size, batch_size)
+    for _ in range(steps):
+        real, z = next(batches)
+        for opt, sched, which in ((opt_d, sched_d, "d"), (opt_g, sched_g, "g")):
+            gan_losses(g, d, real, z, which).backward()
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+    state = {f"generator.{k}": v for k, v in g.state_dict().items()}
+    state.update({f"discriminator.{k}": v for k, v in d.state_dict().items()})
+    return state
+
+
+class ZeroGradFirstGAN(L.LightningModule):
+    """The PyTorch DCGAN tutorial's order without toggling: ``opt.zero_grad()`` before each backward, meant to drop the
+    discriminator gradients the generator's loss left behind."""
+
+    def __init__(self, batch_size: int = 4, n: int = 64) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.batch_size, self.n = batch_size, n
+
+    def configure_model(self) -> None:
+        self.generator, self.discriminator = make_gan()
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        real, z = batch
+        opt_g, opt_d = self.optimizers()
+        for opt, which in ((opt_d, "d"), (opt_g, "g")):
+            opt.zero_grad()
+            self.manual_backward(gan_losses(self.generator, self.discriminator, real, z, which))
+            opt.step()
+
+    def configure_optimizers(self) -> Any:
+        from helpers import gan_optimizers
+
+        return gan_optimizers(self.generator, self.discriminator)[0]
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(GanDataset(self.n), batch_size=self.batch_size)

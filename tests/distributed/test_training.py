@@ -61,12 +61,6 @@ def test_gan_schedulers_and_learning_rate_monitor(tmp_path):
     assert "lr-Adam" in header and "lr-Adam-1" in header  # both optimizers, named like any Lightning run
 
 
-def test_untoggled_loss_into_two_engines_is_a_clear_error():
-    trainer = cpu_trainer(strategy=ZeroStrategy(stage=2, start_method="spawn"), max_steps=2)
-    with pytest.raises(Exception, match="reaches the parameters of 2 optimizers.*toggle_optimizer"):
-        trainer.fit(GAN(toggle=False))
-
-
 def test_conflicting_precision_fails_before_any_process_starts():
     strategy = ZeroStrategy(stage=2, config={"fp16": {"enabled": True}, "gradient_accumulation_steps": 4},
                             start_method="spawn")
