@@ -34,7 +34,42 @@ def test_half_precision_trains_on_gpu(precision, stage):
     assert last < 0.5 * first, losses
 
 
+def test_gan_fp16_has_a_loss_scaler_per_engine():
+    """Two engines, fp16 at stage 2: each engine scales its own loss with its own dynamic loss scaler."""
+    import math
+
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from helpers import GAN
+    from lightning_zero import ZeroStrategy
+
+    losses, scalers = [], {}
+
+    class Record(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append((float(trainer.callback_metrics["loss_d"]), float(trainer.callback_metrics["loss_g"])))
+
+        def on_train_end(self, trainer, pl_module):
+            for slot in trainer.strategy.engines:
+                assert slot.engine.fp16_enabled(), slot.name
+                scaler = slot.engine.optimizer.loss_scaler
+                scalers[slot.name] = (id(scaler), float(slot.engine.optimizer.loss_scale), slot.engine.skipped_steps,
+                                      slot.engine.global_steps)
+
+    trainer = L.Trainer(strategy=ZeroStrategy(stage=2), accelerator="gpu", devices=1, precision="16-mixed",
+                        max_steps=2 * 24, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        callbacks=[Record()])
+    trainer.fit(GAN(n=96))
+    print(f"GAN fp16 stage 2: {len(losses)} batches, last losses {losses[-1]}, engines {scalers}")
+    assert sorted(scalers) == ["discriminator", "generator"]
+    assert len({ident for ident, *_ in scalers.values()}) == 2  # one scaler object per engine
+    assert all(math.isfinite(scale) and scale > 0 and steps == 24 for _, scale, _, steps in scalers.values())
+    assert len(losses) == 24 and all(math.isfinite(d) and math.isfinite(g) for d, g in losses)
+
+
 if __name__ == "__main__":
     for args in [("16-mixed", 2), ("16-mixed", 3), ("bf16-mixed", 3)]:
         test_half_precision_trains_on_gpu(*args)
+    test_gan_fp16_has_a_loss_scaler_per_engine()
     print("GPU TESTS PASSED")
