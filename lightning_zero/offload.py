@@ -31,6 +31,7 @@ __all__ = [
     "configure_activation_checkpointing",
     "count_parameters",
     "nvme_swap_bytes",
+    "partition_for_nvme",
 ]
 
 # Bytes per parameter DeepSpeed swaps to NVMe. Optimizer (ZeRO-Infinity's optimizer swapper): the fp32 master weights,
@@ -148,6 +149,22 @@ def nvme_swap_bytes(config: Mapping[str, Any], num_params: int, ranks_on_node: i
         need[path] = need.get(path, 0) + per_node * (_OPTIMIZER_SWAP_BYTES if name == "offload_optimizer"
                                                      else weight_bytes)
     return need
+
+
+def partition_for_nvme(module: torch.nn.Module, config: Mapping[str, Any], device_type: str) -> None:
+    """Partition a model created outside ``zero.Init`` before its engine is built, when its parameters go to NVMe on
+    CPU. DeepSpeed 0.19's engine would convert it with ``Init(dtype=<model dtype>)``, which its CPU accelerator turns
+    into bfloat16 (``Init._set_dtype``), so the NVMe swapper mixes bfloat16 buffers into a float32 model ("self and mat2
+    must have the same dtype"). ``Init`` without a dtype takes it from the config, as in ``configure_model``."""
+    if device_type != "cpu" or offload_device(config, "offload_param") != "nvme":
+        return
+    from deepspeed.runtime.zero.partition_parameters import is_zero_param
+
+    if any(is_zero_param(p) for p in module.parameters()):
+        return  # created (partly) under zero.Init: DeepSpeed converts the rest with that Init's settings
+    import deepspeed
+
+    deepspeed.zero.Init(module=module, config_dict_or_path=dict(config), remote_device="nvme")
 
 
 def _size(n: float) -> str:

@@ -493,6 +493,8 @@ class ZeroStrategy(ParallelStrategy):
         offload.check_nvme(config, offload.count_parameters(self.lightning_module), self.num_processes,
                            self.world_size)
         offload.configure_activation_checkpointing(config)
+        if self.stage == 3:
+            offload.partition_for_nvme(module, config, self.root_device.type)
         # the optimizer DeepSpeed steps: a clone of the face, or DeepSpeedCPUAdam when the optimizer is offloaded
         optimizer = offload.build_stepped_optimizer(face, config) if face is not None else None
         engine = build_engine(module, config, optimizer, device_index, train=train)

@@ -82,6 +82,14 @@ class WideRegressor(Regressor):
             self.net = make_wide_net()
 
 
+class EagerWideRegressor(Regressor):
+    """Created in __init__: DeepSpeed partitions it when the engine is built (see offload.partition_for_nvme)."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=WIDE_LR)
+        self.net = make_wide_net()
+
+
 def wide_reference() -> dict[str, torch.Tensor]:
     net = make_wide_net()
     opt = torch.optim.AdamW(net.parameters(), lr=WIDE_LR, weight_decay=0.01)
@@ -111,14 +119,15 @@ class RecordSwapFiles(L.Callback):
 
 @pytest.mark.skipif(not _aio_buildable(), reason="NVMe offload needs DeepSpeed's async_io op, which needs the libaio"
                     " headers: install libaio-dev (`apt install libaio-dev`, as `make test` does when run as root)")
-def test_nvme_offload_of_parameters_and_optimizer_keeps_parity(tmp_path):
+@pytest.mark.parametrize("model", [WideRegressor, EagerWideRegressor], ids=["configure_model", "__init__"])
+def test_nvme_offload_of_parameters_and_optimizer_keeps_parity(tmp_path, model):
     nvme, listing, out = tmp_path / "nvme", tmp_path / "swapped.json", tmp_path / "weights.pt"
     nvme.mkdir()
     strategy = ZeroStrategy(stage=3, offload_optimizer="nvme", offload_parameters="nvme", nvme_path=str(nvme),
                             max_in_cpu=0, stage3_param_persistence_threshold=0, start_method="spawn")
     trainer = cpu_trainer(strategy=strategy, callbacks=[SaveFullWeights(str(out)), RecordSwapFiles(nvme, listing)],
                           max_steps=STEPS, accumulate_grad_batches=ACCUMULATE, gradient_clip_val=CLIP)
-    trainer.fit(WideRegressor())
+    trainer.fit(model())
     assert max_diff(torch.load(out), wide_reference()) <= 1e-5
     # DeepSpeed really went through the folder: parameter and optimizer swap files of both ranks
     folders = set(json.loads(listing.read_text()))
