@@ -123,7 +123,8 @@ def fit(tmp: Path, strategy: Any, model: L.LightningModule, steps: int, ckpt_pat
         callbacks: list | None = None, devices: int = 2, name: str = "weights") -> dict[str, torch.Tensor]:
     """Fit to ``steps`` and return the full weights at the end (written by rank 0)."""
     out = tmp / f"{name}.pt"
-    trainer = cpu_trainer(strategy=strategy, max_steps=steps, devices=devices, enable_checkpointing=bool(callbacks),
+    checkpointed = any(isinstance(c, ModelCheckpoint) for c in callbacks or [])
+    trainer = cpu_trainer(strategy=strategy, max_steps=steps, devices=devices, enable_checkpointing=checkpointed,
                           callbacks=[SaveFullWeights(str(out)), *(callbacks or [])])
     trainer.fit(model, ckpt_path=ckpt_path)
     return torch.load(out)
@@ -150,3 +151,15 @@ class WeightsAt(L.Callback):
 def read_events(log_file: Path) -> list[tuple[str, str, list[str]]]:
     rows = [line.rstrip("\n").split("\t") for line in log_file.read_text().splitlines()]
     return [(event, name, complete.split(",") if complete else []) for event, name, complete in rows]
+
+
+class WeightsAtStart(L.Callback):
+    """Writes the full weights (rank 0) to ``path`` when training starts, i.e. right after any checkpoint loaded."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = str(path)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        state = trainer.strategy.lightning_module_state_dict()  # collective at stage 3
+        if trainer.is_global_zero:
+            torch.save(state, self.path)
