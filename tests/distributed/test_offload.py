@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import IN, OUT, RandomDataset, Regressor, SaveFullWeights, _global_batches, cpu_trainer, max_diff, \
-    reference_weights
+from helpers import IN, OUT, RandomDataset, Regressor, SaveFullWeights, _global_batches, cpu_trainer, make_net, \
+    max_diff, reference_weights
 from lightning_zero import ZeroStrategy
 
 pytestmark = pytest.mark.distributed
@@ -168,3 +168,27 @@ def test_auto_stage_on_cpu_plans_from_configure_model_logs_and_trains(tmp_path, 
     assert len(lines) == 1, lines
     assert "no GPU, so the model states live in host memory whatever the stage and offloading gains nothing; chose" \
            " stage 2 (534,529 parameters" in lines[0]
+
+
+class SGDRegressor(Regressor):
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def test_other_optimizer_offloaded_as_is_when_the_config_allows_it(tmp_path, capfd):
+    config = {"zero_force_ds_cpu_optimizer": False}
+    got = fit_weights(tmp_path, ZeroStrategy(stage=2, offload_optimizer="cpu", config=config, start_method="spawn"),
+                      SGDRegressor())
+    net = make_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    batches = _global_batches(RandomDataset(64), world_size=2, batch_size=4)
+    for _ in range(STEPS):
+        for _ in range(ACCUMULATE):
+            x, y = next(batches)
+            (nn.functional.mse_loss(net(x), y) / ACCUMULATE).backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), CLIP)
+        opt.step()
+        opt.zero_grad()
+    assert max_diff(got, {f"net.{k}": v for k, v in net.state_dict().items()}) <= 1e-5
+    captured = capfd.readouterr()
+    assert "your SGD steps there as it is (\"zero_force_ds_cpu_optimizer\": false)" in captured.out + captured.err
