@@ -64,7 +64,7 @@ EXTRA_ROWS = ["cpu_smoke"]
 # Options the parent forwards unchanged to each child.
 FORWARDED = [
     "d_model", "n_layer", "n_head", "vocab", "seq_len", "micro_batch", "warmup", "steps", "seed", "lr",
-    "optimizer", "init_device", "zero_config", "profile",
+    "optimizer", "init_device", "zero_config", "profile", "compile",
 ]
 
 
@@ -294,6 +294,8 @@ def run_raw(args, spec) -> dict:
         "wall_clock_breakdown": False,
     }
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    if args.compile:
+        engine.compile()
 
     times, losses = [], []
     peak_before = None
@@ -366,6 +368,8 @@ def run_lightning(args, spec) -> dict:
             kw["offload_optimizer"] = "cpu"
         if args.zero_config:
             kw["config"] = json.loads(args.zero_config)
+        if args.compile:
+            kw["compile"] = True
         strategy = ZeroStrategy(**kw)
     else:
         strategy = "auto"
@@ -451,7 +455,10 @@ def run_lightning(args, spec) -> dict:
         use_distributed_sampler=False,
         callbacks=[timer],
     )
-    trainer.fit(module, train_dataloaders=loader)
+    # --compile: FSDP and the built-in strategy get the compiled LightningModule (Lightning refuses it for the built-in
+    # DeepSpeedStrategy, which then reports the error); ZeroStrategy compiles the GPT itself (compile=True above).
+    fit_module = torch.compile(module) if args.compile and family in ("fsdp", "builtin", "cpu_smoke") else module
+    trainer.fit(fit_module, train_dataloaders=loader)
     if len(timer.times) != total:
         raise RuntimeError(f"expected {total} timed optimizer steps, the callback saw {len(timer.times)}")
     if on_cpu:
@@ -625,6 +632,8 @@ def parent_main(args) -> int:
         "optimizer": args.optimizer,
         "init_device": args.init_device,
         "zero_config": args.zero_config,
+        "compile": args.compile,
+        "profile_steps": args.profile,
         "rows": rows,
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
     }
@@ -709,6 +718,9 @@ def main(argv=None) -> int:
     p.add_argument("--profile", type=int, default=0,
                    help="after the timed steps, profile K steps (kernel time by category, host syncs) and time K"
                         " more with synchronised phases (forward/backward/step); see probe.py")
+    p.add_argument("--compile", type=int, default=0, choices=[0, 1],
+                   help="1: torch.compile: fsdp/builtin rows compile the LightningModule, raw rows call"
+                        " engine.compile(), zero rows use ZeroStrategy(compile=True)")
     p.add_argument("--row-timeout", dest="row_timeout", type=float, default=900.0, help="seconds per row")
     p.add_argument("--verbose", action="store_true", help="echo every child's output")
     p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # child mode
