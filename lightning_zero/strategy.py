@@ -567,6 +567,10 @@ class ZeroStrategy(ParallelStrategy):
         assert self.lightning_module is not None
         if self.stage < 3:
             return self.lightning_module.state_dict()
+        if sys._getframe(1).f_code.co_name == "_get_lightning_module_state_dict":
+            # Lightning's dump_checkpoint: the weights go into the engines' shards and `state_dict` is dropped from
+            # the checkpoint; gathering the whole model onto rank 0 at every save would only risk running out of memory.
+            return {}
         return ckpt.gather_full_state_dict(self.lightning_module, rank_zero_only=True, is_rank_zero=self.is_global_zero)
 
     @property

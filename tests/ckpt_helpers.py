@@ -163,3 +163,34 @@ class WeightsAtStart(L.Callback):
         state = trainer.strategy.lightning_module_state_dict()  # collective at stage 3
         if trainer.is_global_zero:
             torch.save(state, self.path)
+
+
+class NoGatherOnSave(L.Callback):
+    """Fails the run if a save at stage 3 gathered the full weights into Lightning's checkpoint dict."""
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        assert checkpoint["state_dict"] == {}, "the full state dict was gathered for a sharded save"
+
+
+class PredictRegressor(ResumeRegressor):
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self(batch[0])
+
+    def predict_dataloader(self) -> Any:
+        from helpers import RandomDataset
+
+        return torch.utils.data.DataLoader(RandomDataset(8, seed=11), batch_size=4)
+
+
+class SavePredictions(L.Callback):
+    """Writes rank 0's predictions (concatenated) to ``path``."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path, self.outputs = str(path), []
+
+    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
+        self.outputs.append(outputs.detach().cpu())
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            torch.save(torch.cat(self.outputs), self.path)

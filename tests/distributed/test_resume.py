@@ -4,8 +4,11 @@ processes or another ZeRO stage through DeepSpeed's universal format, compared w
 from __future__ import annotations
 
 import pytest
+import torch
 
-from ckpt_helpers import FrozenGAN, ResumeRegressor, WeightsAt, bit_identical, checkpointing, fit
+from ckpt_helpers import (FrozenGAN, PredictRegressor, ResumeRegressor, SavePredictions, bit_identical,
+                          checkpointing, fit)
+from helpers import cpu_trainer
 from helpers import max_diff
 from lightning_zero import ZeroStrategy, consolidated_state_dict
 from lightning_zero.checkpoint import UNIVERSAL_TAG
@@ -90,3 +93,16 @@ def test_resume_at_another_zero_stage(tmp_path, saved, resumed_at, uninterrupted
     checkpoint, full = uninterrupted(saved)
     resumed = fit(tmp_path, zero(resumed_at), ResumeRegressor(), 4, ckpt_path=str(checkpoint))
     assert max_diff(resumed, full) <= TOLERANCE
+
+
+def test_predict_from_a_checkpoint_of_another_world_size(tmp_path, uninterrupted):
+    # no optimizer state needed: the full weights are rebuilt from the 2-process shards and loaded on 1 process
+    checkpoint, _ = uninterrupted(3)
+    trainer = cpu_trainer(strategy=zero(3), devices=1, callbacks=[SavePredictions(tmp_path / "pred.pt")])
+    trainer.predict(PredictRegressor(), ckpt_path=str(checkpoint), return_predictions=False)
+    predictions = torch.load(tmp_path / "pred.pt")
+    reference = PredictRegressor()
+    reference.load_state_dict(consolidated_state_dict(checkpoint))
+    with torch.no_grad():
+        expected = torch.cat([reference.predict_step(batch, i) for i, batch in enumerate(reference.predict_dataloader())])
+    assert torch.equal(predictions, expected)
