@@ -130,6 +130,7 @@ def test_init_module_partitions_at_creation_and_trains(tmp_path):
                          timeout=400)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert WARNING not in run.stderr
+    assert "cannot fully support" not in run.stderr  # Lightning's init_module warning for unsupported strategies
     total = sum(p.numel() for p in make_net().parameters())
     for rank in (0, 1):
         built = torch.load(tmp_path / f"init_{rank}.pt")
