@@ -109,9 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     tokens = torch.randint(0, cfg.vocab_size, (1, args.tokens + 1), generator=torch.Generator().manual_seed(0))
     loader = DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=1)
+    # (on CPU, --small, the same offload config runs too: DeepSpeed's CPU accelerator accepts it)
     offload = {} if args.no_offload else {"offload_parameters": "cpu", "remote_device": "cpu"}
-    if not cuda:
-        offload = {}  # DeepSpeed's CPU accelerator has nothing to offload from
     trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, strategy=ZeroStrategy(stage=3, **offload),
                         precision=args.precision, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
