@@ -16,6 +16,9 @@ What is measured (rank 0):
     stage-3 inference engine, no optimizer) and teardown, plus one forward on 1 x ``--tokens`` tokens with
     ``--forward``. Without ``--forward`` no batch runs (``limit_predict_batches=0``).
   * where the parameters are: every parameter must be partitioned (``ds_id``) with its shard on the CPU.
+With ``--precision bf16-mixed`` the default dtype stays float32 inside configure_model: zero.Init creates each tensor
+in float32 and then converts it to bf16, a transient 3x the bf16 size of the largest tensor (the 50304 x 4096
+embedding: 1.2 GiB). ``bf16-true`` creates bf16 directly.
 Not measured: host memory (the shards, 2 bytes x parameters, live in CPU memory). GPT's scaled init of the residual
 projections (a loop over ``named_parameters`` after ``apply``) sees partitioned, empty tensors under zero.Init and
 does nothing; the weights' values do not matter here.
