@@ -2,8 +2,12 @@ import os
 
 import pytest
 
-# DeepSpeed must pick its CPU accelerator before it is first imported (the GPU tier sets nothing).
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import torch
+
+# DeepSpeed must pick its CPU accelerator before it is first imported. With a GPU present nothing is set, so the GPU
+# tier gets DeepSpeed's CUDA accelerator; `make test` sets DS_ACCELERATOR=cpu itself for the CPU tiers.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("PL_DISABLE_FORK", "1")
 
 _LEAKY = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "LIGHTNING_ZERO_CONFIG")

@@ -1,5 +1,6 @@
 """GPU tier: skipped without CUDA. On the device machine run `python tests/gpu/test_gpu.py` (no pytest needed)."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -8,7 +9,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(os.environ.get("DS_ACCELERATOR") == "cpu",
+                       reason="DS_ACCELERATOR=cpu selects DeepSpeed's CPU accelerator; run `make test-gpu`"),
+]
 
 
 @pytest.mark.parametrize(("precision", "stage"), [("16-mixed", 2), ("16-mixed", 3), ("bf16-mixed", 3)])
