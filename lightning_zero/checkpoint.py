@@ -565,13 +565,17 @@ def load(strategy: ZeroStrategy, path: str, fitting: bool, weights_only: bool | 
     _report_interrupted_saves(root)
     state = _load_lightning_state(root / LIGHTNING_STATE, weights_only)
     _check_model(strategy, meta, path)
+    # Decide for every engine before loading any (a refusal must come before any work).
+    methods = {slot.name: resume_method(meta["world_size"], meta["engines"][slot.name]["stage"], strategy.world_size,
+                                        int(slot.engine.zero_optimization_stage()), fitting and slot.face is not None)
+               for slot in strategy.engines if meta["engines"][slot.name]["kind"] == "deepspeed"}
     for slot in strategy.engines:
         info = meta["engines"][slot.name]
         if info["kind"] == "weights":
             if info["saved"]:
                 load_full_state_dict(slot.module, root / slot.name / WEIGHTS, strict=False)
             continue  # else: excluded (exclude_frozen_parameters): configure_model built them
-        _load_engine(strategy, slot, root, meta, with_optimizer=fitting and slot.face is not None)
+        _load_engine(strategy, slot, root, meta, methods[slot.name], with_optimizer=fitting and slot.face is not None)
     if meta["world_size"] == strategy.world_size:
         _load_rng(root, strategy.global_rank)
     else:
@@ -580,10 +584,10 @@ def load(strategy: ZeroStrategy, path: str, fitting: bool, weights_only: bool | 
     return state
 
 
-def _load_engine(strategy: ZeroStrategy, slot: Any, root: Path, meta: Mapping[str, Any], with_optimizer: bool) -> None:
+def _load_engine(strategy: ZeroStrategy, slot: Any, root: Path, meta: Mapping[str, Any], how: str,
+                 with_optimizer: bool) -> None:
     info, folder = meta["engines"][slot.name], root / slot.name
     saved, now = info["stage"], int(slot.engine.zero_optimization_stage())
-    how = resume_method(meta["world_size"], saved, strategy.world_size, now, with_optimizer)
     if how == "native":
         # Keys were checked above (frozen parameters may be excluded from the shards): DeepSpeed need not be strict.
         loaded, _ = slot.engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=with_optimizer,

@@ -92,9 +92,9 @@ def test_last_as_a_link_points_to_a_complete_checkpoint(rotation):
 def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, rotation, monkeypatch, capfd):
     _, uninterrupted, _ = rotation
     ckpts = tmp_path / "ckpts"
-    monkeypatch.setenv(SAVE_DELAY_ENV, "3")  # each rank sleeps 3 s after writing its shards, before the commit
+    monkeypatch.setenv(SAVE_DELAY_ENV, "2")  # each rank sleeps 2 s after writing its shards, before the commit
     trainer = cpu_trainer(strategy=zero(2), max_steps=4, enable_checkpointing=True,
-                          callbacks=[checkpointing(ckpts), KillDuringSave(step=4, rank=1, after=1.0)])
+                          callbacks=[checkpointing(ckpts), KillDuringSave(step=4, rank=1, after=0.8)])
     with pytest.raises(Exception):  # noqa: B017 - rank 1 dies by SIGKILL; the launcher reports it
         trainer.fit(ResumeRegressor())
     monkeypatch.delenv(SAVE_DELAY_ENV)
