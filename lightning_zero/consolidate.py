@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import sys
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -169,15 +170,24 @@ def _iter_tensors(root: Path, meta: Mapping[str, Any], keys: Mapping[str, Any], 
             if absent:
                 raise ValueError(f"Engine {name!r} of {str(root)!r} lacks {len(absent)} weight(s) its metadata lists:"
                                  f" {', '.join(absent[:6])}. The checkpoint is damaged; use another one.")
-            done: dict[int, torch.Tensor] = {}  # id(value) -> tensor: tied parameters stay one tensor
+            # Tied parameters share one value object: materialize it once and keep it until its last key. Nothing else
+            # is kept, so memory grows one tensor at a time (stage 3's lazy tensors).
+            remaining = Counter(id(state[k]) for k in wanted)
+            tied: dict[int, torch.Tensor] = {}
             for key in wanted:
                 value = state[key]
-                if id(value) not in done:
+                tensor = tied.get(id(value))
+                if tensor is None:
                     tensor = value.contiguous()
-                    done[id(value)] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-                yield key, done[id(value)]
+                    tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                remaining[id(value)] -= 1
+                if remaining[id(value)]:
+                    tied[id(value)] = tensor
+                else:
+                    tied.pop(id(value), None)
+                yield key, tensor
                 bar.update(1)
-            del state, done
+            del state
 
 
 # ----------------------------------------------------------------------------------------------------------------------
