@@ -122,7 +122,10 @@ class StepProbe:
         syncs: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
         for evt in prof.events():
             dev = getattr(evt, "device_type", None)
-            if dev == torch.autograd.DeviceType.CUDA:
+            # GPU-side user annotations (e.g. "Optimizer.step#AdamW.step", "FullyShardedDataParallel.forward") span
+            # many kernels: counting them as kernels would count that time twice.
+            if dev == torch.autograd.DeviceType.CUDA and not getattr(evt, "is_user_annotation", False) \
+                    and "#" not in evt.name and not evt.name.endswith((".forward", ".backward")):
                 dur = evt.time_range.end - evt.time_range.start
                 by_cat[_category(evt.name)] += dur
                 by_name[evt.name] += dur
