@@ -49,8 +49,8 @@ from torch import nn
 if TYPE_CHECKING:
     from lightning_zero.strategy import ZeroStrategy
 
-__all__ = ["FORMAT", "engine_weights", "gather_full_state_dict", "load", "load_full_state_dict", "model_key", "remove",
-           "resume_method", "save", "validate_path"]
+__all__ = ["FORMAT", "engine_weights", "gather_full_state_dict", "load", "load_full_state_dict", "model_key",
+           "read_weights_file", "remove", "resume_method", "save", "validate_path"]
 
 log = logging.getLogger(__name__)
 
@@ -779,7 +779,7 @@ def _load_lightning_state(file: Path, weights_only: bool | None) -> dict[str, An
         return torch.load(file, map_location="cpu", weights_only=weights_only is not False)
     except pickle.UnpicklingError as err:
         raise ValueError(
-            f"{str(file)!r} holds objects that `weights_only=True` loading refuses ({str(err).splitlines()[0]}). It is"
+            f"{str(file)!r} holds objects that `weights_only=True` loading refuses ({(str(err).splitlines() or [''])[0]}). It is"
             " Lightning's loop and callback state; if you trust this checkpoint, pass"
             " `trainer.fit(..., weights_only=False)`."
         ) from None
@@ -792,12 +792,35 @@ def _load_weights_file(strategy: ZeroStrategy, path: str, fitting: bool, weights
 
     module = strategy.lightning_module
     assert module is not None
-    source: Any = path
-    if weights_only is False and not Path(path).is_dir() and not path.endswith(".safetensors"):
-        source = torch.load(path, map_location="cpu", weights_only=False)  # the user trusts this file
+    source: Any = path  # a .safetensors file or folder: read lazily by load_full_state_dict
+    if not Path(path).is_dir() and not path.endswith(".safetensors"):
+        source = read_weights_file(path, trusted=weights_only is False)
     load_full_state_dict(module, source, strict=module.strict_loading)
     if fitting:
         rank_zero_warn(f"{path!r} is a plain weights file: ZeroStrategy loaded its weights only. Training starts at step"
                        " 0 with a new optimizer state (DeepSpeed cannot adopt another strategy's optimizer state).")
     # Lightning restores whatever the returned dict holds: nothing here but the version it requires.
     return {"pytorch-lightning_version": pl.__version__, "optimizer_states": [], "lr_schedulers": []}
+
+
+def read_weights_file(path: str, trusted: bool = False) -> Any:
+    """``torch.load`` a single-file checkpoint, with ``weights_only=True`` unless ``trusted``, memory-mapped when the
+    file allows it; a file torch cannot read, or one holding objects it refuses, is a ``ValueError`` naming the fix."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=not trusted, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=not trusted)  # an old, non-zip file
+    except Exception as err:  # noqa: BLE001 - torch.load fails in many ways on a file that is not a checkpoint
+        if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err):
+            raise ValueError(f"{path!r} holds objects other than tensors, which `weights_only=True` loading refuses."
+                             " If you trust the file, pass `trainer.fit(..., weights_only=False)`.") from None
+        raise ValueError(_not_a_checkpoint(path, err)) from None
+
+
+def _not_a_checkpoint(path: str, err: Exception) -> str:
+    return (f"{path!r} is not a checkpoint: torch.load cannot read it ({(str(err).splitlines() or [type(err).__name__])[0]})."
+            " Pass a checkpoint folder written by ZeroStrategy, a Lightning/torch checkpoint file, or .safetensors"
+            " weights.")

@@ -42,8 +42,8 @@ from lightning_zero import offload
 from lightning_zero.engines import EngineRegistry, EngineSlot, _ModelGroup, assign_models, build_engine
 from lightning_zero.compiling import compile_models, explain_compiled_modules, resolve_compile
 from lightning_zero.precision import ZeroPrecision
-from lightning_zero.summary import install_summary
 from lightning_zero.tuning import apply_speed_defaults
+from lightning_zero.summary import install_summary
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -136,6 +136,9 @@ class ZeroStrategy(ParallelStrategy):
         start_method: ``"popen"`` (re-run the script per process, default), ``"spawn"`` or ``"fork"``.
         logging_level: DeepSpeed's log level (default ``logging.WARNING``: no per-step prints).
         exclude_frozen_parameters: leave parameters with ``requires_grad=False`` out of checkpoints.
+        compile: ``True`` or a dict of ``torch.compile`` keyword arguments: compile the networks the engines train
+            (each engine's model, or the LightningModule's children that hold parameters). Pass the plain
+            LightningModule to the Trainer; Lightning refuses a compiled one for this strategy.
         timeout: process group timeout.
         **zero_optimization: any other key of DeepSpeed's ``zero_optimization`` section, e.g.
             ``overlap_comm``, ``contiguous_gradients``, ``reduce_bucket_size``, ``allgather_bucket_size``,
@@ -149,9 +152,6 @@ class ZeroStrategy(ParallelStrategy):
         stage: Literal[0, 1, 2, 3, "auto"] | None = None,
         config: Mapping[str, Any] | str | os.PathLike | None = None,
         *,
-        compile: ``True`` or a dict of ``torch.compile`` keyword arguments: compile the networks the engines train
-            (each engine's model, or the LightningModule's children that hold parameters). Pass the plain
-            LightningModule to the Trainer; Lightning refuses a compiled one for this strategy.
         offload_optimizer: bool | Literal["cpu", "nvme"] | None = None,
         offload_parameters: bool | Literal["cpu", "nvme"] | None = None,
         nvme_path: str | None = None,
@@ -160,6 +160,7 @@ class ZeroStrategy(ParallelStrategy):
         start_method: Literal["popen", "spawn", "fork"] = "popen",
         logging_level: int = logging.WARNING,
         exclude_frozen_parameters: bool = False,
+        compile: bool | Mapping[str, Any] = False,
         timeout: timedelta | None = default_pg_timeout,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
@@ -173,7 +174,6 @@ class ZeroStrategy(ParallelStrategy):
                          cluster_environment=cluster_environment, precision_plugin=precision_plugin)
         if start_method not in ("popen", "spawn", "fork"):
             raise ValueError(f"ZeroStrategy(start_method={start_method!r}) is not supported. Use 'popen', 'spawn'"
-        compile: bool | Mapping[str, Any] = False,
                              " or 'fork'.")
         # Validate everything that does not need the Trainer now, before any process starts.
         self.user_config = cfg.load_user_config(config)
@@ -200,6 +200,7 @@ class ZeroStrategy(ParallelStrategy):
         cfg.check_zero_features(merged)  # offload / ZeRO++ / activation checkpointing keys set in the config file
         self.remote_device = remote_device
         self.exclude_frozen_parameters = exclude_frozen_parameters
+        self.compile_kwargs = resolve_compile(compile)
         self.ds_config: dict[str, Any] | None = None  # resolved at setup, with the Trainer's flags
         self.engines = EngineRegistry()
         self._engines_owner: int | None = None
@@ -223,7 +224,6 @@ class ZeroStrategy(ParallelStrategy):
 
     @property
     def num_nodes(self) -> int:
-        self.compile_kwargs = resolve_compile(compile)
         return self._num_nodes
 
     @num_nodes.setter
@@ -447,6 +447,9 @@ class ZeroStrategy(ParallelStrategy):
             self._add_slot("model", self.lightning_module, None)
         self.precision_plugin.engines = self.engines
         self._engines_owner = id(self.lightning_module)
+        if self.compile_kwargs is not None:
+            compile_models(((slot.module, slot.module is self.lightning_module or isinstance(slot.module, _ModelGroup))
+                            for slot in self.engines), self.compile_kwargs)
         self.model = self._wrapped_model()
 
     def _setup_training_engines(self) -> None:
@@ -502,9 +505,6 @@ class ZeroStrategy(ParallelStrategy):
         self.engines.add(slot)
         return slot
 
-        if self.compile_kwargs is not None:
-            compile_models(((slot.module, slot.module is self.lightning_module or isinstance(slot.module, _ModelGroup))
-                            for slot in self.engines), self.compile_kwargs)
     def _wrapped_model(self) -> Module:
         """The engine when one engine wraps the whole LightningModule (steps run through its forward)."""
         slots = list(self.engines)

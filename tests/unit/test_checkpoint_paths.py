@@ -263,3 +263,19 @@ def test_optimizer_hyperparameters_round_trip_through_lightning_state():
     assert opt.param_groups[0]["lr"] == 0.1
     with pytest.raises(ValueError, match=r"holds 2 optimizer\(s\) but `configure_optimizers` returned 1"):
         strategy.load_optimizer_state_dict({"optimizer_states": [saved, saved]})
+
+
+def test_a_file_that_is_not_a_checkpoint_or_holds_arbitrary_objects(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match=r"'.*notes.txt' is not a checkpoint: torch.load cannot read it \(.*\)\. Pass a"
+                                         r" checkpoint folder written by ZeroStrategy"):
+        ckpt.read_weights_file(str(tmp_path / "notes.txt"))
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    with pytest.raises(ValueError, match="is not a checkpoint"):
+        ckpt.read_weights_file(str(tmp_path / "empty.ckpt"))
+    torch.save({"state_dict": {"w": torch.ones(1)}, "extra": SimpleNamespace(a=1)}, tmp_path / "pickled.ckpt")
+    with pytest.raises(ValueError, match=r"holds objects other than tensors.*trainer.fit\(\.\.\., weights_only=False\)"):
+        ckpt.read_weights_file(str(tmp_path / "pickled.ckpt"))
+    assert ckpt.read_weights_file(str(tmp_path / "pickled.ckpt"), trusted=True)["extra"].a == 1
+    torch.save({"state_dict": {"w": torch.ones(1)}}, tmp_path / "plain.ckpt")
+    assert torch.equal(ckpt.read_weights_file(str(tmp_path / "plain.ckpt"))["state_dict"]["w"], torch.ones(1))
