@@ -658,7 +658,8 @@ def _ensure_universal(strategy: ZeroStrategy, folder: Path) -> None:
     error = strategy.broadcast(error)
     strategy.barrier()
     if error:
-        raise RuntimeError(f"Converting {str(folder / TAG)!r} to DeepSpeed's universal checkpoint format failed: {error}."
+        raise RuntimeError(f"Converting {str(folder / TAG)!r} to DeepSpeed's universal checkpoint format failed:"
+                           f" {error}."
                            " The folder must be writable (the conversion is cached there); copy the checkpoint to a"
                            " writable place, or resume with the original number of processes and ZeRO stage.")
 
@@ -755,7 +756,8 @@ def _check_model(strategy: ZeroStrategy, meta: Mapping[str, Any], path: str) -> 
         if missing or unexpected or shapes:
             parts = [_key_report(missing, unexpected)] if missing or unexpected else []
             if shapes:
-                parts.append(f"{len(shapes)} shape mismatch(es): {', '.join(shapes[:5])}{' ...' if len(shapes) > 5 else ''}.")
+                more = " ..." if len(shapes) > 5 else ""
+                parts.append(f"{len(shapes)} shape mismatch(es): {', '.join(shapes[:5])}{more}.")
             raise ValueError(f"{path!r} is a checkpoint of another model. " + " ".join(parts)
                              + " Pass a checkpoint written by this model.")
     names = {slot.name for slot in strategy.engines}
@@ -779,7 +781,7 @@ def _load_lightning_state(file: Path, weights_only: bool | None) -> dict[str, An
         return torch.load(file, map_location="cpu", weights_only=weights_only is not False)
     except pickle.UnpicklingError as err:
         raise ValueError(
-            f"{str(file)!r} holds objects that `weights_only=True` loading refuses ({(str(err).splitlines() or [''])[0]}). It is"
+            f"{str(file)!r} holds objects that `weights_only=True` loading refuses ({_first_line(err)}). It is"
             " Lightning's loop and callback state; if you trust this checkpoint, pass"
             " `trainer.fit(..., weights_only=False)`."
         ) from None
@@ -797,8 +799,9 @@ def _load_weights_file(strategy: ZeroStrategy, path: str, fitting: bool, weights
         source = read_weights_file(path, trusted=weights_only is False)
     load_full_state_dict(module, source, strict=module.strict_loading)
     if fitting:
-        rank_zero_warn(f"{path!r} is a plain weights file: ZeroStrategy loaded its weights only. Training starts at step"
-                       " 0 with a new optimizer state (DeepSpeed cannot adopt another strategy's optimizer state).")
+        rank_zero_warn(f"{path!r} is a plain weights file: ZeroStrategy loaded its weights only. Training starts at"
+                       " step 0 with a new optimizer state (a DeepSpeed engine cannot adopt another strategy's"
+                       " optimizer state).")
     # Lightning restores whatever the returned dict holds: nothing here but the version it requires.
     return {"pytorch-lightning_version": pl.__version__, "optimizer_states": [], "lr_schedulers": []}
 
@@ -821,6 +824,9 @@ def read_weights_file(path: str, trusted: bool = False) -> Any:
 
 
 def _not_a_checkpoint(path: str, err: Exception) -> str:
-    return (f"{path!r} is not a checkpoint: torch.load cannot read it ({(str(err).splitlines() or [type(err).__name__])[0]})."
-            " Pass a checkpoint folder written by ZeroStrategy, a Lightning/torch checkpoint file, or .safetensors"
-            " weights.")
+    return (f"{path!r} is not a checkpoint: torch.load cannot read it ({_first_line(err)}). Pass a checkpoint folder"
+            " written by ZeroStrategy, a Lightning/torch checkpoint file, or .safetensors weights.")
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0]

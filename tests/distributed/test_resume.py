@@ -105,5 +105,6 @@ def test_predict_from_a_checkpoint_of_another_world_size(tmp_path, uninterrupted
     reference = PredictRegressor()
     reference.load_state_dict(consolidated_state_dict(checkpoint))
     with torch.no_grad():
-        expected = torch.cat([reference.predict_step(batch, i) for i, batch in enumerate(reference.predict_dataloader())])
+        batches = enumerate(reference.predict_dataloader())
+        expected = torch.cat([reference.predict_step(batch, i) for i, batch in batches])
     assert torch.equal(predictions, expected)
