@@ -56,12 +56,19 @@ def resolve_compile(value: Any) -> dict[str, Any] | None:
     return dict(value)
 
 
-def _targets(model: nn.Module, whole: bool) -> Iterable[nn.Module]:
-    if not whole:
+def _targets(model: nn.Module, whole: bool) -> list[nn.Module]:
+    """``model`` itself, or (``whole``) its children that hold parameters; containers without a forward of their own
+    (``ModuleList``, ``ModuleDict``) are looked into, since their members are what user code calls."""
+    if not whole and not isinstance(model, (nn.ModuleList, nn.ModuleDict)):
         return [model]
     from torchmetrics import Metric
 
-    return [c for c in model.children() if not isinstance(c, Metric) and any(True for _ in c.parameters())]
+    out: list[nn.Module] = []
+    for child in model.children():
+        if isinstance(child, Metric) or not any(True for _ in child.parameters()):
+            continue
+        out.extend(_targets(child, whole=False))
+    return out
 
 
 def compile_models(models: Iterable[tuple[nn.Module, bool]], kwargs: Mapping[str, Any]) -> list[nn.Module]:

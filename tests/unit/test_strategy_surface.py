@@ -59,3 +59,23 @@ def test_compile_argument_is_validated():
         ZeroStrategy(compile="deepcompile")
     with pytest.raises(TypeError, match="must be True/False or a dict"):
         ZeroStrategy(compile=3)
+
+
+def test_compile_targets_the_networks_not_containers_or_metrics():
+    import torchmetrics
+    from torch import nn
+
+    from lightning_zero.compiling import _targets
+
+    class Module(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Linear(2, 2)
+            self.blocks = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)])
+            self.heads = nn.ModuleDict({"a": nn.Linear(2, 1)})
+            self.act = nn.ReLU()  # no parameters
+            self.metric = torchmetrics.MeanSquaredError()
+
+    m = Module()
+    assert _targets(m, whole=True) == [m.encoder, m.blocks[0], m.blocks[1], m.heads["a"]]
+    assert _targets(m.encoder, whole=False) == [m.encoder]
