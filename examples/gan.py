@@ -2,7 +2,7 @@
 
 Plain Lightning manual optimization (`toggle_optimizer`, `manual_backward`, `opt.step()`); ZeroStrategy matches each
 optimizer to its submodule and gives the generator and the discriminator their own engine. No downloads: the data is
-drawn on the fly. At the end, rank 0 saves a PNG of real vs generated samples (needs matplotlib: the `examples` extra).
+generated in memory. At the end, rank 0 saves a PNG of real vs generated samples (needs matplotlib: the `examples` extra).
 
 CPU (2 processes):          python examples/gan.py                 # stage 2, 1200 steps, gan.png (about 2 minutes)
                             python examples/gan.py --stage 3 --steps 600 --out gan_stage3.png
