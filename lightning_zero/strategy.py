@@ -680,8 +680,20 @@ def _warn_unpartitioned(module: Module) -> None:
 
 
 def _destroy_process_group() -> None:
+    """At exit: release every process group and the rendezvous store while the interpreter is whole.
+
+    DeepSpeed's communication backend (``deepspeed.comm.comm.cdb``) keeps the groups (and through them the TCP store
+    and its server thread on rank 0) alive until the interpreter's final teardown, where destroying them aborts the
+    process ("terminate called without an active exception", exit code 134) and a finished run reports failure.
+    """
+    import gc
+
     if _distributed_is_initialized():
         torch.distributed.destroy_process_group()
+    comm = sys.modules.get("deepspeed.comm.comm")
+    if comm is not None and getattr(comm, "cdb", None) is not None:
+        comm.cdb = None
+    gc.collect()
 
 
 def _train_micro_batch_size(trainer: pl.Trainer) -> int | None:
