@@ -440,7 +440,13 @@ class ZeroStrategy(ParallelStrategy):
         if self.stage == 3:
             _warn_unpartitioned(self.lightning_module)
         self.model = self.precision_plugin.convert_module(self.lightning_module)
-        if trainer.state.fn == TrainerFn.FITTING:
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        # Model-wide, once before the engines: the NVMe drive has room for this node's share of the model (every
+        # engine's config offloads a subset of these sections), and deepspeed.checkpointing is set up.
+        offload.check_nvme(self.ds_config if fitting else cfg.inference_config(self.ds_config),
+                           offload.count_parameters(self.lightning_module), self.num_processes, self.world_size)
+        offload.configure_activation_checkpointing(self.ds_config)
+        if fitting:
             self._setup_training_engines()
         else:
             self.optimizers, self.lr_scheduler_configs = [], []
@@ -492,10 +498,6 @@ class ZeroStrategy(ParallelStrategy):
         if self.stage < 3:
             module.to(self.root_device)
         device_index = self.root_device.index if self.root_device.type == "cuda" else -1
-        # before the first step: the NVMe drive has room for this node's share of the model (needs the model's size)
-        offload.check_nvme(config, offload.count_parameters(self.lightning_module), self.num_processes,
-                           self.world_size)
-        offload.configure_activation_checkpointing(config)
         if self.stage == 3:
             offload.partition_for_nvme(module, config, self.root_device.type)
         # the optimizer DeepSpeed steps: a clone of the face, or DeepSpeedCPUAdam when the optimizer is offloaded
