@@ -286,20 +286,26 @@ def _require_safetensors() -> Any:
     return safe_open
 
 
-def _torch_load(path: Path) -> Any:
-    """``torch.load`` with ``weights_only=True``, memory-mapped when the file format allows it."""
+def _load_mapped(path: str | Path, weights_only: bool) -> Any:
+    """``torch.load`` onto the CPU, memory-mapped when the file format allows it (an old, non-zip file cannot be)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
     except RuntimeError as err:
         if "mmap" not in str(err):
             raise
+    return torch.load(path, map_location="cpu", weights_only=weights_only)
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True``, memory-mapped when the file format allows it."""
+    try:
+        return _load_mapped(path, weights_only=True)
     except pickle.UnpicklingError as err:
         raise ValueError(
             f"torch.load({str(path)!r}, weights_only=True) refused the file: {str(err).splitlines()[0]} It holds"
             " objects other than tensors. If you trust it, load it yourself"
             f" (`torch.load(path, weights_only=False)['state_dict']`) and pass the dict."
         ) from None
-    return torch.load(path, map_location="cpu", weights_only=True)  # an old (non-zip) file: cannot be mapped
 
 
 def _unwrap_lightning(obj: Any, what: str) -> Mapping[str, Any]:
@@ -810,12 +816,7 @@ def read_weights_file(path: str, trusted: bool = False) -> Any:
     """``torch.load`` a single-file checkpoint, with ``weights_only=True`` unless ``trusted``, memory-mapped when the
     file allows it; a file torch cannot read, or one holding objects it refuses, is a ``ValueError`` naming the fix."""
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=not trusted, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=not trusted)  # an old, non-zip file
+        return _load_mapped(path, weights_only=not trusted)
     except Exception as err:  # noqa: BLE001 - torch.load fails in many ways on a file that is not a checkpoint
         if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err):
             raise ValueError(f"{path!r} holds objects other than tensors, which `weights_only=True` loading refuses."
