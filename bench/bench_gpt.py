@@ -64,7 +64,7 @@ EXTRA_ROWS = ["cpu_smoke"]
 # Options the parent forwards unchanged to each child.
 FORWARDED = [
     "d_model", "n_layer", "n_head", "vocab", "seq_len", "micro_batch", "warmup", "steps", "seed", "lr",
-    "optimizer", "init_device", "zero_config", "profile", "compile",
+    "optimizer", "init_device", "zero_config", "zero_kwargs", "profile", "compile", "grad_ckpt", "mem_trace",
 ]
 
 
@@ -161,11 +161,30 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _mem_trace(args, spec, when: str) -> None:
+    """--mem-trace DIR: record the CUDA allocator's history over the timed steps and dump it to DIR/<row>.pickle
+    (read it with mem_peak.py, or https://pytorch.org/memory_viz). Recording slows the steps: use it in a separate run
+    with few --steps, never for the throughput figures."""
+    import torch
+
+    if not args.mem_trace:
+        return
+    if when == "start":
+        torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+        return
+    os.makedirs(args.mem_trace, exist_ok=True)
+    name = f"{spec['family']}_z{spec['stage']}{'_offload' if spec['offload'] else ''}" if spec["stage"] else \
+        spec["family"]
+    torch.cuda.memory._dump_snapshot(os.path.join(args.mem_trace, f"{name}.pickle"))
+    torch.cuda.memory._record_memory_history(enabled=None)
+
+
 def _gpt_config(args):
     from gpt import GPTConfig
 
     return GPTConfig(
-        vocab_size=args.vocab, seq_len=args.seq_len, d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head
+        vocab_size=args.vocab, seq_len=args.seq_len, d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head,
+        grad_ckpt=bool(args.grad_ckpt),
     )
 
 
@@ -317,8 +336,10 @@ def run_raw(args, spec) -> dict:
         if i + 1 == args.warmup:
             peak_before = torch.cuda.max_memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
+            _mem_trace(args, spec, "start")
         if i + 1 == total:
             peak_timed = torch.cuda.max_memory_allocated(device)
+            _mem_trace(args, spec, "dump")
     peak_total = max(peak_before or 0, peak_timed)
     out = _summarize(args, spec, times, losses, n_params, peak_total, peak_timed if args.warmup else None)
     out.update(probe.result)
@@ -368,6 +389,8 @@ def run_lightning(args, spec) -> dict:
             kw["offload_optimizer"] = "cpu"
         if args.zero_config:
             kw["config"] = json.loads(args.zero_config)
+        if args.zero_kwargs:
+            kw.update(json.loads(args.zero_kwargs))
         if args.compile:
             kw["compile"] = True
         strategy = ZeroStrategy(**kw)
@@ -432,8 +455,10 @@ def run_lightning(args, spec) -> dict:
             if not on_cpu and len(self.times) == self.warmup:
                 self.peak_before = torch.cuda.max_memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
+                _mem_trace(args, spec, "start")
             if not on_cpu and len(self.times) == total:
                 self.peak_timed = torch.cuda.max_memory_allocated(device)
+                _mem_trace(args, spec, "dump")
 
     module = GPTModule()
     n_params = count_params(module.model)
@@ -632,6 +657,8 @@ def parent_main(args) -> int:
         "optimizer": args.optimizer,
         "init_device": args.init_device,
         "zero_config": args.zero_config,
+        "zero_kwargs": args.zero_kwargs,
+        "grad_ckpt": args.grad_ckpt,
         "compile": args.compile,
         "profile_steps": args.profile,
         "rows": rows,
@@ -715,6 +742,12 @@ def main(argv=None) -> int:
                    help="where the model is built and initialised before the strategy takes it (default cuda)")
     p.add_argument("--zero-config", dest="zero_config", default=None,
                    help="JSON dict passed as ZeroStrategy(config=...) in the zero_* rows")
+    p.add_argument("--zero-kwargs", dest="zero_kwargs", default=None,
+                   help='JSON dict of extra ZeroStrategy keywords in the zero_* rows, e.g. \'{"pin_memory": true}\'')
+    p.add_argument("--grad-ckpt", dest="grad_ckpt", type=int, default=0, choices=[0, 1],
+                   help="1: recompute each Block in the backward pass (torch.utils.checkpoint), every row")
+    p.add_argument("--mem-trace", dest="mem_trace", default=None,
+                   help="directory: dump the CUDA allocator history of the timed steps per row (see mem_peak.py)")
     p.add_argument("--profile", type=int, default=0,
                    help="after the timed steps, profile K steps (kernel time by category, host syncs) and time K"
                         " more with synchronised phases (forward/backward/step); see probe.py")

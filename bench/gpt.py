@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,9 @@ class GPTConfig:
     d_model: int = 2048
     n_layer: int = 16
     n_head: int = 16
+    # Recompute each Block's activations in the backward pass (torch.utils.checkpoint, non-reentrant): a larger
+    # micro-batch fits for about 1/3 more compute.
+    grad_ckpt: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -104,7 +108,10 @@ class GPT(nn.Module):
         pos = torch.arange(t, device=idx.device)
         x = self.wte(idx) + self.wpe(pos)
         for block in self.blocks:
-            x = block(x)
+            if self.cfg.grad_ckpt and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         logits = self.lm_head(self.ln_f(x))
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
