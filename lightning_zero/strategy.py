@@ -42,7 +42,7 @@ from lightning_zero import offload
 from lightning_zero.engines import EngineRegistry, EngineSlot, _ModelGroup, assign_models, build_engine
 from lightning_zero.compiling import compile_models, explain_compiled_modules, resolve_compile
 from lightning_zero.precision import ZeroPrecision
-from lightning_zero.tuning import apply_speed_defaults
+from lightning_zero.tuning import apply_block_fetch, apply_speed_defaults
 from lightning_zero.summary import install_summary
 
 if TYPE_CHECKING:
@@ -500,6 +500,9 @@ class ZeroStrategy(ParallelStrategy):
         device_index = self.root_device.index if self.root_device.type == "cuda" else -1
         if self.stage == 3:
             offload.partition_for_nvme(module, config, self.root_device.type)
+            config, note = apply_block_fetch(config, module)
+            if note:
+                rank_zero_info(note)
         # the optimizer DeepSpeed steps: a clone of the face, or DeepSpeedCPUAdam when the optimizer is offloaded
         optimizer = offload.build_stepped_optimizer(face, config) if face is not None else None
         engine = build_engine(module, config, optimizer, device_index, train=train)

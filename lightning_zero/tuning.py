@@ -12,14 +12,27 @@ GPU's idle time per step from 28 ms to 8 ms.
 * ``zero_optimization.compute_grad_norm = false`` at stages 1-2 when nothing clips (``gradient_clipping`` is 0) and
   the optimizer is not offloaded: the global norm is only used for clipping. Manual optimization that calls
   ``self.clip_gradients`` turns the norm back on for that engine (see ``EngineSlot.set_clip``).
+* ``zero_optimization.reduce_bucket_size = 2e8`` at stage 3 (Lightning's value): ZeRO-3 allocates one 16-bit
+  gradient bucket of that many elements up front, and DeepSpeed's default (5e8) costs 0.56 GiB more GPU memory than
+  Lightning's built-in strategy for no measured speed gain.
+* Stage 3 fetches each repeated block (a transformer layer) as one unit (:func:`apply_block_fetch`): DeepSpeed's
+  ``stage3_module_granularity_threshold``, set just above the blocks' granularity. DeepSpeed otherwise gathers and
+  releases every ``nn.Linear`` / ``nn.LayerNorm`` separately, each with its own hooks and stream syncs: on one H100
+  with a 0.9B GPT this took ZeRO-3 from about 40k to 58k tokens/s.
 """
 
 from __future__ import annotations
 
+import sys
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["apply_speed_defaults"]
+from torch import nn
+
+__all__ = ["apply_block_fetch", "apply_speed_defaults", "block_fetch_threshold"]
+
+STAGE3_REDUCE_BUCKET = 200_000_000
 
 
 def _enabled(section: Any) -> bool:
@@ -44,4 +57,121 @@ def apply_speed_defaults(config: dict[str, Any]) -> dict[str, Any]:
     if stage in (1, 2) and not float(config.get("gradient_clipping") or 0.0) and not offloaded \
             and not bf16_fp32_stage1:
         zero.setdefault("compute_grad_norm", False)
+    if stage == 3:
+        zero.setdefault("reduce_bucket_size", STAGE3_REDUCE_BUCKET)
     return config
+
+
+# DeepSpeed's rules (runtime/zero/parameter_offload.py, _get_granularity_recursively): a module's granularity is its
+# parameter count over its number of layers (itself and every descendant with parameters, containers not counted);
+# torch leaves, containers and modules over 1e9 parameters are never leaf units; the walk is pre-order, so a parent
+# whose granularity is under the threshold becomes the unit before its children are looked at.
+_CONTAINERS = frozenset(nn.modules.container.__all__)
+_MAX_LEAF = 1e9
+_NEVER = sys.maxsize
+
+
+def _numel(p: nn.Parameter) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))  # partitioned parameters have numel() == 0
+
+
+def _granularities(module: nn.Module) -> dict[int, int]:
+    """``id(module) -> granularity`` for every module, as DeepSpeed computes it."""
+    out: dict[int, int] = {}
+
+    def visit(m: nn.Module) -> tuple[int, int]:
+        if not any(True for _ in m.parameters()):
+            out[id(m)] = _NEVER
+            return 0, 0
+        params = sum(_numel(p) for p in m.parameters(recurse=False))
+        children = list(m.children())
+        if not children:
+            out[id(m)] = _NEVER
+            return 1, params
+        layers = 0
+        for child in children:
+            child_layers, child_params = visit(child)
+            layers, params = layers + child_layers, params + child_params
+        if type(m).__name__ in _CONTAINERS:
+            out[id(m)] = _NEVER
+            return layers, params
+        layers += 1
+        out[id(m)] = params // layers if params <= _MAX_LEAF else _NEVER
+        return layers, params
+
+    visit(module)
+    return out
+
+
+def _repeated_blocks(module: nn.Module, granularity: dict[int, int]) -> list[tuple[str, nn.Module]]:
+    """``(name, block)`` for each child of an ``nn.ModuleList`` / ``nn.Sequential`` / ``nn.ModuleDict`` whose class
+    occurs there at least twice and which has parameters and submodules of its own (transformer layers, residual
+    stages); none when a block is over DeepSpeed's 1e9-parameter cap for a fetch unit."""
+    blocks: list[tuple[str, nn.Module]] = []
+    for prefix, container in module.named_modules():
+        if type(container).__name__ not in _CONTAINERS:
+            continue
+        children = list(container.named_children())
+        counts = Counter(type(c) for _, c in children)
+        blocks += [(f"{prefix}.{n}" if prefix else n, c) for n, c in children
+                   if counts[type(c)] > 1 and any(True for _ in c.children()) and any(True for _ in c.parameters())]
+    if any(granularity[id(b)] == _NEVER for _, b in blocks):
+        return []
+    return blocks
+
+
+def block_fetch_threshold(module: nn.Module) -> tuple[int, list[nn.Module]] | None:
+    """The smallest ``stage3_module_granularity_threshold`` that makes every repeated block of ``module`` one fetch
+    unit, and the units it makes; None when ``module`` has no repeated blocks or the threshold cannot single them
+    out (a module above a block would fall under it too, and the unit would grow to the whole model)."""
+    granularity = _granularities(module)
+    blocks = [b for _, b in _repeated_blocks(module, granularity)]
+    if not blocks:
+        return None
+    threshold = max(granularity[id(b)] for b in blocks)
+    units: list[nn.Module] = []
+
+    def preorder(m: nn.Module) -> None:
+        if not any(True for _ in m.parameters()):
+            return
+        if granularity[id(m)] <= threshold:
+            units.append(m)
+            return
+        for child in m.children():
+            preorder(child)
+
+    preorder(module)
+    unit_ids = {id(u) for u in units}
+    if any(id(b) not in unit_ids for b in blocks):
+        return None
+    return threshold, units
+
+
+def apply_block_fetch(config: dict[str, Any], module: nn.Module) -> tuple[dict[str, Any], str | None]:
+    """``config`` with ZeRO-3's fetch unit set to ``module``'s repeated blocks (a copy; the input is unchanged), and
+    the log line that says so. Unchanged below stage 3, when the config names ``stage3_module_granularity_threshold``
+    or ``leaf_module`` itself, or when no block structure is found.
+
+    DeepSpeed's granularity threshold is preferred: its units also take DeepSpeed's fast path (one coalesced gather,
+    no per-parameter events). Where no threshold singles out the blocks (a parent module with about as many
+    parameters per layer as its blocks), the blocks are named in ``zero_optimization.leaf_module.names`` instead."""
+    zero = config.get("zero_optimization") or {}
+    if int(zero.get("stage", 0)) != 3 or "stage3_module_granularity_threshold" in zero or "leaf_module" in zero:
+        return config, None
+    found = block_fetch_threshold(module)
+    if found is not None:
+        threshold, units = found
+        setting = {"stage3_module_granularity_threshold": threshold}
+        how = f"zero_optimization.stage3_module_granularity_threshold={threshold}; set it to 0"
+    else:
+        named = _repeated_blocks(module, _granularities(module))
+        if not named:
+            return config, None
+        units = [b for _, b in named]
+        setting = {"leaf_module": {"names": [n for n, _ in named]}}
+        how = "zero_optimization.leaf_module; set zero_optimization.leaf_module to {}"
+    names = Counter(type(u).__name__ for u in units)
+    what = ", ".join(f"{n} x{c}" if c > 1 else n for n, c in names.most_common())
+    config = {**config, "zero_optimization": {**zero, **setting}}
+    return config, (f"ZeroStrategy: stage 3 gathers the parameters of each of these modules at once ({what}) rather"
+                    f" than layer by layer ({how} for DeepSpeed's per-layer fetching).")

@@ -1,8 +1,10 @@
 """The speed defaults (lightning_zero/tuning.py): filled only where the config is silent and the value is unused."""
 
 import pytest
+import torch
+from torch import nn
 
-from lightning_zero.tuning import apply_speed_defaults
+from lightning_zero.tuning import apply_block_fetch, apply_speed_defaults, block_fetch_threshold
 
 
 def cfg(stage=2, clip=0.0, bf16=True, fp16=False, **zero):
@@ -67,3 +69,86 @@ def test_resolved_configs_are_accepted_by_deepspeed():
         out = apply_speed_defaults(cfg(stage=stage))
         DeepSpeedZeroConfig(**out["zero_optimization"])
         DeepSpeedBF16Config(**out["bf16"])
+
+
+def test_stage3_reduce_bucket_matches_lightnings_and_the_config_wins():
+    assert apply_speed_defaults(cfg(stage=3))["zero_optimization"]["reduce_bucket_size"] == 200_000_000
+    assert "reduce_bucket_size" not in apply_speed_defaults(cfg(stage=2))["zero_optimization"]
+    mine = cfg(stage=3)
+    mine["zero_optimization"]["reduce_bucket_size"] = 5e8
+    assert apply_speed_defaults(mine)["zero_optimization"]["reduce_bucket_size"] == 5e8
+
+
+# --- stage 3 fetch units (apply_block_fetch) -------------------------------------------------------------------------
+
+class Block(nn.Module):
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)  # 32
+        self.up = nn.Linear(width, 2 * width)  # 544
+        self.down = nn.Linear(2 * width, width)  # 528
+
+
+class Net(nn.Module):
+    def __init__(self, embedding: int = 0) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 16)  # 144
+        self.blocks = nn.ModuleList(Block() for _ in range(3))
+        if embedding:
+            self.table = nn.Embedding(embedding, 16)
+
+
+def stage3() -> dict:
+    return {"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}
+
+
+def test_block_granularity_as_deepspeed_computes_it():
+    # a Block: 1104 parameters over 4 layers (norm, up, down, itself) -> 276
+    with torch.device("meta"):
+        net = Net(embedding=1000)
+    threshold, units = block_fetch_threshold(net)
+    assert threshold == 1104 // 4
+    assert units == list(net.blocks)
+    # the parent: 3 * 1104 + 144 + 16000 parameters over 12 + 2 + 1 layers = 1299 > 276, so only the blocks are units
+    config, note = apply_block_fetch(stage3(), net)
+    assert config["zero_optimization"]["stage3_module_granularity_threshold"] == 276
+    assert "Block x3" in note and "stage3_module_granularity_threshold=276" in note
+
+
+def test_blocks_are_named_when_no_threshold_singles_them_out():
+    with torch.device("meta"):
+        net = Net()  # parent: 3456 / 14 = 246 <= 276, a threshold would make the whole model one unit
+    assert block_fetch_threshold(net) is None
+    config, note = apply_block_fetch(stage3(), net)
+    assert config["zero_optimization"]["leaf_module"] == {"names": ["blocks.0", "blocks.1", "blocks.2"]}
+    assert "stage3_module_granularity_threshold" not in config["zero_optimization"]
+    assert "leaf_module" in note
+
+
+def test_partitioned_parameters_count_with_their_full_size():
+    with torch.device("meta"):
+        net = Net(embedding=1000)
+    for p in net.parameters():  # what zero.Init leaves behind: an empty tensor and the full count in ds_numel
+        p.ds_numel = p.numel()
+        p.data = torch.empty(0, device="meta")
+    assert block_fetch_threshold(net)[0] == 276
+
+
+@pytest.mark.parametrize("config", [
+    {"zero_optimization": {"stage": 2}},
+    {"zero_optimization": {"stage": 3, "stage3_module_granularity_threshold": 0}},
+    {"zero_optimization": {"stage": 3, "leaf_module": {"classes": ["Block"]}}},
+])
+def test_block_fetch_leaves_other_stages_and_explicit_settings_alone(config):
+    with torch.device("meta"):
+        net = Net(embedding=1000)
+    assert apply_block_fetch(config, net) == (config, None)
+
+
+def test_no_blocks_no_change():
+    with torch.device("meta"):
+        plain = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))  # repeated, but torch leaves
+        huge = nn.ModuleList(nn.Sequential(nn.Linear(40_000, 30_000)) for _ in range(2))  # 1.2e9 > DeepSpeed's cap
+    assert apply_block_fetch(stage3(), plain) == (stage3(), None)
+    assert apply_block_fetch(stage3(), huge) == (stage3(), None)
+    assert block_fetch_threshold(huge) is None
