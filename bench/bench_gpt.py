@@ -527,6 +527,10 @@ def child_main(args) -> int:
         result["error"] = f"{type(e).__name__}: {e}"[:2000]
         result["traceback_tail"] = tb[-3000:]
     result["child_wall_s"] = time.perf_counter() - t0
+    # peak resident host memory of this row's process (pinned buffers included): what the offload rows need
+    import resource
+
+    result["host_peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     try:
         result["env"] = env_info(probe_zero=result.get("family") == "zero")
     except Exception as e:  # noqa: BLE001

@@ -3,9 +3,15 @@
     lightning-zero estimate --params 7e9 --largest-layer 2e8 --nodes 1 --gpus-per-node 8 --gpu-memory 80 --cpu-memory 512
     lightning-zero estimate --model my_package.models:MyLitModel --gpus-per-node 8 --gpu-memory 80
 
-The figures are DeepSpeed's own estimators (``estimate_zero2_model_states_mem_needs`` for stages 0-2,
-``estimate_zero3_model_states_mem_needs`` for stage 3, with their 1.5 host buffer factor); see :func:`estimate_memory`
-for what is derived from them. ``ZeroStrategy(stage="auto")`` runs the same planner at setup (:func:`auto_choice`).
+    lightning-zero estimate --params 6.25e9 --largest-layer 2.06e8 --gpu-memory 79 --cpu-memory 125 \
+        --hidden 4096 --layers 30 --vocab 50304 --seq-len 1024 --micro-batch 32 --activation-checkpointing
+
+The model-state figures are DeepSpeed's own estimators (``estimate_zero2_model_states_mem_needs`` for stages 0-2,
+``estimate_zero3_model_states_mem_needs`` for stage 3) with a host buffer factor of 1.2 measured on an H100 machine
+instead of DeepSpeed's 1.5; see :func:`estimate_memory` for what is derived from them. With a transformer's shape,
+:func:`transformer_activation_bytes` adds the activations, and the per-GPU figure becomes the peak to expect
+(docs/benchmarks.md compares it with measured peaks). ``ZeroStrategy(stage="auto")`` runs the same planner at setup
+(:func:`auto_choice`).
 """
 
 from __future__ import annotations
@@ -22,12 +28,15 @@ import torch
 from torch import nn
 
 __all__ = ["CHOICES", "MemoryPlan", "MemoryRow", "add_parser", "auto_choice", "count_with_configure_model",
-           "detect_free_memory", "estimate_memory", "model_size", "plan_auto"]
+           "detect_free_memory", "estimate_memory", "model_size", "plan_auto", "transformer_activation_bytes"]
 
 GiB = 2**30
 Offload = Literal["none", "cpu", "nvme"]
-# Host buffer factor DeepSpeed's estimators use by default.
-_BUFFER_FACTOR = 1.5
+# Host memory per byte of DeepSpeed's host model-state figure. DeepSpeed's estimators default to 1.5; the resident set
+# of ZeroStrategy processes on an H100 machine fit 1.19 x that figure + 3.8 GiB of process runtime (CUDA context,
+# libraries) for a 0.9B GPT with the optimizer offloaded, the same with parameters offloaded too, and a 6.25B GPT
+# (19.99, 22.17 and 114.9 GiB measured; docs/benchmarks.md). 1.5 called the 6.25B run infeasible on 125 GiB.
+_BUFFER_FACTOR = 1.2
 # DeepSpeed defaults that size the pinned host buffers of NVMe offload (runtime/zero/offload_config.py, config.py).
 _OPTIMIZER_BUFFER_COUNT, _SUB_GROUP_SIZE = 4, 10**9
 _PARAM_BUFFER_COUNT, _PARAM_BUFFER_SIZE = 5, 10**8
@@ -77,11 +86,14 @@ class MemoryPlan:
     gpus_per_node: int
     rows: tuple[MemoryRow, ...]
     recommended: MemoryRow | None
+    activation_bytes: int = 0
 
     def table(self) -> str:
+        what = (f"per GPU: expected peak with {_gib(self.activation_bytes)} of activations" if self.activation_bytes
+                else "activations not included")
         head = (f"Model states of {_count(self.num_params)} parameters (largest layer"
                 f" {_count(self.largest_layer_params)}) on {self.num_nodes} node(s) x {self.gpus_per_node} GPU(s);"
-                " activations not included.")
+                f" {what}.")
         lines = [head, f"{'stage':>5}  {'offload_optimizer':<17}  {'offload_param':<13}  {'per GPU':>10}"
                        f"  {'CPU/node':>10}  {'NVMe/node':>10}  fits"]
         for r in self.rows:
@@ -109,9 +121,28 @@ def model_size(module: nn.Module) -> tuple[int, int]:
     return total, largest
 
 
+def transformer_activation_bytes(*, hidden: int, layers: int, seq_len: int, micro_batch: int, vocab: int = 0,
+                                 checkpointing: bool = False, bytes_per_element: int = 2) -> int:
+    """Activation memory per GPU of one forward/backward of a GPT-style decoder: pre-LayerNorm blocks with a fused
+    attention kernel (``scaled_dot_product_attention``: no seq_len^2 scores kept) and a 4x MLP, no dropout.
+
+    Per token and layer a block keeps 17 x hidden elements for its backward (Korthikanti et al., 2022, "Reducing
+    Activation Recomputation in Large Transformer Models", without the attention-score and dropout terms): block
+    input 1, LayerNorm outputs 2, q/k/v 3, attention output and its contiguous copy 2, residual 1, MLP up-projection
+    and activation 8. With activation checkpointing a layer keeps its input only, and one layer at a time is
+    recomputed. The loss adds, per token, the logits, their float32 copy and the float32 log-softmax (``vocab``).
+    """
+    tokens = seq_len * micro_batch
+    layer = 17 * tokens * hidden * bytes_per_element
+    body = tokens * hidden * bytes_per_element * layers + layer if checkpointing else layer * layers
+    loss = tokens * vocab * (bytes_per_element + 8 if bytes_per_element < 4 else 8)
+    return int(body + loss)
+
+
 def _model_states(stage: int, opt: Offload, param: Offload, p: int, layer: int, nodes: int, per_node: int,
-                  weight_bytes: int, buffer_factor: float) -> tuple[float, float, float]:
-    """(GPU bytes per GPU, CPU bytes per node, NVMe bytes per node) of one choice; see estimate_memory."""
+                  weight_bytes: int, buffer_factor: float) -> tuple[float, float, float, float]:
+    """(GPU bytes per GPU, CPU bytes per node, NVMe bytes per node, GPU bytes that exist only during the optimizer
+    step) of one choice; see estimate_memory."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs as zero3
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs as zero2
 
@@ -125,7 +156,10 @@ def _model_states(stage: int, opt: Offload, param: Offload, p: int, layer: int, 
         if stage == 1:  # full 16-bit gradients on every GPU instead of a 1/N partition (none when offloaded)
             gpu += 2 * p - (0 if offload else 2 * p / gpus)
         grads = p if stage < 2 else 0 if offload else p / gpus
-        return gpu + extra * (p + grads), cpu, 0
+        # the fp32 copy of the gradient partition (4 of DeepSpeed's 16 optimizer bytes) is built in the step and
+        # freed after it: it never coexists with the activations (measured, docs/benchmarks.md)
+        step_only = 4 * p / gpus if stage in (1, 2) and not offload else 0
+        return gpu + extra * (p + grads), cpu, 0, step_only
 
     def z3(opt_cpu: bool, param_cpu: bool) -> tuple[int, int]:
         cpu, gpu, _ = zero3(p, layer, per_node, nodes, cpu_offload=opt_cpu, cpu_offload_params=param_cpu,
@@ -134,7 +168,7 @@ def _model_states(stage: int, opt: Offload, param: Offload, p: int, layer: int, 
 
     if opt == "none":
         cpu, gpu = z3(False, False)
-        return gpu + extra * (layer + 2 * p / gpus), cpu, 0
+        return gpu + extra * (layer + 2 * p / gpus), cpu, 0, 0
     # DeepSpeed's host memory with offload splits into the optimizer part (offload_optimizer only) and the 16-bit
     # parameter part (the difference once parameters are offloaded too); NVMe moves that part to the drive and keeps
     # pinned swap buffers in host memory instead.
@@ -156,7 +190,7 @@ def _model_states(stage: int, opt: Offload, param: Offload, p: int, layer: int, 
         else:
             cpu += per_node * _PARAM_BUFFER_COUNT * min(_PARAM_BUFFER_SIZE, p) * weight_bytes
             nvme += weight_bytes * p / nodes
-    return gpu, cpu, nvme
+    return gpu, cpu, nvme, 0
 
 
 def estimate_memory(
@@ -189,9 +223,14 @@ def estimate_memory(
       elements per GPU for the optimizer; 5 x 1e8 elements per GPU for parameters).
     - ``precision="32-true"``: 2 more bytes per resident weight and gradient element (an upper bound).
 
-    Activations, temporary buffers and the CUDA context are not included: pass ``activation_memory_gb`` (per GPU) to
-    reserve room for them. A row fits when each figure is within the given capacity (capacities left ``None`` are not
-    checked; NVMe rows need ``nvme_gb``).
+    - host memory: DeepSpeed's figure x ``buffer_factor`` (1.2, measured; DeepSpeed's own default is 1.5).
+
+    Activations are not included unless given: ``activation_memory_gb`` per GPU (for a transformer,
+    :func:`transformer_activation_bytes`). With them the per-GPU figure is the expected peak: model states plus
+    activations, less what exists only during the optimizer step (the fp32 gradient partition at stages 1-2), or
+    the model states alone if larger. The CUDA context and the allocator's fragmentation are not included. A row
+    fits when each figure is within the given capacity (capacities left ``None`` are not checked; NVMe rows need
+    ``nvme_gb``).
     """
     if model is not None:
         num_params, largest_layer_params = model_size(model)
@@ -211,9 +250,10 @@ def estimate_memory(
     reserve = activation_memory_gb * GiB
     rows = []
     for stage, opt, param in choices:
-        gpu, cpu, nvme = _model_states(stage, opt, param, p, layer, num_nodes, gpus_per_node, weight_bytes,
-                                       buffer_factor)
-        gpu += reserve
+        gpu, cpu, nvme, step_only = _model_states(stage, opt, param, p, layer, num_nodes, gpus_per_node,
+                                                  weight_bytes, buffer_factor)
+        if reserve:
+            gpu = max(gpu, gpu - step_only + reserve)
         why = []
         if gpu_memory_gb is not None and gpu > gpu_memory_gb * GiB:
             why.append("GPU")
@@ -225,7 +265,7 @@ def estimate_memory(
         rows.append(MemoryRow(stage, opt, param, int(gpu), int(cpu), int(nvme), fits=not why if checked else None,
                               why_not=", ".join(why)))
     recommended = next((r for r in rows if r.fits), None)
-    return MemoryPlan(p, layer, num_nodes, gpus_per_node, tuple(rows), recommended)
+    return MemoryPlan(p, layer, num_nodes, gpus_per_node, tuple(rows), recommended, int(reserve))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -348,8 +388,10 @@ def _load_model(spec: str) -> nn.Module:
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "estimate", help="model-state memory of every ZeRO stage x offload choice, and the fastest that fits",
-        description="Per-GPU, per-node host RAM and NVMe memory of every ZeRO stage x offload choice (model states"
-                    " only: activations excluded), and the fastest choice that fits. Sizes in GiB.")
+        description="Per-GPU, per-node host RAM and NVMe memory of every ZeRO stage x offload choice, and the fastest"
+                    " choice that fits. Sizes in GiB. Model states only, unless the activations are given"
+                    " (--activation-memory, or a transformer's --hidden/--layers/--seq-len/--micro-batch): then the"
+                    " per-GPU figure is the expected peak.")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--params", type=float, help="total parameters, e.g. 7e9")
     what.add_argument("--model", help="a LightningModule or nn.Module class, package.module:ClassName; built"
@@ -363,6 +405,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--precision", default="bf16-mixed", choices=["bf16-mixed", "16-mixed", "bf16-true",
                                                                         "16-true", "32-true"])
     parser.add_argument("--activation-memory", type=float, default=0.0, help="GiB per GPU to reserve for activations")
+    shape = parser.add_argument_group("activations of a GPT-style transformer (instead of --activation-memory)")
+    shape.add_argument("--hidden", type=int, help="hidden size (d_model)")
+    shape.add_argument("--layers", type=int, help="number of transformer blocks")
+    shape.add_argument("--seq-len", type=int, help="tokens per sequence")
+    shape.add_argument("--micro-batch", type=int, help="sequences per GPU per forward")
+    shape.add_argument("--vocab", type=int, default=0, help="vocabulary size (the loss's logits)")
+    shape.add_argument("--activation-checkpointing", action="store_true", help="blocks recompute their activations")
     parser.set_defaults(func=run)
     return parser
 
@@ -372,11 +421,25 @@ def run(args: argparse.Namespace) -> int:
         print("lightning-zero estimate: --params needs --largest-layer (the most parameters one module holds"
               " itself, e.g. the embedding).")
         return 2
+    activations = args.activation_memory
+    shape = {"--hidden": args.hidden, "--layers": args.layers, "--seq-len": args.seq_len,
+             "--micro-batch": args.micro_batch}
+    if any(v is not None for v in shape.values()):
+        missing = [k for k, v in shape.items() if v is None]
+        if missing or args.activation_memory:
+            print("lightning-zero estimate: the transformer's activations need --hidden, --layers, --seq-len and"
+                  f" --micro-batch together ({'missing ' + ', '.join(missing) if missing else 'all given'}), and"
+                  " replace --activation-memory (give one or the other).")
+            return 2
+        activations = transformer_activation_bytes(
+            hidden=args.hidden, layers=args.layers, seq_len=args.seq_len, micro_batch=args.micro_batch,
+            vocab=args.vocab, checkpointing=args.activation_checkpointing,
+            bytes_per_element=4 if args.precision == "32-true" else 2) / GiB
     model = _load_model(args.model) if args.model else None
     plan = estimate_memory(args.params, args.largest_layer, model=model, num_nodes=args.nodes,
                            gpus_per_node=args.gpus_per_node, gpu_memory_gb=args.gpu_memory,
                            cpu_memory_gb=args.cpu_memory, nvme_gb=args.nvme, precision=args.precision,
-                           activation_memory_gb=args.activation_memory)
+                           activation_memory_gb=activations)
     print(plan.table())
     if plan.recommended is not None:
         print(f"\nRecommended (fastest that fits): {plan.recommended.strategy()}")
