@@ -64,7 +64,7 @@ EXTRA_ROWS = ["cpu_smoke"]
 # Options the parent forwards unchanged to each child.
 FORWARDED = [
     "d_model", "n_layer", "n_head", "vocab", "seq_len", "micro_batch", "warmup", "steps", "seed", "lr",
-    "optimizer", "init_device", "zero_config", "zero_kwargs", "profile", "compile", "grad_ckpt", "mem_trace",
+    "optimizer", "init_device", "zero_config", "zero_kwargs", "profile", "compile", "grad_ckpt", "mem_trace", "raw_config",
 ]
 
 
@@ -312,6 +312,9 @@ def run_raw(args, spec) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    for key, value in json.loads(args.raw_config or "{}").items():  # --raw-config: merged one level deep
+        config[key] = {**config[key], **value} if isinstance(value, dict) and isinstance(config.get(key), dict) \
+            else value
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     if args.compile:
         engine.compile()
@@ -662,6 +665,7 @@ def parent_main(args) -> int:
         "init_device": args.init_device,
         "zero_config": args.zero_config,
         "zero_kwargs": args.zero_kwargs,
+        "raw_config": args.raw_config,
         "grad_ckpt": args.grad_ckpt,
         "compile": args.compile,
         "profile_steps": args.profile,
@@ -746,6 +750,8 @@ def main(argv=None) -> int:
                    help="where the model is built and initialised before the strategy takes it (default cuda)")
     p.add_argument("--zero-config", dest="zero_config", default=None,
                    help="JSON dict passed as ZeroStrategy(config=...) in the zero_* rows")
+    p.add_argument("--raw-config", dest="raw_config", default=None,
+                   help='JSON merged into the raw rows\' DeepSpeed config, e.g. \'{"compile": {"deepcompile": true}}\'')
     p.add_argument("--zero-kwargs", dest="zero_kwargs", default=None,
                    help='JSON dict of extra ZeroStrategy keywords in the zero_* rows, e.g. \'{"pin_memory": true}\'')
     p.add_argument("--grad-ckpt", dest="grad_ckpt", type=int, default=0, choices=[0, 1],
