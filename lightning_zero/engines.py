@@ -13,7 +13,7 @@ import argparse
 import copy
 import inspect
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -297,6 +297,7 @@ class EngineRegistry:
     def __init__(self) -> None:
         self.slots: dict[str, EngineSlot] = {}
         self._by_face: dict[int, EngineSlot] = {}
+        self._pass_owner: EngineSlot | None = None  # the engine whose pass runs, in a multi-engine backward
 
     def __iter__(self) -> Iterator[EngineSlot]:
         return iter(self.slots.values())
@@ -313,6 +314,31 @@ class EngineRegistry:
         slot.params = {id(p) for p in slot.module.parameters()}
         if slot.face is not None:
             self._by_face[id(slot.face)] = slot
+        self._gate_leaf_hooks(slot)
+
+    def _gate_leaf_hooks(self, slot: EngineSlot) -> None:
+        """Make the ZeRO-3 hooks that reduce a fetch unit's gradients (DeepSpeed's leaf modules, see
+        ``tuning.apply_block_fetch``) fire only in their own engine's pass of a multi-engine backward.
+
+        They are full backward hooks on the module, so they fire whenever a backward goes through it, including
+        another engine's pass that only goes through on its way to that engine's parameters (a decoder's blocks in
+        the encoder's pass); DeepSpeed would then reduce the unit's gradients twice. Per-parameter hooks need no
+        gate: ``_backward_reaches_only`` keeps other engines' gradients from accumulating at all. Wrapped in place
+        in the module's hook dict, before any forward captures the hooks."""
+        optimizer = getattr(slot.engine, "optimizer", None)
+        for handle in getattr(optimizer, "_leaf_module_hooks", ()):
+            hooks = handle.hooks_dict_ref()
+            if hooks is None or handle.id not in hooks:
+                continue
+            hooks[handle.id] = self._gated(hooks[handle.id], slot)
+
+    def _gated(self, hook: Callable[..., Any], slot: EngineSlot) -> Callable[..., Any]:
+        def gated(module: nn.Module, grad_input: Any, grad_output: Any) -> Any:
+            if self._pass_owner is None or self._pass_owner is slot:
+                return hook(module, grad_input, grad_output)
+            return None
+
+        return gated
 
     def for_optimizer(self, optimizer: Any) -> EngineSlot:
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # unwrap LightningOptimizer
@@ -342,12 +368,16 @@ class EngineRegistry:
         # parameters, so each engine's ZeRO hooks see exactly the gradients it reduces.
         retain_graph = kwargs.pop("retain_graph", False)
         counters = _Zero3BackwardCounters(m for s in self.slots.values() for m in s.module.modules())
-        for i, slot in enumerate(hit):
-            last = i == len(hit) - 1
-            own = [p for p in slot.module.parameters() if id(p) in reached and p.requires_grad]
-            with _backward_reaches_only(own):
-                _engine_backward(slot.engine, loss, *args, retain_graph=retain_graph or not last, **kwargs)
-            counters.after_pass(last)
+        try:
+            for i, slot in enumerate(hit):
+                last = i == len(hit) - 1
+                own = [p for p in slot.module.parameters() if id(p) in reached and p.requires_grad]
+                self._pass_owner = slot
+                with _backward_reaches_only(own):
+                    _engine_backward(slot.engine, loss, *args, retain_graph=retain_graph or not last, **kwargs)
+                counters.after_pass(last)
+        finally:
+            self._pass_owner = None
 
     def guard_zero_grad(self, lightning_optimizer: Any) -> None:
         """Make ``opt.zero_grad()`` (the ``LightningOptimizer`` of ``self.optimizers()``) refuse to drop gradients

@@ -108,3 +108,114 @@ def test_granularity_threshold_from_the_config_wins(tmp_path):
     result = torch.load(out)
     assert result["units"] == []  # DeepSpeed's per-layer fetching, as asked
     assert max_diff(result["weights"], reference()) <= 1e-5
+
+
+class BlockDistill(L.LightningModule):
+    """A frozen block-structured teacher inside the trained module's engine: its blocks are fetch units too, with no
+    gradients to reduce."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.student = make_block_net(wide_input=True)
+        torch.manual_seed(5)
+        self.teacher = BlockNet(wide_input=True).requires_grad_(False)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return distill_loss(self.student, self.teacher, *batch)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.student.parameters(), lr=LR, weight_decay=0.01)
+
+    def train_dataloader(self) -> Any:
+        return torch.utils.data.DataLoader(RandomDataset(64), batch_size=4, shuffle=False)
+
+
+def distill_loss(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    out = student(x)
+    return nn.functional.mse_loss(out, y) + nn.functional.mse_loss(out, teacher(x))
+
+
+def test_frozen_block_teacher_in_the_engine(tmp_path):
+    out = tmp_path / "result.pt"
+    trainer = cpu_trainer(strategy=ZeroStrategy(stage=3, start_method="spawn"), max_steps=STEPS,
+                          callbacks=[SaveWeightsAndUnits(str(out))])
+    module = BlockDistill()
+    teacher_before = {f"teacher.{k}": v.clone() for k, v in module.teacher.state_dict().items()}
+    trainer.fit(module)
+    result = torch.load(out)
+    assert result["units"] == ["Block"]
+
+    ref = BlockDistill()
+    opt = torch.optim.AdamW(ref.student.parameters(), lr=LR, weight_decay=0.01)
+    batches = _global_batches(RandomDataset(64), 2, 4)
+    for _ in range(STEPS):
+        distill_loss(ref.student, ref.teacher, *next(batches)).backward()
+        opt.step()
+        opt.zero_grad()
+    got = result["weights"]
+    want = {f"student.{k}": v for k, v in ref.student.state_dict().items()}
+    assert max_diff({k: got[k] for k in want}, want) <= 1e-5
+    assert max_diff({k: got[k] for k in teacher_before}, teacher_before) == 0.0
+
+
+class Coder(nn.Module):
+    def __init__(self, n_in: int, n_out: int, width: int = 16) -> None:
+        super().__init__()
+        self.inp = nn.Linear(n_in, width)
+        self.blocks = nn.ModuleList(Block(width) for _ in range(2))
+        self.out = nn.Linear(width, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.out(x)
+
+
+def make_coders() -> tuple[nn.Module, nn.Module, list[torch.optim.Optimizer]]:
+    torch.manual_seed(3)
+    encoder, decoder = Coder(IN, 4), Coder(4, IN)
+    return encoder, decoder, [torch.optim.AdamW(m.parameters(), lr=LR) for m in (encoder, decoder)]
+
+
+class BlockSharedLoss(L.LightningModule):
+    """One loss reaches two engines (encoder, decoder), each of whose blocks is a fetch unit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.encoder, self.decoder, _ = make_coders()
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, _ = batch
+        self.manual_backward(nn.functional.mse_loss(self.decoder(self.encoder(x)), x))
+        for opt in self.optimizers():
+            opt.step()
+            opt.zero_grad()
+
+    def configure_optimizers(self) -> Any:
+        return [torch.optim.AdamW(m.parameters(), lr=LR) for m in (self.encoder, self.decoder)]
+
+    def train_dataloader(self) -> Any:
+        return torch.utils.data.DataLoader(RandomDataset(64), batch_size=4, shuffle=False)
+
+
+def test_one_loss_into_two_engines_with_block_units(tmp_path):
+    out = tmp_path / "result.pt"
+    trainer = cpu_trainer(strategy=ZeroStrategy(stage=3, start_method="spawn"), max_steps=2 * STEPS,
+                          callbacks=[SaveWeightsAndUnits(str(out))])
+    trainer.fit(BlockSharedLoss())
+    result = torch.load(out)
+    assert result["units"] == ["Block"]
+
+    encoder, decoder, opts = make_coders()
+    batches = _global_batches(RandomDataset(64), 2, 4)
+    for _ in range(STEPS):
+        x, _ = next(batches)
+        nn.functional.mse_loss(decoder(encoder(x)), x).backward()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+    want = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    want.update({f"decoder.{k}": v for k, v in decoder.state_dict().items()})
+    assert max_diff(result["weights"], want) <= 1e-5
