@@ -63,7 +63,7 @@ EXTRA_ROWS = ["cpu_smoke"]
 
 # Options the parent forwards unchanged to each child.
 FORWARDED = [
-    "d_model", "n_layer", "n_head", "vocab", "seq_len", "micro_batch", "warmup", "steps", "seed", "lr",
+    "d_model", "n_layer", "n_head", "vocab", "seq_len", "micro_batch", "gpus", "warmup", "steps", "seed", "lr",
     "optimizer", "init_device", "zero_config", "zero_kwargs", "profile", "compile", "grad_ckpt", "mem_trace", "raw_config",
 ]
 
@@ -154,6 +154,14 @@ def _free_port() -> int:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
 def _sync(device) -> None:
     import torch
 
@@ -231,7 +239,7 @@ def make_optimizer(params, kind: str, lr: float):
 def _summarize(args, spec, times, losses, n_params, peak_total, peak_timed) -> dict:
     import statistics
 
-    tokens_per_step = args.micro_batch * args.seq_len
+    tokens_per_step = args.micro_batch * args.seq_len * args.gpus
     t = times[args.warmup - 1:] if args.warmup > 0 else None
     if args.warmup > 0:
         elapsed = t[-1] - t[0]
@@ -273,14 +281,15 @@ def run_raw(args, spec) -> dict:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    device = torch.device("cuda", 0)
+    device = torch.device("cuda", _local_rank())
     torch.cuda.set_device(device)
     deepspeed.init_distributed(dist_backend="nccl", verbose=False)
 
     stage, offload = spec["stage"], spec["offload"]
     total = args.warmup + args.steps
     probe = StepProbe(total, args.profile, device)
-    tokens = make_tokens((total + probe.total_extra) * args.micro_batch, args.seq_len, args.vocab, args.seed, device)
+    tokens = make_tokens((total + probe.total_extra) * args.micro_batch * args.gpus, args.seq_len, args.vocab,
+                         args.seed, device)
 
     model = _build_model(args, device).to(device)
     n_params = count_params(model)
@@ -322,7 +331,9 @@ def run_raw(args, spec) -> dict:
     times, losses = [], []
     peak_before = None
     for i in range(total + probe.total_extra):
-        batch = tokens[i * args.micro_batch:(i + 1) * args.micro_batch]
+        # the rows a DistributedSampler(shuffle=False) gives this rank, as in the Lightning rows
+        start = i * args.micro_batch * args.gpus + _rank()
+        batch = tokens[start:start + args.micro_batch * args.gpus:args.gpus]
         x, y = split_batch(batch)
         probe.step_start(i)
         loss = engine(x, y)
@@ -366,7 +377,7 @@ def run_lightning(args, spec) -> dict:
 
     family, stage, offload = spec["family"], spec["stage"], spec["offload"]
     on_cpu = family == "cpu_smoke"
-    device = torch.device("cpu") if on_cpu else torch.device("cuda", 0)
+    device = torch.device("cpu") if on_cpu else torch.device("cuda", _local_rank())
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
@@ -404,7 +415,8 @@ def run_lightning(args, spec) -> dict:
         torch.cuda.set_device(device)
     total = args.warmup + args.steps
     probe = StepProbe(total, args.profile, device)
-    tokens = make_tokens((total + probe.total_extra) * args.micro_batch, args.seq_len, args.vocab, args.seed, device)
+    tokens = make_tokens((total + probe.total_extra) * args.micro_batch * args.gpus, args.seq_len, args.vocab,
+                         args.seed, device)
     opt_kind = "torch_adamw" if on_cpu else _optimizer_kind(args, spec)
 
     class TokenRows(Dataset):
@@ -469,7 +481,7 @@ def run_lightning(args, spec) -> dict:
     timer = StepTimer(args.warmup)
     trainer = L.Trainer(
         accelerator="cpu" if on_cpu else "gpu",
-        devices=1,
+        devices=args.gpus,
         precision="bf16-mixed",
         strategy=strategy,
         max_steps=total + probe.total_extra,
@@ -480,7 +492,7 @@ def run_lightning(args, spec) -> dict:
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
-        use_distributed_sampler=False,
+        use_distributed_sampler=args.gpus > 1,  # DistributedSampler(shuffle=False): rank r gets rows r, r+N, ...
         callbacks=[timer],
     )
     # --compile: FSDP and the built-in strategy get the compiled LightningModule (Lightning refuses it for the built-in
@@ -538,7 +550,8 @@ def child_main(args) -> int:
         result["env"] = env_info(probe_zero=result.get("family") == "zero")
     except Exception as e:  # noqa: BLE001
         result["env"] = {"error": repr(e)}
-    print(RESULT_MARK + json.dumps(result, default=str), flush=True)
+    if _rank() == 0:  # with --gpus N every rank runs the row; rank 0 reports
+        print(RESULT_MARK + json.dumps(result, default=str), flush=True)
     return 0
 
 
@@ -549,6 +562,8 @@ def child_main(args) -> int:
 
 def _child_cmd(args, row: str) -> list[str]:
     cmd = [sys.executable, os.path.abspath(__file__), "--row", row]
+    if args.gpus > 1 and row != ENV_ROW:  # one process per GPU, started by torchrun; every row sees the same env
+        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}"]
     for name in FORWARDED:
         val = getattr(args, name)
         if val is None:
@@ -656,7 +671,8 @@ def parent_main(args) -> int:
         "model": cfg.as_dict(),
         "params": n_params,
         "micro_batch": args.micro_batch,
-        "tokens_per_step": args.micro_batch * args.seq_len,
+        "gpus": args.gpus,
+        "tokens_per_step": args.micro_batch * args.seq_len * args.gpus,
         "warmup_steps": args.warmup,
         "timed_steps": args.steps,
         "seed": args.seed,
@@ -738,7 +754,10 @@ def main(argv=None) -> int:
     p.add_argument("--n-head", dest="n_head", type=int, default=16)
     p.add_argument("--vocab", type=int, default=50304)
     p.add_argument("--seq-len", dest="seq_len", type=int, default=1024)
-    p.add_argument("--micro-batch", dest="micro_batch", type=int, default=8)
+    p.add_argument("--micro-batch", dest="micro_batch", type=int, default=8, help="sequences per GPU per step")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="GPUs of this machine per row (N > 1: each row runs under torchrun, one process per GPU,"
+                        " tokens/s counts all of them; the raw rows take the rows a DistributedSampler gives)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     p.add_argument("--steps", type=int, default=50, help="timed steps (default 50)")
     p.add_argument("--seed", type=int, default=1234)
