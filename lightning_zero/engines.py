@@ -298,6 +298,7 @@ class EngineRegistry:
         self.slots: dict[str, EngineSlot] = {}
         self._by_face: dict[int, EngineSlot] = {}
         self._pass_owner: EngineSlot | None = None  # the engine whose pass runs, in a multi-engine backward
+        self._unit_calls: dict[int, int] = {}  # forward calls of each fetch unit since its last backward
 
     def __iter__(self) -> Iterator[EngineSlot]:
         return iter(self.slots.values())
@@ -318,11 +319,12 @@ class EngineRegistry:
 
     def _gate_leaf_hooks(self, slot: EngineSlot) -> None:
         """Make the ZeRO-3 hooks that reduce a fetch unit's gradients (DeepSpeed's leaf modules, see
-        ``tuning.apply_block_fetch``) fire only in their own engine's pass of a multi-engine backward.
+        ``tuning.apply_block_fetch``) fire only in their own engine's backward.
 
         They are full backward hooks on the module, so they fire whenever a backward goes through it, including
-        another engine's pass that only goes through on its way to that engine's parameters (a decoder's blocks in
-        the encoder's pass); DeepSpeed would then reduce the unit's gradients twice. Per-parameter hooks need no
+        another engine's backward that only goes through on its way to that engine's parameters (a decoder's blocks
+        in the encoder's pass of a shared loss, a toggled discriminator in the generator's step); DeepSpeed would
+        then reduce the unit's gradients (as zeros where there are none) outside its own backward. Per-parameter hooks need no
         gate: ``_backward_reaches_only`` keeps other engines' gradients from accumulating at all. Wrapped in place
         in the module's hook dict, before any forward captures the hooks."""
         optimizer = getattr(slot.engine, "optimizer", None)
@@ -330,15 +332,49 @@ class EngineRegistry:
             hooks = handle.hooks_dict_ref()
             if hooks is None or handle.id not in hooks:
                 continue
-            hooks[handle.id] = self._gated(hooks[handle.id], slot)
+            name, unit = next(((n, m) for n, m in slot.module.named_modules() if m._backward_hooks is hooks),
+                              (None, None))
+            if unit is None:
+                continue
+            hooks[handle.id] = self._gated(hooks[handle.id], slot, id(unit))
+            unit.register_forward_hook(self._counter(f"{slot.name}.{name}" if name else slot.name))
 
-    def _gated(self, hook: Callable[..., Any], slot: EngineSlot) -> Callable[..., Any]:
+    def _gated(self, hook: Callable[..., Any], slot: EngineSlot, unit: int) -> Callable[..., Any]:
         def gated(module: nn.Module, grad_input: Any, grad_output: Any) -> Any:
             if self._pass_owner is None or self._pass_owner is slot:
+                self._unit_calls[unit] = 0
                 return hook(module, grad_input, grad_output)
             return None
 
         return gated
+
+    def _counter(self, name: str) -> Callable[..., None]:
+        """A forward hook that refuses a fetch unit's second call before its backward: DeepSpeed reduces a leaf
+        module's gradients in one hook per backward through it, so a second call would reduce them twice (and end in
+        a DeepSpeed assertion). Only calls whose output needs a gradient count: not validation or no_grad, not a
+        frozen (toggled) model, not recomputation during the backward (activation checkpointing)."""
+
+        def count(module: nn.Module, args: Any, output: Any) -> None:
+            if torch._C._current_graph_task_id() != -1 or not any(
+                    isinstance(t, Tensor) and t.requires_grad for t in torch.utils._pytree.tree_leaves(output)):
+                return
+            calls = self._unit_calls.get(id(module), 0) + 1
+            self._unit_calls[id(module)] = calls
+            if calls > 1:
+                self._unit_calls[id(module)] = 0
+                raise ValueError(
+                    f"ZeroStrategy(stage=3): {name} ({type(module).__name__}) ran a second time before the backward of"
+                    " its first call. Stage 3 gathers each such block as one unit (a DeepSpeed leaf module), which"
+                    " supports one call per forward. Call it once (e.g. on the concatenated inputs), or fetch layer by"
+                    " layer, which supports reuse: ZeroStrategy(..., config={'zero_optimization':"
+                    " {'stage3_module_granularity_threshold': 0}}) (and no 'leaf_module' section)."
+                )
+
+        return count
+
+    def reset_unit_calls(self) -> None:
+        """Forget forward calls whose outputs never reached a backward (called at the start of each batch)."""
+        self._unit_calls.clear()
 
     def for_optimizer(self, optimizer: Any) -> EngineSlot:
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # unwrap LightningOptimizer
@@ -361,8 +397,12 @@ class EngineRegistry:
             raise RuntimeError("The loss passed to backward does not depend on any trainable parameter.")
         for slot in hit:
             slot.pending = True
-        if len(hit) == 1:
-            _engine_backward(hit[0].engine, loss, *args, **kwargs)
+        if len(hit) == 1:  # e.g. a GAN's generator step: the backward also goes through the toggled discriminator
+            self._pass_owner = hit[0]
+            try:
+                _engine_backward(hit[0].engine, loss, *args, **kwargs)
+            finally:
+                self._pass_owner = None
             return
         # One loss, several engines: one backward per engine over the same graph, each reaching only its own
         # parameters, so each engine's ZeRO hooks see exactly the gradients it reduces.

@@ -479,16 +479,21 @@ class ZeroStrategy(ParallelStrategy):
                 self.lr_scheduler_configs = [LRSchedulerConfig(slot.engine.lr_scheduler, interval="step")]
                 slot.engine.lr_scheduler = None
             return
-        for assignment in assign_models(self.lightning_module, optimizers):
+        assignments = list(assign_models(self.lightning_module, optimizers))
+        # Several models with their own optimizers (GANs, distillation of several students) keep DeepSpeed's
+        # per-layer fetching at stage 3: they often call a network twice per step (a discriminator on real and on
+        # generated data), which one-unit blocks do not support (see EngineRegistry._counter).
+        block_fetch = sum(a.optimizer_index is not None for a in assignments) <= 1
+        for assignment in assignments:
             module = assignment.as_module(self.lightning_module)
             face = None if assignment.optimizer_index is None else optimizers[assignment.optimizer_index]
-            self._add_slot(assignment.name, module, face)
+            self._add_slot(assignment.name, module, face, block_fetch=block_fetch)
         self.optimizers, self.lr_scheduler_configs = optimizers, schedulers
         for lightning_optimizer in self._lightning_optimizers:
             self.engines.guard_zero_grad(lightning_optimizer)
 
-    def _add_slot(self, name: str, module: Module, face: torch.optim.Optimizer | None, trainable: bool = False
-                  ) -> EngineSlot:
+    def _add_slot(self, name: str, module: Module, face: torch.optim.Optimizer | None, trainable: bool = False,
+                  block_fetch: bool = True) -> EngineSlot:
         assert self.ds_config is not None
         train = face is not None or trainable
         config = self.ds_config if train else cfg.inference_config(self.ds_config)
@@ -500,9 +505,10 @@ class ZeroStrategy(ParallelStrategy):
         device_index = self.root_device.index if self.root_device.type == "cuda" else -1
         if self.stage == 3:
             offload.partition_for_nvme(module, config, self.root_device.type)
-            config, note = apply_block_fetch(config, module)
-            if note:
-                rank_zero_info(note)
+            if block_fetch:
+                config, note = apply_block_fetch(config, module)
+                if note:
+                    rank_zero_info(note)
         # the optimizer DeepSpeed steps: a clone of the face, or DeepSpeedCPUAdam when the optimizer is offloaded
         optimizer = offload.build_stepped_optimizer(face, config) if face is not None else None
         engine = build_engine(module, config, optimizer, device_index, train=train)
@@ -560,6 +566,11 @@ class ZeroStrategy(ParallelStrategy):
         if isinstance(tensor, Tensor):
             return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
         return tensor
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        self.engines.reset_unit_calls()  # a new batch: earlier forwards without a backward do not count
+        return super().training_step(*args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Weights and checkpoints

@@ -202,7 +202,8 @@ class BlockSharedLoss(L.LightningModule):
 
 def test_one_loss_into_two_engines_with_block_units(tmp_path):
     out = tmp_path / "result.pt"
-    trainer = cpu_trainer(strategy=ZeroStrategy(stage=3, start_method="spawn"), max_steps=2 * STEPS,
+    trainer = cpu_trainer(strategy=ZeroStrategy(stage=3, config=LEAF_BLOCKS, start_method="spawn"),
+                          max_steps=2 * STEPS,
                           callbacks=[SaveWeightsAndUnits(str(out))])
     trainer.fit(BlockSharedLoss())
     result = torch.load(out)
@@ -219,3 +220,115 @@ def test_one_loss_into_two_engines_with_block_units(tmp_path):
     want = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
     want.update({f"decoder.{k}": v for k, v in decoder.state_dict().items()})
     assert max_diff(result["weights"], want) <= 1e-5
+
+
+class BlockGAN(L.LightningModule):
+    """Two engines; the generator's step goes back through the toggled, block-structured discriminator."""
+
+    def __init__(self, once: bool) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.once = once
+        self.g, self.d = make_gan_coders()
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt_g, opt_d = self.optimizers()
+        x, _ = batch
+        for opt, which in ((opt_d, 0), (opt_g, 1)):
+            self.toggle_optimizer(opt)
+            self.manual_backward(gan_loss(self.g, self.d, x, self.once, which))
+            opt.step()
+            opt.zero_grad()
+            self.untoggle_optimizer(opt)
+
+    def configure_optimizers(self) -> Any:
+        return [torch.optim.AdamW(m.parameters(), lr=LR) for m in (self.g, self.d)]
+
+    def train_dataloader(self) -> Any:
+        return torch.utils.data.DataLoader(RandomDataset(64), batch_size=4, shuffle=False)
+
+
+def make_gan_coders() -> tuple[nn.Module, nn.Module]:
+    encoder, decoder, _ = make_coders()
+    return decoder, encoder  # generator: 4 -> IN; discriminator: IN -> 4
+
+
+def gan_loss(g: nn.Module, d: nn.Module, x: torch.Tensor, once: bool, which: int) -> torch.Tensor:
+    """The discriminator's (which=0) or the generator's (1) loss; the "noise" is a function of the batch."""
+    fake = g(torch.tanh(x)[:, :4])
+    if which == 1:
+        return d(fake).pow(2).mean()
+    if once:  # the discriminator runs once, on real and generated data together
+        both = d(torch.cat([x, fake.detach()]))
+        return both[:len(x)].pow(2).mean() + (both[len(x):] - 1).pow(2).mean()
+    return d(x).pow(2).mean() + (d(fake.detach()) - 1).pow(2).mean()
+
+
+LEAF_BLOCKS = {"zero_optimization": {"leaf_module": {"classes": ["Block"]}}}
+
+
+@pytest.mark.parametrize(("config", "once", "units"), [
+    (None, False, []),  # several trained models keep per-layer fetching by default: D runs twice per step
+    (LEAF_BLOCKS, True, ["Block"]),  # units asked for: the generator's step goes through D's units without reducing
+])
+def test_gan_with_a_block_discriminator(tmp_path, config, once, units):
+    out = tmp_path / "result.pt"
+    trainer = cpu_trainer(strategy=ZeroStrategy(stage=3, config=config, start_method="spawn"), max_steps=2 * STEPS,
+                          callbacks=[SaveWeightsAndUnits(str(out))])
+    trainer.fit(BlockGAN(once))
+    result = torch.load(out)
+    assert result["units"] == units
+
+    g, d = make_gan_coders()
+    opt_g, opt_d = (torch.optim.AdamW(m.parameters(), lr=LR) for m in (g, d))
+    batches = _global_batches(RandomDataset(64), 2, 4)
+    for _ in range(STEPS):
+        x, _ = next(batches)
+        for opt, which, frozen in ((opt_d, 0, g), (opt_g, 1, d)):
+            frozen.requires_grad_(False)  # Lightning's toggle_optimizer
+            gan_loss(g, d, x, once, which).backward()
+            opt.step()
+            opt.zero_grad()
+            frozen.requires_grad_(True)
+    want = {f"g.{k}": v for k, v in g.state_dict().items()}
+    want.update({f"d.{k}": v for k, v in d.state_dict().items()})
+    assert max_diff(result["weights"], want) <= 1e-5
+
+
+class TwiceRegressor(Regressor):
+    """A siamese-style loss: the same blocks run on two views before one backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_block_net(wide_input=True)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y) + nn.functional.mse_loss(self(0.5 * x), y)
+
+
+def test_a_block_called_twice_gets_a_clear_error(tmp_path):
+    trainer = cpu_trainer(strategy=ZeroStrategy(stage=3, start_method="spawn"), max_steps=2)
+    with pytest.raises(Exception, match=r"net\.blocks\.0 \(Block\) ran a second time before the backward of its first"
+                                        r" call(.|\n)*stage3_module_granularity_threshold': 0"):
+        trainer.fit(TwiceRegressor())
+
+
+def test_a_block_called_twice_trains_with_per_layer_fetching(tmp_path):
+    out = tmp_path / "result.pt"
+    config = {"zero_optimization": {"stage3_module_granularity_threshold": 0}}  # the fix the message names
+    trainer = cpu_trainer(strategy=ZeroStrategy(stage=3, config=config, start_method="spawn"), max_steps=STEPS,
+                          callbacks=[SaveWeightsAndUnits(str(out))])
+    trainer.fit(TwiceRegressor())
+    result = torch.load(out)
+    assert result["units"] == []
+
+    ref = TwiceRegressor()
+    opt = torch.optim.AdamW(ref.net.parameters(), lr=LR, weight_decay=0.01)
+    batches = _global_batches(RandomDataset(64), 2, 4)
+    for _ in range(STEPS):
+        x, y = next(batches)
+        (nn.functional.mse_loss(ref.net(x), y) + nn.functional.mse_loss(ref.net(0.5 * x), y)).backward()
+        opt.step()
+        opt.zero_grad()
+    assert max_diff(result["weights"], {f"net.{k}": v for k, v in ref.net.state_dict().items()}) <= 1e-5
