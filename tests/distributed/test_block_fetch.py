@@ -332,3 +332,35 @@ def test_a_block_called_twice_trains_with_per_layer_fetching(tmp_path):
         opt.step()
         opt.zero_grad()
     assert max_diff(result["weights"], {f"net.{k}": v for k, v in ref.net.state_dict().items()}) <= 1e-5
+
+
+class BlockPredictor(L.LightningModule):
+    """Inference at stage 3 (an engine without an optimizer): the blocks are fetch units in the forward only."""
+
+    def __init__(self, out: str) -> None:
+        super().__init__()
+        self.out, self.predictions = out, []
+        self.net = make_block_net(wide_input=True)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.predictions.append(self.net(batch[0]))
+        return self.predictions[-1]
+
+    def on_predict_end(self) -> None:
+        units = sorted({type(m).__name__ for m in self.modules() if getattr(m, "_z3_leaf", False)})
+        torch.save({"units": units, "predictions": torch.cat(self.predictions)}, f"{self.out}.{self.global_rank}")
+
+    def predict_dataloader(self) -> Any:
+        return torch.utils.data.DataLoader(RandomDataset(16), batch_size=4)
+
+
+def test_predict_with_block_units(tmp_path):
+    trainer = cpu_trainer(strategy=ZeroStrategy(stage=3, start_method="spawn"))
+    out = str(tmp_path / "result.pt")
+    trainer.predict(BlockPredictor(out))
+    with torch.no_grad():
+        want = make_block_net(wide_input=True)(RandomDataset(16).x)
+    for rank in (0, 1):  # each rank predicts its share of the rows (DistributedSampler without shuffling)
+        result = torch.load(f"{out}.{rank}")
+        assert result["units"] == ["Block"]
+        assert torch.allclose(result["predictions"], want[rank::2], atol=1e-6)
