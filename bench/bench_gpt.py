@@ -169,7 +169,7 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _mem_trace(args, spec, when: str) -> None:
+def _mem_trace(args, when: str) -> None:
     """--mem-trace DIR: record the CUDA allocator's history over the timed steps and dump it to DIR/<row>.pickle
     (read it with mem_peak.py, or https://pytorch.org/memory_viz). Recording slows the steps: use it in a separate run
     with few --steps, never for the throughput figures."""
@@ -181,9 +181,7 @@ def _mem_trace(args, spec, when: str) -> None:
         torch.cuda.memory._record_memory_history(max_entries=1_000_000)
         return
     os.makedirs(args.mem_trace, exist_ok=True)
-    name = f"{spec['family']}_z{spec['stage']}{'_offload' if spec['offload'] else ''}" if spec["stage"] else \
-        spec["family"]
-    torch.cuda.memory._dump_snapshot(os.path.join(args.mem_trace, f"{name}.pickle"))
+    torch.cuda.memory._dump_snapshot(os.path.join(args.mem_trace, f"{args.row}.pickle"))
     torch.cuda.memory._record_memory_history(enabled=None)
 
 
@@ -350,10 +348,10 @@ def run_raw(args, spec) -> dict:
         if i + 1 == args.warmup:
             peak_before = torch.cuda.max_memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
-            _mem_trace(args, spec, "start")
+            _mem_trace(args, "start")
         if i + 1 == total:
             peak_timed = torch.cuda.max_memory_allocated(device)
-            _mem_trace(args, spec, "dump")
+            _mem_trace(args, "dump")
     peak_total = max(peak_before or 0, peak_timed)
     out = _summarize(args, spec, times, losses, n_params, peak_total, peak_timed if args.warmup else None)
     out.update(probe.result)
@@ -470,10 +468,10 @@ def run_lightning(args, spec) -> dict:
             if not on_cpu and len(self.times) == self.warmup:
                 self.peak_before = torch.cuda.max_memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
-                _mem_trace(args, spec, "start")
+                _mem_trace(args, "start")
             if not on_cpu and len(self.times) == total:
                 self.peak_timed = torch.cuda.max_memory_allocated(device)
-                _mem_trace(args, spec, "dump")
+                _mem_trace(args, "dump")
 
     module = GPTModule()
     n_params = count_params(module.model)

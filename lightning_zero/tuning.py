@@ -126,7 +126,11 @@ def block_fetch_threshold(module: nn.Module) -> tuple[int, list[nn.Module]] | No
     unit, and the units it makes; None when ``module`` has no repeated blocks or the threshold cannot single them
     out (a module above a block would fall under it too, and the unit would grow to the whole model)."""
     granularity = _granularities(module)
-    blocks = [b for _, b in _repeated_blocks(module, granularity)]
+    return _threshold(module, granularity, [b for _, b in _repeated_blocks(module, granularity)])
+
+
+def _threshold(module: nn.Module, granularity: dict[int, int], blocks: list[nn.Module]
+               ) -> tuple[int, list[nn.Module]] | None:
     if not blocks:
         return None
     threshold = max(granularity[id(b)] for b in blocks)
@@ -159,15 +163,16 @@ def apply_block_fetch(config: dict[str, Any], module: nn.Module) -> tuple[dict[s
     zero = config.get("zero_optimization") or {}
     if int(zero.get("stage", 0)) != 3 or "stage3_module_granularity_threshold" in zero or "leaf_module" in zero:
         return config, None
-    found = block_fetch_threshold(module)
+    granularity = _granularities(module)
+    named = _repeated_blocks(module, granularity)
+    if not named:
+        return config, None
+    found = _threshold(module, granularity, [b for _, b in named])
     if found is not None:
         threshold, units = found
         setting = {"stage3_module_granularity_threshold": threshold}
         how = f"zero_optimization.stage3_module_granularity_threshold={threshold}; set it to 0"
     else:
-        named = _repeated_blocks(module, _granularities(module))
-        if not named:
-            return config, None
         units = [b for _, b in named]
         setting = {"leaf_module": {"names": [n for n, _ in named]}}
         how = "zero_optimization.leaf_module; set zero_optimization.leaf_module to {}"
