@@ -87,20 +87,29 @@ def reference_weights(world_size: int, steps: int, accumulate: int, clip: float 
     net = module.net
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5) if scheduler else None
-    data = RandomDataset(n)
-    batches = _global_batches(data, world_size, batch_size)
+    train_plain(lambda x, y: nn.functional.mse_loss(net(x), y), opt, steps, accumulate=accumulate, clip=clip,
+                scheduler=sched, data=RandomDataset(n), world_size=world_size, batch_size=batch_size)
+    return {f"net.{k}": v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def train_plain(loss_fn: Any, optimizer: torch.optim.Optimizer, steps: int, *, accumulate: int = 1,
+                clip: float | None = None, scheduler: Any = None, data: Dataset | None = None, world_size: int = 2,
+                batch_size: int = 4) -> None:
+    """The single-process PyTorch loop the parity tests compare with: ``loss_fn(x, y)`` over the global
+    micro-batches the ranks see together (``RandomDataset(64)`` unless ``data``), divided by ``accumulate``;
+    clipping over the optimizer's parameters, then step, zero_grad and the scheduler, once per optimizer step."""
+    batches = _global_batches(data if data is not None else RandomDataset(64), world_size, batch_size)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     for _ in range(steps):
         for _ in range(accumulate):
             x, y = next(batches)
-            loss = nn.functional.mse_loss(net(x), y) / accumulate
-            loss.backward()
+            (loss_fn(x, y) / accumulate).backward()
         if clip:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
-        opt.step()
-        opt.zero_grad()
-        if sched is not None:
-            sched.step()
-    return {f"net.{k}": v.detach().clone() for k, v in net.state_dict().items()}
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        optimizer.zero_grad()
+        if scheduler is not None:
+            scheduler.step()
 
 
 class SaveFullWeights(L.Callback):

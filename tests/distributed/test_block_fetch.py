@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from helpers import IN, OUT, RandomDataset, Regressor, _global_batches, cpu_trainer, max_diff
+from helpers import IN, OUT, RandomDataset, Regressor, _global_batches, cpu_trainer, max_diff, train_plain
 from lightning_zero import ZeroStrategy
 
 pytestmark = pytest.mark.distributed
@@ -70,16 +70,10 @@ class SaveWeightsAndUnits(L.Callback):
             torch.save({"weights": state, "units": units}, self.path)
 
 
-def reference(wide_input: bool = False, world_size: int = 2, batch_size: int = 4) -> dict[str, torch.Tensor]:
+def reference(wide_input: bool = False) -> dict[str, torch.Tensor]:
     net = make_block_net(wide_input=wide_input)
     opt = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=0.01)
-    batches = _global_batches(RandomDataset(64), world_size, batch_size)
-    for _ in range(STEPS):
-        for _ in range(ACCUMULATE):
-            x, y = next(batches)
-            (nn.functional.mse_loss(net(x), y) / ACCUMULATE).backward()
-        opt.step()
-        opt.zero_grad()
+    train_plain(lambda x, y: nn.functional.mse_loss(net(x), y), opt, STEPS, accumulate=ACCUMULATE)
     return {f"net.{k}": v.detach().clone() for k, v in net.state_dict().items()}
 
 
@@ -147,11 +141,7 @@ def test_frozen_block_teacher_in_the_engine(tmp_path):
 
     ref = BlockDistill()
     opt = torch.optim.AdamW(ref.student.parameters(), lr=LR, weight_decay=0.01)
-    batches = _global_batches(RandomDataset(64), 2, 4)
-    for _ in range(STEPS):
-        distill_loss(ref.student, ref.teacher, *next(batches)).backward()
-        opt.step()
-        opt.zero_grad()
+    train_plain(lambda x, y: distill_loss(ref.student, ref.teacher, x, y), opt, STEPS)
     got = result["weights"]
     want = {f"student.{k}": v for k, v in ref.student.state_dict().items()}
     assert max_diff({k: got[k] for k in want}, want) <= 1e-5
@@ -325,12 +315,8 @@ def test_a_block_called_twice_trains_with_per_layer_fetching(tmp_path):
 
     ref = TwiceRegressor()
     opt = torch.optim.AdamW(ref.net.parameters(), lr=LR, weight_decay=0.01)
-    batches = _global_batches(RandomDataset(64), 2, 4)
-    for _ in range(STEPS):
-        x, y = next(batches)
-        (nn.functional.mse_loss(ref.net(x), y) + nn.functional.mse_loss(ref.net(0.5 * x), y)).backward()
-        opt.step()
-        opt.zero_grad()
+    train_plain(lambda x, y: nn.functional.mse_loss(ref.net(x), y) + nn.functional.mse_loss(ref.net(0.5 * x), y),
+                opt, STEPS)
     assert max_diff(result["weights"], {f"net.{k}": v for k, v in ref.net.state_dict().items()}) <= 1e-5
 
 

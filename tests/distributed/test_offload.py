@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import IN, OUT, RandomDataset, Regressor, SaveFullWeights, _global_batches, cpu_trainer, make_net, \
-    max_diff, reference_weights
+from helpers import IN, OUT, Regressor, SaveFullWeights, cpu_trainer, make_net, max_diff, reference_weights, \
+    train_plain
 from lightning_zero import ZeroStrategy
 
 pytestmark = pytest.mark.distributed
@@ -93,14 +93,7 @@ class EagerWideRegressor(Regressor):
 def wide_reference() -> dict[str, torch.Tensor]:
     net = make_wide_net()
     opt = torch.optim.AdamW(net.parameters(), lr=WIDE_LR, weight_decay=0.01)
-    batches = _global_batches(RandomDataset(64), world_size=2, batch_size=4)
-    for _ in range(STEPS):
-        for _ in range(ACCUMULATE):
-            x, y = next(batches)
-            (nn.functional.mse_loss(net(x), y) / ACCUMULATE).backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), CLIP)
-        opt.step()
-        opt.zero_grad()
+    train_plain(lambda x, y: nn.functional.mse_loss(net(x), y), opt, STEPS, accumulate=ACCUMULATE, clip=CLIP)
     return {f"net.{k}": v.detach().clone() for k, v in net.state_dict().items()}
 
 
@@ -181,14 +174,7 @@ def test_other_optimizer_offloaded_as_is_when_the_config_allows_it(tmp_path, cap
                       SGDRegressor())
     net = make_net()
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    batches = _global_batches(RandomDataset(64), world_size=2, batch_size=4)
-    for _ in range(STEPS):
-        for _ in range(ACCUMULATE):
-            x, y = next(batches)
-            (nn.functional.mse_loss(net(x), y) / ACCUMULATE).backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), CLIP)
-        opt.step()
-        opt.zero_grad()
+    train_plain(lambda x, y: nn.functional.mse_loss(net(x), y), opt, STEPS, accumulate=ACCUMULATE, clip=CLIP)
     assert max_diff(got, {f"net.{k}": v for k, v in net.state_dict().items()}) <= 1e-5
     captured = capfd.readouterr()
     assert "your SGD steps there as it is (\"zero_force_ds_cpu_optimizer\": false)" in captured.out + captured.err
