@@ -404,7 +404,7 @@ def run_lightning(args, spec) -> dict:
         if args.zero_kwargs:
             kw.update(json.loads(args.zero_kwargs))
         if args.compile:
-            kw["compile"] = True
+            kw.setdefault("compile", True)  # --zero-kwargs '{"compile": "deepcompile"}' picks DeepCompile instead
         strategy = ZeroStrategy(**kw)
     else:
         strategy = "auto"

@@ -6,6 +6,12 @@ LightningModule itself would not help anyway: Lightning reroutes ``training_step
 the networks instead, in place (``nn.Module.compile``): each engine's model, or, where an engine wraps the whole
 LightningModule (or a group of submodules), each of its direct children that holds parameters. User code keeps
 calling ``self.net(x)`` and gets the compiled version. Metrics and parameter-free children are left alone.
+
+``ZeroStrategy(compile="deepcompile")`` (or ``"compile": {"deepcompile": true}`` in the DeepSpeed config) compiles the
+same networks with DeepSpeed's DeepCompile backend instead, through ``DeepSpeedEngine.compile()``: the ZeRO
+gathers, releases, reductions and prefetches become operations of the compiled graph rather than module hooks. The
+engine keeps running each step's forward (Lightning's training_step goes through ``DeepSpeedEngine.forward``, which
+advances DeepCompile's pass schedule), so DeepCompile needs one trained engine that wraps the whole LightningModule.
 """
 
 from __future__ import annotations
@@ -18,32 +24,35 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["compile_models", "explain_compiled_modules", "resolve_compile"]
+__all__ = ["check_deepcompile", "check_deepcompile_runtime", "check_loss_from_compiled_graph", "compile_models",
+           "deepcompile_engine", "explain_compiled_modules", "resolve_compile"]
+
+DEEPCOMPILE_BACKENDS = ("inductor", "eager")  # the backends DeepSpeedEngine.compile accepts with DeepCompile
 
 
 def _compile_parameters() -> list[str]:
     return [p for p in inspect.signature(torch.compile).parameters if p != "model"]
 
 
-def resolve_compile(value: Any) -> dict[str, Any] | None:
-    """``compile=`` -> the keyword arguments for ``torch.compile``, or None when off. Raises on bad input."""
+def resolve_compile(value: Any, config: Mapping[str, Any] | None = None) -> tuple[dict[str, Any] | None, bool]:
+    """``compile=`` (and the DeepSpeed config) -> ``(torch.compile keyword arguments or None when off, deepcompile)``.
+
+    ``compile="deepcompile"``, or ``"compile": {"deepcompile": true}`` in the config, selects DeepCompile; a dict of
+    ``torch.compile`` keyword arguments then still applies (e.g. ``backend="eager"``). Raises on bad input."""
+    deepcompile = bool(((config or {}).get("compile") or {}).get("deepcompile", False))
+    if isinstance(value, str) and value.lower() in ("deepcompile", "deepspeed"):
+        return {}, True
     if value is None or value is False:
-        return None
+        return ({} if deepcompile else None), deepcompile
     if value is True:
-        return {}
+        return {}, deepcompile
     if isinstance(value, str):
-        if value.lower() in ("deepcompile", "deepspeed"):
-            raise ValueError(
-                f"ZeroStrategy(compile={value!r}): DeepSpeed's DeepCompile is not supported. It compiles the graph"
-                " that DeepSpeedEngine.forward runs, while Lightning calls training_step through a per-step patched"
-                " forward and multi-model modules call their submodules directly, so the engine never sees the"
-                " graph it compiled. Use ZeroStrategy(compile=True) (torch.compile of your networks) instead."
-            )
-        raise ValueError(f"ZeroStrategy(compile={value!r}) is not supported. Use compile=True, or a dict of"
-                         " torch.compile keyword arguments such as compile={'mode': 'max-autotune'}.")
+        raise ValueError(f"ZeroStrategy(compile={value!r}) is not supported. Use compile=True (torch.compile),"
+                         " compile='deepcompile' (DeepSpeed's DeepCompile), or a dict of torch.compile keyword"
+                         " arguments such as compile={'mode': 'max-autotune'}.")
     if not isinstance(value, Mapping):
-        raise TypeError(f"ZeroStrategy(compile=...) must be True/False or a dict of torch.compile keyword arguments,"
-                        f" got {type(value).__name__}: {value!r}")
+        raise TypeError(f"ZeroStrategy(compile=...) must be True/False, 'deepcompile' or a dict of torch.compile"
+                        f" keyword arguments, got {type(value).__name__}: {value!r}")
     allowed = _compile_parameters()
     unknown = [k for k in value if k not in allowed]
     if unknown:
@@ -53,7 +62,94 @@ def resolve_compile(value: Any) -> dict[str, Any] | None:
             hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ValueError(f"ZeroStrategy(compile={dict(value)!r}): unknown torch.compile argument(s) {', '.join(hints)}."
                          f" torch.compile accepts: {', '.join(allowed)}.")
-    return dict(value)
+    return dict(value), deepcompile
+
+
+def check_deepcompile(stage: int | None, kwargs: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+    """What DeepCompile cannot run, refused before any process starts (``stage`` None: decided later, "auto")."""
+    if stage == 0:
+        raise ValueError("ZeroStrategy(compile='deepcompile') needs ZeRO stage 1, 2 or 3 (stage is 0): DeepCompile"
+                         " compiles ZeRO's partitioning into the graph. Use stage=1/2/3, or compile=True for"
+                         " torch.compile.")
+    backend = kwargs.get("backend", "inductor")
+    if backend not in DEEPCOMPILE_BACKENDS:
+        raise ValueError(f"ZeroStrategy(compile={dict(kwargs)!r}) with DeepCompile: backend {backend!r} is not"
+                         f" supported; DeepCompile runs its passes on {' or '.join(map(repr, DEEPCOMPILE_BACKENDS))}.")
+    if stage == 1 and int(config.get("gradient_accumulation_steps") or 1) > 1:
+        raise ValueError(f"ZeroStrategy(stage=1, compile='deepcompile') with Trainer(accumulate_grad_batches="
+                         f"{config['gradient_accumulation_steps']}): DeepSpeed's stage-1 DeepCompile aborts the process"
+                         " when gradients are accumulated (measured with DeepSpeed 0.19.8 on an H100). Use stage=2 or 3,"
+                         " accumulate_grad_batches=1, or compile=True (torch.compile).")
+    zero = config.get("zero_optimization") or {}
+    for section in ("offload_optimizer", "offload_param"):
+        device = (zero.get(section) or {}).get("device")
+        if device == "nvme":
+            raise ValueError(f"DeepCompile does not support NVMe offload (zero_optimization.{section}.device is"
+                             " 'nvme'). Offload to 'cpu', or train without compile='deepcompile'.")
+
+
+def check_deepcompile_runtime(device: torch.device) -> None:
+    """DeepCompile's native runtime is CUDA only (DeepSpeed's ``is_deepcompile_supported``)."""
+    from deepspeed.compile.util import is_deepcompile_supported
+
+    if device.type != "cuda" or not is_deepcompile_supported():
+        raise ValueError(f"ZeroStrategy(compile='deepcompile') needs CUDA GPUs and torch >= 2.6: DeepSpeed's"
+                         f" DeepCompile runtime is CUDA only, and this run's device is {str(device)!r}"
+                         f" (torch {torch.__version__}). Use compile=True (torch.compile) here.")
+
+
+# autograd nodes that may sit between the compiled graph's scalar output and the loss given to backward: Lightning's
+# division by accumulate_grad_batches, a user's scaling, DeepSpeed's output hooks
+_SCALING_NODES = frozenset({"DivBackward0", "DivBackward1", "MulBackward0", "MulBackward1",
+                            "BackwardHookFunctionBackward"})
+
+
+def check_loss_from_compiled_graph(loss: torch.Tensor) -> None:
+    """DeepCompile reduces gradients inside the backward of the compiled graph, and DeepSpeed 0.19 does so only when
+    the backward starts at that graph's (scalar) output: with a loss computed eagerly from the network's outputs,
+    stages 1-2 leave the gradients unreduced (the step then sees zeros) and stage 3 fails. Measured on an H100; see
+    tests/gpu/test_deepcompile.py. Refuse such a loss before its backward runs."""
+    node, seen = loss.grad_fn, []
+    while node is not None:
+        name = type(node).__name__
+        if name == "CompiledFunctionBackward":
+            return
+        seen.append(name)
+        following = [f for f, _ in node.next_functions if f is not None]
+        if name not in _SCALING_NODES or len(following) != 1:
+            break
+        node = following[0]
+    raise ValueError(
+        "ZeroStrategy(compile='deepcompile'): the loss given to backward was not computed inside the compiled network"
+        f" (its backward starts with {' -> '.join(seen) or 'no graph'}). DeepCompile puts ZeRO's gradient reductions"
+        " into the compiled graph's backward, which DeepSpeed only runs correctly when the backward starts at that"
+        " graph's scalar output. Compute the loss in the network's forward (e.g. `return self.net(x, y)` where"
+        " `net.forward` returns the loss, as GPT-style models do), or use compile=True (torch.compile).")
+
+
+def deepcompile_engine(engine: Any, module: nn.Module, kwargs: Mapping[str, Any]) -> list[nn.Module]:
+    """``engine.compile()`` with DeepCompile, applied to ``module``'s networks rather than to ``module`` itself.
+
+    ``DeepSpeedEngine.compile`` builds DeepCompile's backend (and hands the ZeRO hooks over to it), then calls
+    ``self.module.compile(backend=...)``. ``module`` is the LightningModule, whose ``forward`` Lightning replaces on
+    every step: compiled whole it would recompile each step. So that one call is redirected to its networks, as
+    ``compile=True`` compiles them. Returns the modules compiled."""
+    kwargs = dict(kwargs)
+    backend = kwargs.pop("backend", "inductor")
+    done: list[nn.Module] = []
+
+    def compile_networks(**torch_kwargs: Any) -> None:
+        done.extend(compile_models([(module, True)], torch_kwargs))
+
+    module.__dict__["compile"] = compile_networks  # the engine calls self.module.compile(**kwargs, backend=...)
+    try:
+        engine.compile(backend=backend, compile_kwargs=kwargs)
+    finally:
+        del module.__dict__["compile"]
+    if not done:
+        raise ValueError(f"ZeroStrategy(compile='deepcompile'): {type(module).__name__} has no child module with"
+                         " parameters to compile. Keep the networks in submodules (self.net = ...).")
+    return done
 
 
 def _targets(model: nn.Module, whole: bool) -> list[nn.Module]:

@@ -688,7 +688,8 @@ def check_zero_features(config: Mapping[str, Any], flags: TrainerFlags | None = 
 
 def inference_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The config for a model without optimizer (frozen models, validate/test/predict): no optimizer, no scheduler."""
-    out = {k: copy.deepcopy(v) for k, v in config.items() if k not in ("optimizer", "scheduler")}
+    # no DeepCompile either: it compiles one trained engine (compiling.deepcompile_engine)
+    out = {k: copy.deepcopy(v) for k, v in config.items() if k not in ("optimizer", "scheduler", "compile")}
     zero = out.get("zero_optimization", {})
     zero.pop("offload_optimizer", None)
     return out

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_zero.compiling import check_loss_from_compiled_graph
+
 __all__ = ["EngineRegistry", "EngineSlot", "ModelAssignment", "assign_models", "clone_optimizer"]
 
 log = logging.getLogger(__name__)
@@ -298,6 +300,8 @@ class EngineRegistry:
         self.slots: dict[str, EngineSlot] = {}
         self._by_face: dict[int, EngineSlot] = {}
         self._pass_owner: EngineSlot | None = None  # the engine whose pass runs, in a multi-engine backward
+        self.deepcompile = False  # the one trained engine runs DeepCompile (compiling.deepcompile_engine)
+        self._in_step = False  # inside optimizer_step: the closure's backward ends an accumulation
         self._unit_calls: dict[int, int] = {}  # forward calls of each fetch unit since its last backward
 
     def __iter__(self) -> Iterator[EngineSlot]:
@@ -384,10 +388,43 @@ class EngineRegistry:
                              " optimizers returned by `self.optimizers()`.")
         return slot
 
-    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
-        """Backward through every engine whose parameters ``loss`` reaches (``manual_backward``, the closure)."""
+    @contextmanager
+    def stepping(self) -> Iterator[None]:
+        """Around the closure that ``optimizer_step`` runs: with automatic optimization its backward is the last of
+        an accumulation (the other micro-batches run their closures before, outside any step)."""
+        self._in_step = True
+        try:
+            yield
+        finally:
+            self._in_step = False
+
+    def _deepcompile_boundary(self, slot: EngineSlot, automatic: bool) -> None:
+        """Tell DeepCompile whether this backward ends the accumulation, before it runs.
+
+        DeepCompile reduces inside the compiled backward: at stages 2-3 it adds each micro-batch's reduced gradients
+        into the partitions until a backward marked as the boundary, at stage 1 it reduces only in that backward.
+        DeepSpeed refuses its unmanaged accumulation mode with DeepCompile, so the boundary is set per backward
+        (``set_gradient_accumulation_boundary``) from Lightning's loop instead."""
+        if automatic:
+            boundary = self._in_step
+        else:
+            if slot.pending:
+                raise ValueError(
+                    "ZeroStrategy(compile='deepcompile') with manual optimization needs `opt.step()` after each"
+                    " `self.manual_backward(loss)`: DeepCompile reduces the gradients inside the compiled backward and"
+                    " cannot add up several manual backward calls. Accumulate with automatic optimization and"
+                    " Trainer(accumulate_grad_batches=N), or use compile=True (torch.compile).")
+            boundary = True
+        slot.engine.set_gradient_accumulation_boundary(boundary)
+
+    def backward(self, loss: Tensor, *args: Any, automatic: bool = True, **kwargs: Any) -> None:
+        """Backward through every engine whose parameters ``loss`` reaches (``manual_backward``, the closure);
+        ``automatic``: the LightningModule uses automatic optimization."""
         trained = self.trained
         if len(trained) == 1:
+            if self.deepcompile:
+                check_loss_from_compiled_graph(loss)
+                self._deepcompile_boundary(trained[0], automatic)
             trained[0].pending = True
             _engine_backward(trained[0].engine, loss, *args, **kwargs)
             return

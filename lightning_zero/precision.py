@@ -74,7 +74,7 @@ class ZeroPrecision(Precision):
     @override
     def backward(self, tensor: Tensor, model: pl.LightningModule, optimizer: Steppable | None, *args: Any,
                  **kwargs: Any) -> None:
-        self.engines.backward(tensor, *args, **kwargs)
+        self.engines.backward(tensor, *args, automatic=model.automatic_optimization, **kwargs)
 
     @override
     def optimizer_step(self, optimizer: Steppable, model: pl.LightningModule, closure: Callable[[], Any],
@@ -82,7 +82,8 @@ class ZeroPrecision(Precision):
         if isinstance(optimizer, LBFGS):
             raise TypeError("LBFGS re-evaluates the closure inside step(), which DeepSpeed cannot do. Use an"
                             " optimizer without a closure loop (Adam, AdamW, SGD, ...) with ZeroStrategy.")
-        closure_result = closure()
+        with self.engines.stepping():
+            closure_result = closure()
         self._after_closure(model, optimizer)
         if model.automatic_optimization and closure_result is None:
             raise ValueError("Returning None from training_step (skipping the backward) is not supported with"

@@ -39,8 +39,10 @@ from lightning_zero import checkpoint as ckpt
 from lightning_zero import config as cfg
 from lightning_zero._imports import require_deepspeed, use_cpu_accelerator
 from lightning_zero import offload
-from lightning_zero.engines import EngineRegistry, EngineSlot, _ModelGroup, assign_models, build_engine
-from lightning_zero.compiling import compile_models, explain_compiled_modules, resolve_compile
+from lightning_zero.engines import (EngineRegistry, EngineSlot, ModelAssignment, _ModelGroup, assign_models,
+                                   build_engine)
+from lightning_zero.compiling import (check_deepcompile, check_deepcompile_runtime, compile_models, deepcompile_engine,
+                                      explain_compiled_modules, resolve_compile)
 from lightning_zero.precision import ZeroPrecision
 from lightning_zero.tuning import apply_block_fetch, apply_speed_defaults
 from lightning_zero.summary import install_summary
@@ -138,7 +140,10 @@ class ZeroStrategy(ParallelStrategy):
         exclude_frozen_parameters: leave parameters with ``requires_grad=False`` out of checkpoints.
         compile: ``True`` or a dict of ``torch.compile`` keyword arguments: compile the networks the engines train
             (each engine's model, or the LightningModule's children that hold parameters). Pass the plain
-            LightningModule to the Trainer; Lightning refuses a compiled one for this strategy.
+            LightningModule to the Trainer; Lightning refuses a compiled one for this strategy. ``"deepcompile"``
+            (or ``"compile": {"deepcompile": true}`` in the config): compile them with DeepSpeed's DeepCompile,
+            which turns ZeRO's gathers and reductions into graph operations (stages 1-3, CUDA, one trained model;
+            its options live in the config's ``compile`` section).
         timeout: process group timeout.
         **zero_optimization: any other key of DeepSpeed's ``zero_optimization`` section, e.g.
             ``overlap_comm``, ``contiguous_gradients``, ``reduce_bucket_size``, ``allgather_bucket_size``,
@@ -160,7 +165,7 @@ class ZeroStrategy(ParallelStrategy):
         start_method: Literal["popen", "spawn", "fork"] = "popen",
         logging_level: int = logging.WARNING,
         exclude_frozen_parameters: bool = False,
-        compile: bool | Mapping[str, Any] = False,
+        compile: bool | str | Mapping[str, Any] = False,
         timeout: timedelta | None = default_pg_timeout,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
@@ -200,7 +205,9 @@ class ZeroStrategy(ParallelStrategy):
         cfg.check_zero_features(merged)  # offload / ZeRO++ / activation checkpointing keys set in the config file
         self.remote_device = remote_device
         self.exclude_frozen_parameters = exclude_frozen_parameters
-        self.compile_kwargs = resolve_compile(compile)
+        self.compile_kwargs, self.deepcompile = resolve_compile(compile, merged)
+        if self.deepcompile:
+            check_deepcompile(None if self._auto else self.stage, self.compile_kwargs or {}, merged)
         self.ds_config: dict[str, Any] | None = None  # resolved at setup, with the Trainer's flags
         self.engines = EngineRegistry()
         self._engines_owner: int | None = None
@@ -339,6 +346,10 @@ class ZeroStrategy(ParallelStrategy):
         (ZeRO++) and the NVMe folder."""
         config = cfg.resolve_ds_config(self.user_config, self.knobs, self.trainer_flags(trainer, with_batch=False))
         offload.check_nvme(config)
+        if self.deepcompile and trainer.state.fn == TrainerFn.FITTING:
+            check_deepcompile(None if self._auto else self.stage, self.compile_kwargs or {}, config)
+            if self.parallel_devices:
+                check_deepcompile_runtime(self.parallel_devices[0])
 
     def _plan_auto_stage(self) -> None:
         """``stage="auto"``: choose the stage and offload once, before the model is created (rank 0 decides)."""
@@ -360,7 +371,13 @@ class ZeroStrategy(ParallelStrategy):
     def resolve_config(self, trainer: pl.Trainer | None) -> dict[str, Any]:
         flags = self.trainer_flags(trainer) if trainer is not None else cfg.TrainerFlags(
             precision=self.precision_plugin.precision, world_size=self.world_size)
-        return apply_speed_defaults(cfg.resolve_ds_config(self.user_config, self.knobs, flags))
+        config = apply_speed_defaults(cfg.resolve_ds_config(self.user_config, self.knobs, flags))
+        if self.deepcompile:
+            config["compile"] = {**(config.get("compile") or {}), "deepcompile": True}
+            # DeepSpeed refuses its unmanaged accumulation with DeepCompile; the registry sets the boundary per
+            # backward instead (EngineRegistry._deepcompile_boundary)
+            config["managed_gradient_accumulation"] = True
+        return config
 
     @contextmanager
     @override
@@ -441,6 +458,9 @@ class ZeroStrategy(ParallelStrategy):
             _warn_unpartitioned(self.lightning_module)
         self.model = self.precision_plugin.convert_module(self.lightning_module)
         fitting = trainer.state.fn == TrainerFn.FITTING
+        if self.deepcompile and fitting:
+            check_deepcompile(self.stage, self.compile_kwargs or {}, self.ds_config)  # stage="auto" is known now
+            check_deepcompile_runtime(self.root_device)
         # Model-wide, once before the engines: the NVMe drive has room for this node's share of the model (every
         # engine's config offloads a subset of these sections), and deepspeed.checkpointing is set up.
         offload.check_nvme(self.ds_config if fitting else cfg.inference_config(self.ds_config),
@@ -453,7 +473,14 @@ class ZeroStrategy(ParallelStrategy):
             self._add_slot("model", self.lightning_module, None)
         self.precision_plugin.engines = self.engines
         self._engines_owner = id(self.lightning_module)
-        if self.compile_kwargs is not None:
+        if self.deepcompile and fitting:
+            slot = self.engines.trained[0]
+            deepcompile_engine(slot.engine, slot.module, self.compile_kwargs or {})
+            self.engines.deepcompile = True
+        elif self.compile_kwargs is not None:
+            if self.deepcompile:
+                rank_zero_info("ZeroStrategy(compile='deepcompile'): DeepCompile compiles a trained engine; this"
+                               f" {trainer.state.fn.value} run uses torch.compile.")
             compile_models(((slot.module, slot.module is self.lightning_module or isinstance(slot.module, _ModelGroup))
                             for slot in self.engines), self.compile_kwargs)
         self.model = self._wrapped_model()
@@ -470,7 +497,8 @@ class ZeroStrategy(ParallelStrategy):
             if "optimizer" not in self.ds_config:
                 raise ValueError("No optimizer: `configure_optimizers` returned none and the DeepSpeed config has no"
                                  " 'optimizer' block. Define one of them.")
-            slot = self._add_slot("model", self.lightning_module, None, trainable=True)
+            slot = self._add_slot("model", self.lightning_module, None, trainable=True,
+                                  block_fetch=not self.deepcompile)
             slot.face = slot.basic_optimizer
             self.engines.add(slot)
             self.optimizers = [slot.face]
@@ -484,6 +512,9 @@ class ZeroStrategy(ParallelStrategy):
         # per-layer fetching at stage 3: they often call a network twice per step (a discriminator on real and on
         # generated data), which one-unit blocks do not support (see EngineRegistry._counter).
         block_fetch = sum(a.optimizer_index is not None for a in assignments) <= 1
+        if self.deepcompile:
+            _check_deepcompile_layout(assignments, self.lightning_module)
+            block_fetch = False  # DeepCompile removes ZeRO's module hooks and schedules the gathers itself
         for assignment in assignments:
             module = assignment.as_module(self.lightning_module)
             face = None if assignment.optimizer_index is None else optimizers[assignment.optimizer_index]
@@ -681,6 +712,21 @@ class ZeroStrategy(ParallelStrategy):
         register("zero_stage_3_offload_nvme", cls, description="ZeRO stage 3, optimizer and parameters on NVMe"
                  " (set $LIGHTNING_ZERO_NVME_PATH)", stage=3, offload_optimizer="nvme", offload_parameters="nvme",
                  nvme_path=os.environ.get("LIGHTNING_ZERO_NVME_PATH", "/local_nvme"))
+
+
+def _check_deepcompile_layout(assignments: list[ModelAssignment], root: Module) -> None:
+    """DeepCompile drives one engine per process (its runtime and pass schedule are process-global), and that engine
+    must wrap the whole LightningModule: its forward, which Lightning's training_step goes through, advances the
+    schedule."""
+    if len(assignments) == 1 and list(assignments[0].modules.values()) == [root]:
+        return
+    layout = "; ".join(f"{a.name}: {', '.join(a.modules)} "
+                       + ("(frozen)" if a.optimizer_index is None else f"(optimizer {a.optimizer_index})")
+                       for a in assignments)
+    raise ValueError("ZeroStrategy(compile='deepcompile') needs one optimizer that trains every parameter of the"
+                     " LightningModule, so that one DeepSpeed engine wraps it; DeepCompile's runtime serves one engine"
+                     f" per process. This module needs {len(assignments)} engines ({layout}). Use compile=True"
+                     " (torch.compile), which compiles each engine's networks.")
 
 
 def _warn_unpartitioned(module: Module) -> None:

@@ -36,3 +36,10 @@ def test_a_compiled_module_is_refused_before_launch():
     trainer = cpu_trainer(strategy=ZeroStrategy(stage=2, start_method="spawn"), max_steps=1)
     with pytest.raises(ValueError, match=r"compiled \(torch.compile\).*ZeroStrategy\(compile=True\)"):
         trainer.fit(torch.compile(Regressor()))
+
+
+def test_deepcompile_on_cpu_is_refused_before_launch():
+    """DeepCompile's runtime is CUDA only: a CPU fit stops in the main process, naming torch.compile instead."""
+    trainer = cpu_trainer(strategy=ZeroStrategy(stage=3, compile="deepcompile", start_method="spawn"), max_steps=1)
+    with pytest.raises(ValueError, match=r"compile='deepcompile'\) needs CUDA GPUs.*Use compile=True"):
+        trainer.fit(Regressor())

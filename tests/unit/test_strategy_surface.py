@@ -55,10 +55,63 @@ def test_compile_argument_is_validated():
     assert ZeroStrategy().compile_kwargs is None
     with pytest.raises(ValueError, match=r"unknown torch.compile argument\(s\) 'mdoe' \(did you mean 'mode'\?\)"):
         ZeroStrategy(compile={"mdoe": "max-autotune"})
-    with pytest.raises(ValueError, match="DeepCompile is not supported.*compile=True"):
-        ZeroStrategy(compile="deepcompile")
-    with pytest.raises(TypeError, match="must be True/False or a dict"):
+    with pytest.raises(ValueError, match=r"compile='max'\) is not supported.*compile='deepcompile'"):
+        ZeroStrategy(compile="max")
+    with pytest.raises(TypeError, match="must be True/False, 'deepcompile' or a dict"):
         ZeroStrategy(compile=3)
+
+
+def test_deepcompile_is_chosen_by_keyword_or_config_and_reaches_the_deepspeed_config():
+    strategy = ZeroStrategy(stage=3, compile="deepcompile")
+    assert (strategy.compile_kwargs, strategy.deepcompile) == ({}, True)
+    assert strategy.resolve_config(None)["compile"] == {"deepcompile": True}
+    # DeepCompile's own options stay in the config's compile section
+    strategy = ZeroStrategy(stage=2, config={"compile": {"deepcompile": True, "free_activation": True}})
+    assert (strategy.compile_kwargs, strategy.deepcompile) == ({}, True)
+    assert strategy.resolve_config(None)["compile"] == {"deepcompile": True, "free_activation": True}
+    strategy = ZeroStrategy(stage=1, compile={"backend": "eager"}, config={"compile": {"deepcompile": True}})
+    assert (strategy.compile_kwargs, strategy.deepcompile) == ({"backend": "eager"}, True)
+    assert ZeroStrategy(stage=2, compile=True).deepcompile is False
+    assert "compile" not in ZeroStrategy(stage=2, compile=True).resolve_config(None)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(stage=0, compile="deepcompile"), r"needs ZeRO stage 1, 2 or 3 \(stage is 0\).*compile=True"),
+    (dict(stage=3, compile={"backend": "aot_eager"}, config={"compile": {"deepcompile": True}}),
+     r"backend 'aot_eager' is not supported; DeepCompile runs its passes on 'inductor' or 'eager'"),
+    (dict(stage=3, compile="deepcompile", offload_optimizer="nvme", offload_parameters="nvme", nvme_path="/tmp"),
+     r"does not support NVMe offload \(zero_optimization.offload_optimizer.device is 'nvme'\)"),
+])
+def test_what_deepcompile_cannot_run_is_refused_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ZeroStrategy(**kwargs)
+
+
+def test_deepcompile_needs_one_engine_over_the_whole_module():
+    from torch import nn
+
+    from lightning_zero.engines import assign_models
+    from lightning_zero.strategy import _check_deepcompile_layout
+
+    class GAN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.generator, self.discriminator = nn.Linear(2, 2), nn.Linear(2, 1)
+
+    gan = GAN()
+    whole = [torch.optim.Adam(gan.parameters())]
+    _check_deepcompile_layout(assign_models(gan, whole), gan)  # one engine wraps the module: accepted
+    two = [torch.optim.Adam(gan.generator.parameters()), torch.optim.Adam(gan.discriminator.parameters())]
+    with pytest.raises(ValueError, match=r"needs 2 engines \(.*generator.*\(optimizer 0\).*discriminator.*"
+                                         r"\(optimizer 1\)\). Use compile=True"):
+        _check_deepcompile_layout(assign_models(gan, two), gan)
+
+
+def test_deepcompile_on_cpu_names_the_alternative():
+    from lightning_zero.compiling import check_deepcompile_runtime
+
+    with pytest.raises(ValueError, match=r"needs CUDA GPUs.*device is 'cpu'.*Use compile=True"):
+        check_deepcompile_runtime(torch.device("cpu"))
 
 
 def test_compile_targets_the_networks_not_containers_or_metrics():
