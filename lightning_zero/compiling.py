@@ -83,9 +83,12 @@ def check_deepcompile(stage: int | None, kwargs: Mapping[str, Any], config: Mapp
     zero = config.get("zero_optimization") or {}
     for section in ("offload_optimizer", "offload_param"):
         device = (zero.get(section) or {}).get("device")
-        if device == "nvme":
-            raise ValueError(f"DeepCompile does not support NVMe offload (zero_optimization.{section}.device is"
-                             " 'nvme'). Offload to 'cpu', or train without compile='deepcompile'.")
+        if device not in (None, "none"):
+            raise ValueError(f"ZeroStrategy(compile='deepcompile') with ZeRO offload (zero_optimization.{section}.device"
+                             f" is {device!r}) is not supported: that combination is not verified on a GPU yet."
+                             " Train without offload, use DeepCompile's own offload passes"
+                             " (\"compile\": {\"offload_opt_states\": true} in the config, stage 3), or keep the"
+                             " offload and use compile=True (torch.compile).")
 
 
 def check_deepcompile_runtime(device: torch.device) -> None:

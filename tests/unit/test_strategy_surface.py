@@ -80,7 +80,9 @@ def test_deepcompile_is_chosen_by_keyword_or_config_and_reaches_the_deepspeed_co
     (dict(stage=3, compile={"backend": "aot_eager"}, config={"compile": {"deepcompile": True}}),
      r"backend 'aot_eager' is not supported; DeepCompile runs its passes on 'inductor' or 'eager'"),
     (dict(stage=3, compile="deepcompile", offload_optimizer="nvme", offload_parameters="nvme", nvme_path="/tmp"),
-     r"does not support NVMe offload \(zero_optimization.offload_optimizer.device is 'nvme'\)"),
+     r"with ZeRO offload \(zero_optimization.offload_optimizer.device is 'nvme'\) is not supported"),
+    (dict(stage=3, compile="deepcompile", offload_parameters="cpu"),
+     r"with ZeRO offload \(zero_optimization.offload_param.device is 'cpu'\).*offload_opt_states.*compile=True"),
 ])
 def test_what_deepcompile_cannot_run_is_refused_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -132,3 +134,57 @@ def test_compile_targets_the_networks_not_containers_or_metrics():
     m = Module()
     assert _targets(m, whole=True) == [m.encoder, m.blocks[0], m.blocks[1], m.heads["a"]]
     assert _targets(m.encoder, whole=False) == [m.encoder]
+
+
+def test_deepcompile_loss_must_leave_the_compiled_graph():
+    """DeepCompile reduces in the compiled backward only when it starts at the graph's scalar output (measured on an
+    H100: a loss computed outside leaves the gradients unreduced); such a loss is refused before its backward."""
+    from torch import nn
+
+    from lightning_zero.compiling import check_loss_from_compiled_graph
+
+    class LossNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(4, 1)
+
+        def forward(self, x, y):
+            return nn.functional.mse_loss(self.body(x), y)
+
+    net = LossNet()
+    net.compile(backend="aot_eager")
+    x, y = torch.randn(3, 4), torch.randn(3, 1)
+    check_loss_from_compiled_graph(net(x, y))
+    check_loss_from_compiled_graph(net(x, y) / 2)  # Lightning divides by accumulate_grad_batches
+    with pytest.raises(ValueError, match=r"not computed inside the compiled network \(its backward starts with"
+                                         r" MseLossBackward0\).*return self.net\(x, y\)"):
+        check_loss_from_compiled_graph(nn.functional.mse_loss(net.body(x), y))  # eager: no compiled graph at all
+    net.body.compile(backend="aot_eager")
+    with pytest.raises(ValueError, match=r"its backward starts with MseLossBackward0\)"):
+        check_loss_from_compiled_graph(nn.functional.mse_loss(net.body(x), y))  # compiled output, loss outside
+
+
+def test_deepcompile_accumulation_boundary_follows_lightnings_loop():
+    """DeepCompile needs the boundary before the backward: automatic optimization's last micro-batch runs its closure
+    inside optimizer_step; manual optimization must step after each backward (it cannot accumulate)."""
+    from torch import nn
+
+    from lightning_zero.engines import EngineRegistry, EngineSlot
+
+    class Boundaries:  # the one DeepSpeedEngine call the decision makes
+        def __init__(self):
+            self.calls = []
+
+        def set_gradient_accumulation_boundary(self, value):
+            self.calls.append(value)
+
+    registry, engine = EngineRegistry(), Boundaries()
+    slot = EngineSlot("model", nn.Linear(1, 1), engine)
+    registry._deepcompile_boundary(slot, automatic=True)  # a micro-batch that accumulates
+    with registry.stepping():
+        registry._deepcompile_boundary(slot, automatic=True)  # the closure optimizer_step runs
+    registry._deepcompile_boundary(slot, automatic=False)  # manual: each backward is followed by a step
+    assert engine.calls == [False, True, True]
+    slot.pending = True  # a manual backward already reached the engine and no step followed
+    with pytest.raises(ValueError, match=r"needs `opt.step\(\)` after each `self.manual_backward\(loss\)`"):
+        registry._deepcompile_boundary(slot, automatic=False)
