@@ -601,7 +601,20 @@ class ZeroStrategy(ParallelStrategy):
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         self.engines.reset_unit_calls()  # a new batch: earlier forwards without a backward do not count
-        return super().training_step(*args, **kwargs)
+        if not (self.engines.deepcompile and self.stage == 3):
+            return super().training_step(*args, **kwargs)
+        try:
+            return super().training_step(*args, **kwargs)
+        except RuntimeError as error:
+            # Measured with DeepSpeed 0.19.8: when the loss is computed outside the compiled network, the network runs
+            # eagerly, where DeepCompile has removed ZeRO-3's gather hooks, and a layer fails on its partitioned
+            # (1-D, empty) weight. Name the cause and the fix, keeping DeepSpeed's error as the cause.
+            raise ValueError(
+                f"ZeroStrategy(stage=3, compile='deepcompile'): the forward failed ({error}). With DeepCompile,"
+                " ZeRO-3 gathers parameters only inside the compiled network's graph; a network that runs eagerly"
+                " (DeepSpeed 0.19.8 does so when the loss is not computed inside the compiled network) sees its"
+                " parameters partitioned. Compute the loss in the network's forward (e.g. `return self.net(x, y)`"
+                " where `net.forward` returns the loss), or use compile=True (torch.compile).") from error
 
     # ----------------------------------------------------------------------------------------------------------------
     # Weights and checkpoints

@@ -6,24 +6,14 @@ computed in training_step from the network's output is refused with a ValueError
 
 Run on the device machine: `python tests/gpu/test_deepcompile.py` (or pytest; skipped without CUDA)."""
 
-import os
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from gpu_tier import MARKS  # also puts tests/ on sys.path
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers import Regressor
 
-from helpers import Regressor  # noqa: E402
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(os.environ.get("DS_ACCELERATOR") == "cpu",
-                       reason="DS_ACCELERATOR=cpu selects DeepSpeed's CPU accelerator; run `make test-gpu`"),
-]
+pytestmark = MARKS
 
 # DeepCompile's ZeRO-3 schedule switches to its prefetch/selective-gather passes at step 5: train past it.
 STEPS, CLIP = 8, 0.5
@@ -89,15 +79,18 @@ def test_deepcompile_training_keeps_parity(tmp_path, stage, accumulate):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_a_loss_computed_outside_the_compiled_network_is_refused(tmp_path, stage):
-    with pytest.raises(ValueError, match=r"loss given to backward was not computed inside the compiled network"
-                                         r" \(its backward starts with MseLossBackward0"):
+    # stage 2: refused before the backward; stage 3: the eager forward fails on partitioned weights first, and the
+    # error names the same cause and fix
+    with pytest.raises(ValueError, match=r"not computed inside the compiled network.*return self.net\(x, y\)"):
         _train(tmp_path, Regressor(), 1, stage=stage, compile="deepcompile")
 
 
 def _main() -> None:  # the device machine may lack pytest; one process per case (DeepCompile's state is global)
     import json
     import subprocess
+    import sys
     import tempfile
+    from pathlib import Path
 
     if len(sys.argv) > 1:
         kind, args = json.loads(sys.argv[1])

@@ -1,20 +1,9 @@
 """GPU tier: skipped without CUDA. On the device machine run `python tests/gpu/test_gpu.py` (no pytest needed)."""
 
-import os
-import sys
-from pathlib import Path
-
 import pytest
-import torch
+from gpu_tier import MARKS  # also puts tests/ on sys.path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(os.environ.get("DS_ACCELERATOR") == "cpu",
-                       reason="DS_ACCELERATOR=cpu selects DeepSpeed's CPU accelerator; run `make test-gpu`"),
-]
+pytestmark = MARKS
 
 
 @pytest.mark.parametrize(("precision", "stage"), [("16-mixed", 2), ("16-mixed", 3), ("bf16-mixed", 3)])
