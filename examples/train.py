@@ -4,7 +4,11 @@ The model is created in `configure_model`, so at stage 3 its parameters are part
 
 CPU (2 processes, what `make demo` runs):   python examples/train.py
 GPUs (all visible GPUs, bf16):              python examples/train.py   (picks CUDA when available)
+Compiled (GPUs):                            python examples/train.py --compile deepcompile   (or --compile torch)
 Several nodes (torchrun):                   torchrun --nnodes 2 --nproc-per-node 8 ... examples/train.py --num-nodes 2
+
+The network returns its own loss (`gpt(tokens, targets)`), nanoGPT-style: DeepCompile needs the loss inside the
+compiled graph, and torch.compile fuses the cross-entropy with the head.
 """
 
 from __future__ import annotations
@@ -53,27 +57,38 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class GPT(nn.Module):
+    def __init__(self, vocab: int, dim: int, layers: int, heads: int, seq: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(seq, dim)
+        # Build each layer (no copy.deepcopy of a template layer: copying partitioned parameters breaks them).
+        self.blocks = nn.Sequential(*[Block(dim, heads) for _ in range(layers)])
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits, or with ``targets`` the mean cross-entropy."""
+        t = tokens.shape[1]
+        x = self.embed(tokens) + self.pos(torch.arange(t, device=tokens.device))
+        logits = self.head(self.blocks(x))
+        if targets is None:
+            return logits
+        return nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
 class TinyGPT(L.LightningModule):
     def __init__(self, vocab: int = 64, dim: int = 64, layers: int = 2, heads: int = 4, seq: int = 32) -> None:
         super().__init__()
         self.save_hyperparameters()
 
     def configure_model(self) -> None:
-        h = self.hparams
-        self.embed = nn.Embedding(h.vocab, h.dim)
-        self.pos = nn.Embedding(h.seq, h.dim)
-        # Build each layer (no copy.deepcopy of a template layer: copying partitioned parameters breaks them).
-        self.blocks = nn.Sequential(*[Block(h.dim, h.heads) for _ in range(h.layers)])
-        self.head = nn.Linear(h.dim, h.vocab)
+        self.gpt = GPT(**self.hparams)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        t = tokens.shape[1]
-        x = self.embed(tokens) + self.pos(torch.arange(t, device=tokens.device))
-        return self.head(self.blocks(x))
+        return self.gpt(tokens)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = nn.functional.cross_entropy(self(x).flatten(0, 1).float(), y.flatten())
+        loss = self.gpt(*batch)
         self.log("loss", loss, prog_bar=True, sync_dist=True)
         if self.trainer.is_global_zero and batch_idx % 8 == 0:
             print(f"epoch {self.current_epoch} step {self.global_step:3d} loss {loss.item():.3f}", flush=True)
@@ -91,12 +106,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--stage", type=int, default=3)
     parser.add_argument("--num-nodes", type=int, default=1)
+    parser.add_argument("--compile", choices=["none", "torch", "deepcompile"], default="none",
+                        help="torch: torch.compile of the GPT; deepcompile: DeepSpeed's DeepCompile (CUDA only)")
     args = parser.parse_args()
     gpu = torch.cuda.is_available()
     if not gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     trainer = L.Trainer(
-        strategy=ZeroStrategy(stage=args.stage),
+        strategy=ZeroStrategy(stage=args.stage, compile={"none": False, "torch": True, "deepcompile": "deepcompile"}[
+            args.compile]),
         accelerator="gpu" if gpu else "cpu",
         devices=-1 if gpu else 2,
         num_nodes=args.num_nodes,
