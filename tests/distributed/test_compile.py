@@ -43,3 +43,54 @@ def test_deepcompile_on_cpu_is_refused_before_launch():
     trainer = cpu_trainer(strategy=ZeroStrategy(stage=3, compile="deepcompile", start_method="spawn"), max_steps=1)
     with pytest.raises(ValueError, match=r"compile='deepcompile'\) needs CUDA GPUs.*Use compile=True"):
         trainer.fit(Regressor())
+
+
+def test_deepcompile_glue_runs_through_a_real_engine(monkeypatch):
+    """DeepCompile itself needs CUDA, but its glue runs on CPU: `DeepSpeedEngine.compile()` makes one
+    `module.compile(backend=...)` call, which `deepcompile_engine` points at the LightningModule's networks, and the
+    loss check accepts a loss that leaves the compiled network through DeepSpeed's forward (and refuses one that
+    does not). GPU parity: tests/gpu/test_deepcompile.py."""
+    import socket
+
+    import deepspeed
+    from torch import nn
+
+    from lightning_zero.compiling import check_loss_from_compiled_graph, deepcompile_engine
+
+    class LossNet(nn.Module):
+        def __init__(self, body):
+            super().__init__()
+            self.body = body
+
+        def forward(self, x, y):
+            return nn.functional.mse_loss(self.body(x), y)
+
+    class LossInside(Regressor):
+        def __init__(self):
+            super().__init__()
+            self.loss_net = LossNet(self.net)
+            del self.net
+
+        def forward(self, x, y):
+            return self.loss_net(x, y)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(key, value)
+    deepspeed.init_distributed(dist_backend="gloo")
+    try:
+        module = LossInside()
+        engine, *_ = deepspeed.initialize(model=module, optimizer=torch.optim.AdamW(module.parameters()),
+                                          config={"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}})
+        assert deepcompile_engine(engine, module, {"backend": "aot_eager"}) == [module.loss_net]
+        assert module.loss_net._compiled_call_impl is not None and module._compiled_call_impl is None
+        assert engine.is_compiled and "compile" not in module.__dict__  # the redirect is undone
+        x, y = torch.randn(4, 8), torch.randn(4, 1)
+        check_loss_from_compiled_graph(engine(x, y) / 2)  # through DeepSpeed's forward and output hooks
+        with pytest.raises(ValueError, match="not computed inside the compiled network"):
+            check_loss_from_compiled_graph(nn.functional.mse_loss(module.loss_net.body(x), y))
+    finally:
+        torch.distributed.destroy_process_group()
