@@ -112,6 +112,32 @@ def train_plain(loss_fn: Any, optimizer: torch.optim.Optimizer, steps: int, *, a
             scheduler.step()
 
 
+class LossNet(nn.Module):
+    """A network that returns its own loss (what DeepCompile needs: the compiled graph ends at the scalar loss)."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.mse_loss(self.body(x), y)
+
+
+class LossInside(Regressor):
+    """``Regressor`` whose network computes the loss: same initial weights (``net.*`` is ``loss_net.body.*``)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.loss_net = LossNet(self.net)
+        del self.net
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss_net(x, y)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.loss_net(*batch)
+
+
 class SaveFullWeights(L.Callback):
     """Writes `strategy.lightning_module_state_dict()` (rank 0) to `path` at the end of fit."""
 

@@ -55,24 +55,8 @@ def test_deepcompile_glue_runs_through_a_real_engine(monkeypatch):
     import deepspeed
     from torch import nn
 
+    from helpers import LossInside
     from lightning_zero.compiling import check_loss_from_compiled_graph, deepcompile_engine
-
-    class LossNet(nn.Module):
-        def __init__(self, body):
-            super().__init__()
-            self.body = body
-
-        def forward(self, x, y):
-            return nn.functional.mse_loss(self.body(x), y)
-
-    class LossInside(Regressor):
-        def __init__(self):
-            super().__init__()
-            self.loss_net = LossNet(self.net)
-            del self.net
-
-        def forward(self, x, y):
-            return self.loss_net(x, y)
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,36 +9,14 @@ Run on the device machine: `python tests/gpu/test_deepcompile.py` (or pytest; sk
 import pytest
 import torch
 from gpu_tier import MARKS  # also puts tests/ on sys.path
-from torch import nn
 
-from helpers import Regressor
+from helpers import LossInside, Regressor
 
 pytestmark = MARKS
 
 # DeepCompile's ZeRO-3 schedule switches to its prefetch/selective-gather passes at step 5: train past it.
 STEPS, CLIP = 8, 0.5
 TOLERANCE = 1e-6  # fp32; compiled kernels may sum in another order than the CPU reference
-
-
-class LossNet(nn.Module):
-    """The regression network with its loss: the compiled graph ends at the scalar loss."""
-
-    def __init__(self, body: nn.Module) -> None:
-        super().__init__()
-        self.body = body
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return nn.functional.mse_loss(self.body(x), y)
-
-
-class LossInside(Regressor):
-    def __init__(self) -> None:
-        super().__init__()
-        self.loss_net = LossNet(self.net)  # same initial weights as helpers.reference_weights
-        del self.net
-
-    def training_step(self, batch, batch_idx):
-        return self.loss_net(*batch)
 
 
 def _train(tmp_path, module, accumulate, **strategy_kwargs):

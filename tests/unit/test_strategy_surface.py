@@ -141,17 +141,10 @@ def test_deepcompile_loss_must_leave_the_compiled_graph():
     H100: a loss computed outside leaves the gradients unreduced); such a loss is refused before its backward."""
     from torch import nn
 
+    from helpers import LossNet
     from lightning_zero.compiling import check_loss_from_compiled_graph
 
-    class LossNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.body = nn.Linear(4, 1)
-
-        def forward(self, x, y):
-            return nn.functional.mse_loss(self.body(x), y)
-
-    net = LossNet()
+    net = LossNet(nn.Linear(4, 1))
     net.compile(backend="aot_eager")
     x, y = torch.randn(3, 4), torch.randn(3, 1)
     check_loss_from_compiled_graph(net(x, y))
