@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Generator, Mapping
@@ -608,7 +609,10 @@ class ZeroStrategy(ParallelStrategy):
         except RuntimeError as error:
             # Measured with DeepSpeed 0.19.8: when the loss is computed outside the compiled network, the network runs
             # eagerly, where DeepCompile has removed ZeRO-3's gather hooks, and a layer fails on its partitioned
-            # (1-D, empty) weight. Name the cause and the fix, keeping DeepSpeed's error as the cause.
+            # (1-D, empty) weight ("mat2 must be a matrix, got 1-D tensor"). Name the cause and the fix for such shape
+            # errors, keeping DeepSpeed's error as the cause; anything else (out of memory, ...) passes unchanged.
+            if isinstance(error, torch.OutOfMemoryError) or not _SHAPE_ERROR.search(str(error)):
+                raise
             raise ValueError(
                 f"ZeroStrategy(stage=3, compile='deepcompile'): the forward failed ({error}). With DeepCompile,"
                 " ZeRO-3 gathers parameters only inside the compiled network's graph; a network that runs eagerly"
@@ -725,6 +729,9 @@ class ZeroStrategy(ParallelStrategy):
         register("zero_stage_3_offload_nvme", cls, description="ZeRO stage 3, optimizer and parameters on NVMe"
                  " (set $LIGHTNING_ZERO_NVME_PATH)", stage=3, offload_optimizer="nvme", offload_parameters="nvme",
                  nvme_path=os.environ.get("LIGHTNING_ZERO_NVME_PATH", "/local_nvme"))
+
+
+_SHAPE_ERROR = re.compile(r"matrix|shape|size|dimension", re.IGNORECASE)
 
 
 def _check_deepcompile_layout(assignments: list[ModelAssignment], root: Module) -> None:

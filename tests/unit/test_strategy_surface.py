@@ -181,3 +181,29 @@ def test_deepcompile_accumulation_boundary_follows_lightnings_loop():
     slot.pending = True  # a manual backward already reached the engine and no step followed
     with pytest.raises(ValueError, match=r"needs `opt.step\(\)` after each `self.manual_backward\(loss\)`"):
         registry._deepcompile_boundary(slot, automatic=False)
+
+
+def test_deepcompile_stage3_shape_error_names_the_loss_placement(monkeypatch):
+    """With DeepCompile at stage 3, a network that runs eagerly fails on its partitioned weights (measured: "mat2 must
+    be a matrix, got 1-D tensor" when the loss is computed outside the compiled network). That error gets the cause
+    and the fix; other errors (out of memory, ...) pass unchanged."""
+    from lightning.pytorch.strategies import ParallelStrategy
+
+    strategy = ZeroStrategy(stage=3, compile="deepcompile")
+    strategy.engines.deepcompile = True
+
+    def failing(error):
+        def training_step(self, *args, **kwargs):
+            raise error
+        return training_step
+
+    partitioned = RuntimeError("mat2 must be a matrix, got 1-D tensor")
+    monkeypatch.setattr(ParallelStrategy, "training_step", failing(partitioned), raising=False)
+    with pytest.raises(ValueError, match=r"the forward failed \(mat2 must be a matrix.*Compute the loss in the"
+                                         r" network's forward") as caught:
+        strategy.training_step()
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    for error in (torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("NCCL timeout")):
+        monkeypatch.setattr(ParallelStrategy, "training_step", failing(error), raising=False)
+        with pytest.raises(type(error), match=str(error)):
+            strategy.training_step()
