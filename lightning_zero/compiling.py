@@ -77,15 +77,15 @@ def check_deepcompile(stage: int | None, kwargs: Mapping[str, Any], config: Mapp
                          f" supported; DeepCompile runs its passes on {' or '.join(map(repr, DEEPCOMPILE_BACKENDS))}.")
     if stage == 1 and int(config.get("gradient_accumulation_steps") or 1) > 1:
         raise ValueError(f"ZeroStrategy(stage=1, compile='deepcompile') with Trainer(accumulate_grad_batches="
-                         f"{config['gradient_accumulation_steps']}): DeepSpeed's stage-1 DeepCompile aborts the process"
-                         " when gradients are accumulated (measured with DeepSpeed 0.19.8 on an H100). Use stage=2 or 3,"
-                         " accumulate_grad_batches=1, or compile=True (torch.compile).")
+                         f"{config['gradient_accumulation_steps']}): DeepSpeed's stage-1 DeepCompile aborts the"
+                         " process when gradients are accumulated (measured with DeepSpeed 0.19.8 on an H100). Use"
+                         " stage=2 or 3, accumulate_grad_batches=1, or compile=True (torch.compile).")
     zero = config.get("zero_optimization") or {}
     for section in ("offload_optimizer", "offload_param"):
         device = (zero.get(section) or {}).get("device")
         if device not in (None, "none"):
-            raise ValueError(f"ZeroStrategy(compile='deepcompile') with ZeRO offload (zero_optimization.{section}.device"
-                             f" is {device!r}) is not supported: that combination is not verified on a GPU yet."
+            raise ValueError(f"ZeroStrategy(compile='deepcompile') with ZeRO offload"
+                             f" (zero_optimization.{section}.device is {device!r}) is not supported: that combination is not verified on a GPU yet."
                              " Train without offload, use DeepCompile's own offload passes"
                              " (\"compile\": {\"offload_opt_states\": true} in the config, stage 3), or keep the"
                              " offload and use compile=True (torch.compile).")
