@@ -85,9 +85,9 @@ def check_deepcompile(stage: int | None, kwargs: Mapping[str, Any], config: Mapp
         device = (zero.get(section) or {}).get("device")
         if device not in (None, "none"):
             raise ValueError(f"ZeroStrategy(compile='deepcompile') with ZeRO offload"
-                             f" (zero_optimization.{section}.device is {device!r}) is not supported: that combination is not verified on a GPU yet."
-                             " Train without offload, use DeepCompile's own offload passes"
-                             " (\"compile\": {\"offload_opt_states\": true} in the config, stage 3), or keep the"
+                             f" (zero_optimization.{section}.device is {device!r}) is not supported: that combination"
+                             " is not verified on a GPU yet. Train without offload, use DeepCompile's own offload"
+                             " passes (\"compile\": {\"offload_opt_states\": true} in the config, stage 3), or keep the"
                              " offload and use compile=True (torch.compile).")
 
 
