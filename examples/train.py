@@ -7,8 +7,8 @@ GPUs (all visible GPUs, bf16):              python examples/train.py   (picks CU
 Compiled (GPUs):                            python examples/train.py --compile deepcompile   (or --compile torch)
 Several nodes (torchrun):                   torchrun --nnodes 2 --nproc-per-node 8 ... examples/train.py --num-nodes 2
 
-The network returns its own loss (`gpt(tokens, targets)`), nanoGPT-style: DeepCompile needs the loss inside the
-compiled graph, and torch.compile fuses the cross-entropy with the head.
+The network returns its own loss (`gpt(tokens, targets)`), nanoGPT-style, so that a compiled graph (torch.compile or
+DeepCompile) covers the cross-entropy with the head.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Lightning refuses a ``torch.compile``-d LightningModule for strategies other than DDP and FSDP, and compiling the
 LightningModule itself would not help anyway: Lightning reroutes ``training_step`` through the engine by patching
 ``forward`` with a new closure on every step, which would make dynamo recompile every step. So the strategy compiles
-the networks instead, in place (``nn.Module.compile``): each engine's model, or, where an engine wraps the whole
+the networks instead, in place (``nn.Module.compile``, or the ``forward`` of a torch.nn module, see
+``_compile_in_place``): each engine's model, or, where an engine wraps the whole
 LightningModule (or a group of submodules), each of its direct children that holds parameters. User code keeps
 calling ``self.net(x)`` and gets the compiled version. Metrics and parameter-free children are left alone.
 
@@ -24,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["check_deepcompile", "check_deepcompile_runtime", "check_loss_from_compiled_graph", "compile_models",
-           "deepcompile_engine", "explain_compiled_modules", "resolve_compile"]
+__all__ = ["check_deepcompile", "check_deepcompile_runtime", "check_gradients_reduced_by_deepcompile", "compile_models",
+           "deepcompile_engine", "explain_compiled_modules", "is_compiled", "resolve_compile"]
 
 DEEPCOMPILE_BACKENDS = ("inductor", "eager")  # the backends DeepSpeedEngine.compile accepts with DeepCompile
 
@@ -101,33 +102,22 @@ def check_deepcompile_runtime(device: torch.device) -> None:
                          f" (torch {torch.__version__}). Use compile=True (torch.compile) here.")
 
 
-# autograd nodes that may sit between the compiled graph's scalar output and the loss given to backward: Lightning's
-# division by accumulate_grad_batches, a user's scaling, DeepSpeed's output hooks
-_SCALING_NODES = frozenset({"DivBackward0", "DivBackward1", "MulBackward0", "MulBackward1",
-                            "BackwardHookFunctionBackward"})
+def check_gradients_reduced_by_deepcompile(module: nn.Module) -> None:
+    """After a backward under DeepCompile: no trainable parameter may hold a ``.grad``.
 
-
-def check_loss_from_compiled_graph(loss: torch.Tensor) -> None:
-    """DeepCompile reduces gradients inside the backward of the compiled graph, and DeepSpeed 0.19 does so only when
-    the backward starts at that graph's (scalar) output: with a loss computed eagerly from the network's outputs,
-    stages 1-2 leave the gradients unreduced (the step then sees zeros) and stage 3 fails. Measured on an H100; see
-    tests/gpu/test_deepcompile.py. Refuse such a loss before its backward runs."""
-    node, seen = loss.grad_fn, []
-    while node is not None:
-        name = type(node).__name__
-        if name == "CompiledFunctionBackward":
-            return
-        seen.append(name)
-        following = [f for f, _ in node.next_functions if f is not None]
-        if name not in _SCALING_NODES or len(following) != 1:
-            break
-        node = following[0]
-    raise ValueError(
-        "ZeroStrategy(compile='deepcompile'): the loss given to backward was not computed inside the compiled network"
-        f" (its backward starts with {' -> '.join(seen) or 'no graph'}). DeepCompile puts ZeRO's gradient reductions"
-        " into the compiled graph's backward, which DeepSpeed only runs correctly when the backward starts at that"
-        " graph's scalar output. Compute the loss in the network's forward (e.g. `return self.net(x, y)` where"
-        " `net.forward` returns the loss, as GPT-style models do), or use compile=True (torch.compile).")
+    DeepCompile reduces each gradient inside the compiled graph's backward and leaves ``.grad`` None; a parameter used
+    where no compiled graph covers it (a network that ran eagerly, a graph break at that layer) gets a ``.grad`` that
+    DeepCompile never reduces, and the step would use zeros (measured on an H100 at stages 1-2: the weights then
+    differ from plain PyTorch by the learning rate after one step). Raise before that step."""
+    eager = [name for name, p in module.named_parameters() if p.requires_grad and p.grad is not None]
+    if eager:
+        listed = ", ".join(eager[:5]) + (f", ... ({len(eager)} in all)" if len(eager) > 5 else "")
+        raise ValueError(
+            f"ZeroStrategy(compile='deepcompile'): parameters got their gradients outside DeepCompile's compiled graphs"
+            f" ({listed}), so DeepCompile would not reduce them and the optimizer step would not see them. The code"
+            " that uses them ran eagerly: keep every parameter inside the networks ZeroStrategy compiles (the"
+            " LightningModule's children), avoid graph breaks at those layers (torch._dynamo.explain), or use"
+            " compile=True (torch.compile).")
 
 
 def deepcompile_engine(engine: Any, module: nn.Module, kwargs: Mapping[str, Any]) -> list[nn.Module]:
@@ -177,11 +167,30 @@ def compile_models(models: Iterable[tuple[nn.Module, bool]], kwargs: Mapping[str
     done = []
     for model, whole in models:
         for target in _targets(model, whole):
-            if getattr(target, "_compiled_call_impl", None) is not None:
+            if is_compiled(target):
                 continue
-            target.compile(**kwargs)
+            _compile_in_place(target, kwargs)
             done.append(target)
     return done
+
+
+def _compile_in_place(target: nn.Module, kwargs: Mapping[str, Any]) -> None:
+    """``torch.compile`` of ``target``, in place (its parameters, hooks and state_dict keys stay as they are).
+
+    ``nn.Module.compile()`` compiles ``_call_impl``. For a module whose ``forward`` is torch.nn's own (``Sequential``,
+    ``Linear``, or a subclass that keeps it) dynamo then captures no graph (torch 2.11 and 2.13: the output's
+    ``grad_fn`` stays ``AddmmBackward0``, not ``CompiledFunctionBackward``), so the module silently runs eagerly.
+    Such a module gets its ``forward`` compiled instead, as an instance attribute, which does capture the graph."""
+    if type(target).forward.__module__.startswith("torch.nn."):
+        target.forward = torch.compile(target.forward, **kwargs)
+    else:
+        target.compile(**kwargs)
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """Whether ``compile_models`` compiled ``module`` (either way, see ``_compile_in_place``)."""
+    return getattr(module, "_compiled_call_impl", None) is not None or \
+        hasattr(module.__dict__.get("forward"), "_torchdynamo_orig_callable")
 
 
 def explain_compiled_modules() -> None:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_zero.compiling import check_loss_from_compiled_graph
+from lightning_zero.compiling import check_gradients_reduced_by_deepcompile
 
 __all__ = ["EngineRegistry", "EngineSlot", "ModelAssignment", "assign_models", "clone_optimizer"]
 
@@ -423,10 +423,11 @@ class EngineRegistry:
         trained = self.trained
         if len(trained) == 1:
             if self.deepcompile:
-                check_loss_from_compiled_graph(loss)
                 self._deepcompile_boundary(trained[0], automatic)
             trained[0].pending = True
             _engine_backward(trained[0].engine, loss, *args, **kwargs)
+            if self.deepcompile:
+                check_gradients_reduced_by_deepcompile(trained[0].module)
             return
         reached = {id(p) for p in _accumulate_grad_params(loss)}
         hit = [s for s in trained if s.params & reached]

@@ -607,18 +607,18 @@ class ZeroStrategy(ParallelStrategy):
         try:
             return super().training_step(*args, **kwargs)
         except RuntimeError as error:
-            # Measured with DeepSpeed 0.19.8: when the loss is computed outside the compiled network, the network runs
-            # eagerly, where DeepCompile has removed ZeRO-3's gather hooks, and a layer fails on its partitioned
-            # (1-D, empty) weight ("mat2 must be a matrix, got 1-D tensor"). Name the cause and the fix for such shape
-            # errors, keeping DeepSpeed's error as the cause; anything else (out of memory, ...) passes unchanged.
+            # Measured with DeepSpeed 0.19.8: a layer that runs eagerly (no compiled graph covers it) finds no ZeRO-3
+            # gather hooks under DeepCompile and fails on its partitioned (1-D, empty) weight ("mat2 must be a matrix,
+            # got 1-D tensor"). Name the cause and the fix for such shape errors, keeping DeepSpeed's error as the
+            # cause; anything else (out of memory, ...) passes unchanged.
             if isinstance(error, torch.OutOfMemoryError) or not _SHAPE_ERROR.search(str(error)):
                 raise
             raise ValueError(
-                f"ZeroStrategy(stage=3, compile='deepcompile'): the forward failed ({error}). With DeepCompile,"
-                " ZeRO-3 gathers parameters only inside the compiled network's graph; a network that runs eagerly"
-                " (DeepSpeed 0.19.8 does so when the loss is not computed inside the compiled network) sees its"
-                " parameters partitioned. Compute the loss in the network's forward (e.g. `return self.net(x, y)`"
-                " where `net.forward` returns the loss), or use compile=True (torch.compile).") from error
+                f"ZeroStrategy(stage=3, compile='deepcompile'): the forward failed ({error}). With DeepCompile, ZeRO-3"
+                " gathers parameters only inside compiled graphs; a layer that runs eagerly sees its parameters"
+                " partitioned. Keep every parameter inside the networks ZeroStrategy compiles (the LightningModule's"
+                " children), avoid graph breaks at those layers (torch._dynamo.explain), or use compile=True"
+                " (torch.compile).") from error
 
     # ----------------------------------------------------------------------------------------------------------------
     # Weights and checkpoints

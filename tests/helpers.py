@@ -113,7 +113,7 @@ def train_plain(loss_fn: Any, optimizer: torch.optim.Optimizer, steps: int, *, a
 
 
 class LossNet(nn.Module):
-    """A network that returns its own loss (what DeepCompile needs: the compiled graph ends at the scalar loss)."""
+    """A network that returns its own loss: the compiled graph ends at the scalar loss (the DeepCompile parity setup)."""
 
     def __init__(self, body: nn.Module) -> None:
         super().__init__()

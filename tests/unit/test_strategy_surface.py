@@ -136,25 +136,46 @@ def test_compile_targets_the_networks_not_containers_or_metrics():
     assert _targets(m.encoder, whole=False) == [m.encoder]
 
 
-def test_deepcompile_loss_must_leave_the_compiled_graph():
-    """DeepCompile reduces in the compiled backward only when it starts at the graph's scalar output (measured on an
-    H100: a loss computed outside leaves the gradients unreduced); such a loss is refused before its backward."""
+@pytest.mark.parametrize("kind", ["Sequential", "Linear", "Sequential subclass", "custom module"])
+def test_compiled_networks_really_run_a_compiled_graph(kind):
+    """`nn.Module.compile()` leaves a module whose forward is torch.nn's own running eagerly (no graph captured; found
+    after DeepCompile trained an `nn.Sequential` on eager gradients). compile_models compiles such a module's forward,
+    so every kind of network runs a compiled graph; parameters and state_dict keys stay as they were."""
     from torch import nn
 
     from helpers import LossNet
-    from lightning_zero.compiling import check_loss_from_compiled_graph
+    from lightning_zero.compiling import compile_models, is_compiled
 
-    net = LossNet(nn.Linear(4, 1))
-    net.compile(backend="aot_eager")
-    x, y = torch.randn(3, 4), torch.randn(3, 1)
-    check_loss_from_compiled_graph(net(x, y))
-    check_loss_from_compiled_graph(net(x, y) / 2)  # Lightning divides by accumulate_grad_batches
-    with pytest.raises(ValueError, match=r"not computed inside the compiled network \(its backward starts with"
-                                         r" MseLossBackward0\).*return self.net\(x, y\)"):
-        check_loss_from_compiled_graph(nn.functional.mse_loss(net.body(x), y))  # eager: no compiled graph at all
-    net.body.compile(backend="aot_eager")
-    with pytest.raises(ValueError, match=r"its backward starts with MseLossBackward0\)"):
-        check_loss_from_compiled_graph(nn.functional.mse_loss(net.body(x), y))  # compiled output, loss outside
+    class Stack(nn.Sequential):
+        pass
+
+    net = {"Sequential": lambda: nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)),
+           "Linear": lambda: nn.Linear(4, 1),
+           "Sequential subclass": lambda: Stack(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)),
+           "custom module": lambda: LossNet(nn.Linear(4, 1))}[kind]()
+    keys = list(net.state_dict())
+    assert compile_models([(net, False)], {"backend": "aot_eager"}) == [net]
+    out = net(torch.randn(3, 4), torch.randn(3, 1)) if kind == "custom module" else net(torch.randn(3, 4))
+    assert type(out.grad_fn).__name__ == "CompiledFunctionBackward"
+    assert is_compiled(net) and list(net.state_dict()) == keys
+    assert compile_models([(net, False)], {"backend": "aot_eager"}) == []  # compiled once
+
+
+def test_deepcompile_refuses_gradients_it_did_not_reduce():
+    """DeepCompile leaves .grad None for every gradient it reduces; a .grad after its backward belongs to a layer that
+    ran eagerly, which DeepCompile never reduces: stop before the step uses zeros for it."""
+    from torch import nn
+
+    from lightning_zero.compiling import check_gradients_reduced_by_deepcompile
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1))
+    check_gradients_reduced_by_deepcompile(net)
+    net[1].weight.grad = torch.zeros_like(net[1].weight)
+    with pytest.raises(ValueError, match=r"gradients outside DeepCompile's compiled graphs \(1.weight\).*ran eagerly"
+                                         r".*compile=True"):
+        check_gradients_reduced_by_deepcompile(net)
+    net[1].weight.requires_grad_(False)  # frozen parameters are not DeepCompile's to reduce
+    check_gradients_reduced_by_deepcompile(net)
 
 
 def test_deepcompile_accumulation_boundary_follows_lightnings_loop():
@@ -183,10 +204,10 @@ def test_deepcompile_accumulation_boundary_follows_lightnings_loop():
         registry._deepcompile_boundary(slot, automatic=False)
 
 
-def test_deepcompile_stage3_shape_error_names_the_loss_placement(monkeypatch):
-    """With DeepCompile at stage 3, a network that runs eagerly fails on its partitioned weights (measured: "mat2 must
-    be a matrix, got 1-D tensor" when the loss is computed outside the compiled network). That error gets the cause
-    and the fix; other errors (out of memory, ...) pass unchanged."""
+def test_deepcompile_stage3_shape_error_names_the_eager_layer(monkeypatch):
+    """With DeepCompile at stage 3, a layer that runs eagerly fails on its partitioned weight (measured on an H100:
+    "mat2 must be a matrix, got 1-D tensor"). That error gets the cause and the fix; other errors (out of memory, ...)
+    pass unchanged."""
     from lightning.pytorch.strategies import ParallelStrategy
 
     strategy = ZeroStrategy(stage=3, compile="deepcompile")
@@ -199,8 +220,8 @@ def test_deepcompile_stage3_shape_error_names_the_loss_placement(monkeypatch):
 
     partitioned = RuntimeError("mat2 must be a matrix, got 1-D tensor")
     monkeypatch.setattr(ParallelStrategy, "training_step", failing(partitioned), raising=False)
-    with pytest.raises(ValueError, match=r"the forward failed \(mat2 must be a matrix.*Compute the loss in the"
-                                         r" network's forward") as caught:
+    with pytest.raises(ValueError, match=r"the forward failed \(mat2 must be a matrix.*a layer that runs eagerly"
+                                         r".*compile=True") as caught:
         strategy.training_step()
     assert isinstance(caught.value.__cause__, RuntimeError)
     for error in (torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("NCCL timeout")):
