@@ -43,9 +43,7 @@ def _train(tmp_path, module, accumulate, **strategy_kwargs):
     return weights, seen
 
 
-@pytest.mark.parametrize(("stage", "accumulate"), [(1, 1), (2, 2), (3, 2)],
-                         ids=["stage1", "stage2-accumulate", "stage3-accumulate"])
-def test_deepcompile_training_keeps_parity(tmp_path, stage, accumulate):
+def _parity(tmp_path, stage, accumulate):
     from helpers import max_diff, reference_weights
 
     weights, seen = _train(tmp_path, LossInside(), accumulate, stage=stage, compile="deepcompile")
@@ -55,12 +53,7 @@ def test_deepcompile_training_keeps_parity(tmp_path, stage, accumulate):
     assert diff <= TOLERANCE
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_a_torch_nn_network_with_its_loss_in_training_step_trains_right_or_stops(tmp_path, stage):
-    """helpers.Regressor: an `nn.Sequential` network, the loss computed in training_step. That setup trained on
-    eager, unreduced gradients (stages 1-2) or failed (stage 3) while `nn.Module.compile()` left torch.nn modules
-    uncompiled; compile_models now compiles their forward. Not run on a GPU yet (written after the device time ran
-    out): it must match plain PyTorch or stop with ZeroStrategy's ValueError before a wrong step, never train wrong."""
+def _torch_nn_network(tmp_path, stage):
     from helpers import max_diff, reference_weights
 
     try:
@@ -76,9 +69,38 @@ def test_a_torch_nn_network_with_its_loss_in_training_step_trains_right_or_stops
     assert diff <= TOLERANCE
 
 
-def _main() -> None:  # the device machine may lack pytest; one process per case (DeepCompile's state is global)
+CASES = {"parity": _parity, "torch.nn": _torch_nn_network}
+
+
+def _in_own_process(kind, *args):
+    """Each case in a fresh process: DeepCompile's runtime and pass schedule are global to the process."""
     import json
     import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, __file__, json.dumps([kind, list(args)])], capture_output=True, text=True)
+    tail = [line for line in (r.stdout + r.stderr).splitlines() if "DeepCompile stage" in line or "Error" in line]
+    print("PASS" if r.returncode == 0 else "FAIL", kind, args, tail[-3:], flush=True)
+    assert r.returncode == 0, "\n".join(tail[-5:])
+
+
+@pytest.mark.parametrize(("stage", "accumulate"), [(1, 1), (2, 2), (3, 2)],
+                         ids=["stage1", "stage2-accumulate", "stage3-accumulate"])
+def test_deepcompile_training_keeps_parity(stage, accumulate):
+    _in_own_process("parity", stage, accumulate)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_torch_nn_network_with_its_loss_in_training_step_trains_right_or_stops(stage):
+    """helpers.Regressor: an `nn.Sequential` network, the loss computed in training_step. That setup trained on
+    eager, unreduced gradients (stages 1-2) or failed (stage 3) while `nn.Module.compile()` left torch.nn modules
+    uncompiled; compile_models now compiles their forward. Not run on a GPU yet (written after the device time ran
+    out): it must match plain PyTorch or stop with ZeroStrategy's ValueError before a wrong step, never train wrong."""
+    _in_own_process("torch.nn", stage)
+
+
+if __name__ == "__main__":  # `python tests/gpu/test_deepcompile.py`: every case; with an argument, that one case
+    import json
     import sys
     import tempfile
     from pathlib import Path
@@ -86,18 +108,13 @@ def _main() -> None:  # the device machine may lack pytest; one process per case
     if len(sys.argv) > 1:
         kind, args = json.loads(sys.argv[1])
         with tempfile.TemporaryDirectory() as d:
-            if kind == "parity":
-                test_deepcompile_training_keeps_parity(Path(d), *args)
-            else:
-                test_a_torch_nn_network_with_its_loss_in_training_step_trains_right_or_stops(Path(d), *args)
-        return
-    cases = [("parity", c) for c in [(1, 1), (2, 2), (3, 2)]]
-    cases += [("torch.nn", [stage]) for stage in (1, 2, 3)]
-    for case in cases:
-        r = subprocess.run([sys.executable, __file__, json.dumps(case)], capture_output=True, text=True)
-        tail = [line for line in (r.stdout + r.stderr).splitlines() if "DeepCompile stage" in line or "Error" in line]
-        print("PASS" if r.returncode == 0 else "FAIL", case, tail[-3:], flush=True)
-
-
-if __name__ == "__main__":
-    _main()
+            CASES[kind](Path(d), *args)
+    else:
+        failed = 0
+        for case in [("parity", 1, 1), ("parity", 2, 2), ("parity", 3, 2), ("torch.nn", 1), ("torch.nn", 2),
+                     ("torch.nn", 3)]:
+            try:
+                _in_own_process(*case)
+            except AssertionError:
+                failed += 1
+        sys.exit(1 if failed else 0)
