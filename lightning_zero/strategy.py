@@ -208,7 +208,7 @@ class ZeroStrategy(ParallelStrategy):
         self.exclude_frozen_parameters = exclude_frozen_parameters
         self.compile_kwargs, self.deepcompile = resolve_compile(compile, merged)
         if self.deepcompile:
-            check_deepcompile(None if self._auto else self.stage, self.compile_kwargs or {}, merged)
+            check_deepcompile(None if self._auto else self.stage, self.compile_kwargs, merged)
         self.ds_config: dict[str, Any] | None = None  # resolved at setup, with the Trainer's flags
         self.engines = EngineRegistry()
         self._engines_owner: int | None = None
@@ -348,7 +348,7 @@ class ZeroStrategy(ParallelStrategy):
         config = cfg.resolve_ds_config(self.user_config, self.knobs, self.trainer_flags(trainer, with_batch=False))
         offload.check_nvme(config)
         if self.deepcompile and trainer.state.fn == TrainerFn.FITTING:
-            check_deepcompile(None if self._auto else self.stage, self.compile_kwargs or {}, config)
+            check_deepcompile(None if self._auto else self.stage, self.compile_kwargs, config)
             if self.parallel_devices:
                 check_deepcompile_runtime(self.parallel_devices[0])
 
@@ -460,7 +460,7 @@ class ZeroStrategy(ParallelStrategy):
         self.model = self.precision_plugin.convert_module(self.lightning_module)
         fitting = trainer.state.fn == TrainerFn.FITTING
         if self.deepcompile and fitting:
-            check_deepcompile(self.stage, self.compile_kwargs or {}, self.ds_config)  # stage="auto" is known now
+            check_deepcompile(self.stage, self.compile_kwargs, self.ds_config)  # stage="auto" is known now
             check_deepcompile_runtime(self.root_device)
         # Model-wide, once before the engines: the NVMe drive has room for this node's share of the model (every
         # engine's config offloads a subset of these sections), and deepspeed.checkpointing is set up.
@@ -476,7 +476,7 @@ class ZeroStrategy(ParallelStrategy):
         self._engines_owner = id(self.lightning_module)
         if self.deepcompile and fitting:
             slot = self.engines.trained[0]
-            deepcompile_engine(slot.engine, slot.module, self.compile_kwargs or {})
+            deepcompile_engine(slot.engine, slot.module, self.compile_kwargs)
             self.engines.deepcompile = True
         elif self.compile_kwargs is not None:
             if self.deepcompile:
@@ -602,16 +602,15 @@ class ZeroStrategy(ParallelStrategy):
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         self.engines.reset_unit_calls()  # a new batch: earlier forwards without a backward do not count
-        if not (self.engines.deepcompile and self.stage == 3):
-            return super().training_step(*args, **kwargs)
         try:
             return super().training_step(*args, **kwargs)
         except RuntimeError as error:
             # Measured with DeepSpeed 0.19.8: a layer that runs eagerly (no compiled graph covers it) finds no ZeRO-3
             # gather hooks under DeepCompile and fails on its partitioned (1-D, empty) weight ("mat2 must be a matrix,
             # got 1-D tensor"). Name the cause and the fix for such shape errors, keeping DeepSpeed's error as the
-            # cause; anything else (out of memory, ...) passes unchanged.
-            if isinstance(error, torch.OutOfMemoryError) or not _SHAPE_ERROR.search(str(error)):
+            # cause; anything else (out of memory, other setups) passes unchanged.
+            if not (self.engines.deepcompile and self.stage == 3) or isinstance(error, torch.OutOfMemoryError) \
+                    or not _SHAPE_ERROR.search(str(error)):
                 raise
             raise ValueError(
                 f"ZeroStrategy(stage=3, compile='deepcompile'): the forward failed ({error}). With DeepCompile, ZeRO-3"
