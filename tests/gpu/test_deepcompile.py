@@ -69,7 +69,101 @@ def _torch_nn_network(tmp_path, stage):
     assert diff <= TOLERANCE
 
 
-CASES = {"parity": _parity, "torch.nn": _torch_nn_network}
+class Evaluated(LossInside):
+    """LossInside with a validation loop during fit (through the DeepCompile engine) and a predict step."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.val_losses = {}
+
+    def validation_step(self, batch, batch_idx):
+        self.val_losses.setdefault(self.global_step, []).append(self.loss_net(*batch).detach().float().cpu())
+
+    def val_dataloader(self):
+        from torch.utils.data import DataLoader
+
+        from helpers import RandomDataset
+        return DataLoader(RandomDataset(16, seed=11), batch_size=4)
+
+    def predict_step(self, batch, batch_idx):
+        return self.loss_net.body(batch[0]).float().cpu()
+
+
+def _reference_net(steps, n=64):
+    from helpers import make_net, reference_weights
+
+    net = make_net()
+    net.load_state_dict({k.removeprefix("net."): v for k, v in reference_weights(1, steps, 1, CLIP, n=n).items()})
+    return net.eval()
+
+
+def _validate_and_predict(tmp_path, stage):
+    """Validation every 4 steps during a DeepCompile fit, then predict: the losses and outputs of plain PyTorch's
+    weights at those steps, and training unchanged by the validation in between."""
+    import lightning as L
+    from torch.nn.functional import mse_loss
+    from torch.utils.data import DataLoader
+
+    from helpers import RandomDataset, SaveFullWeights, max_diff, reference_weights
+    from lightning_zero import ZeroStrategy
+
+    module = Evaluated()
+    out = tmp_path / "weights.pt"
+    trainer = L.Trainer(strategy=ZeroStrategy(stage=stage, compile="deepcompile"), accelerator="gpu", devices=1,
+                        precision="32-true", max_steps=STEPS, val_check_interval=4, gradient_clip_val=CLIP,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[SaveFullWeights(str(out))])
+    trainer.fit(module)
+    weights = {k.replace("loss_net.body.", "net."): v.float().cpu() for k, v in torch.load(out).items()}
+    train_diff = max_diff(weights, reference_weights(1, STEPS, 1, CLIP))
+    val = RandomDataset(16, seed=11)
+    val_diffs = {}
+    for step, losses in module.val_losses.items():
+        reference = _reference_net(step)
+        with torch.no_grad():
+            expected = mse_loss(reference(val.x), val.y).item()  # 4 equal batches: mean of the batch means
+        val_diffs[step] = abs(torch.stack(losses).mean().item() - expected)
+    data = RandomDataset(16, seed=5)
+    predicted = torch.cat(trainer.predict(module, DataLoader(data, batch_size=4)))
+    reference = _reference_net(STEPS)
+    with torch.no_grad():
+        predict_diff = (predicted - reference(data.x)).abs().max().item()
+    print(f"DeepCompile stage {stage}, validation during fit + predict: training {train_diff:.2e}, validation loss"
+          f" by step {val_diffs}, predict {predict_diff:.2e}", flush=True)
+    assert sorted(val_diffs) == [4, 8]
+    assert train_diff <= TOLERANCE and max(val_diffs.values()) <= TOLERANCE and predict_diff <= TOLERANCE
+
+
+def _resume(tmp_path, stage, phase, folder):
+    """A DeepCompile fit that stops at step 4 (an epoch's end) and, in another process, resumes to step 8: the
+    weights of plain PyTorch after 8 steps."""
+    from pathlib import Path
+
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from helpers import SaveFullWeights, max_diff, reference_weights
+    from lightning_zero import ZeroStrategy
+
+    # The checkpoint is written after the step (every_n_train_steps), as in tests/distributed/test_resume.py: one
+    # written at on_train_epoch_end resumes differently under Lightning's default strategy too (measured on CPU).
+    folder = Path(folder)
+    steps = 4 if phase == 1 else STEPS
+    callbacks = [ModelCheckpoint(dirpath=folder, filename="first", every_n_train_steps=4)] if phase == 1 else \
+        [SaveFullWeights(str(folder / "weights.pt"))]
+    trainer = L.Trainer(strategy=ZeroStrategy(stage=stage, compile="deepcompile"), accelerator="gpu", devices=1,
+                        precision="32-true", max_steps=steps, gradient_clip_val=CLIP, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+    trainer.fit(LossInside(n=16), ckpt_path=None if phase == 1 else str(folder / "first.ckpt"))
+    if phase == 2:
+        weights = {k.replace("loss_net.body.", "net."): v.float().cpu()
+                   for k, v in torch.load(folder / "weights.pt").items()}
+        diff = max_diff(weights, reference_weights(1, STEPS, 1, CLIP, n=16))
+        print(f"DeepCompile stage {stage}, resumed at step 4: max |w - w_ref| = {diff:.2e}", flush=True)
+        assert diff <= TOLERANCE
+
+
+CASES = {"parity": _parity, "torch.nn": _torch_nn_network, "evaluate": _validate_and_predict, "resume": _resume}
 
 
 def _in_own_process(kind, *args):
@@ -99,8 +193,20 @@ def test_a_torch_nn_network_with_its_loss_in_training_step_trains_right_or_stops
     _in_own_process("torch.nn", stage)
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_validation_during_fit_and_predict_after_it(stage):
+    _in_own_process("evaluate", stage)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_in_a_new_process(tmp_path, stage):
+    _in_own_process("resume", stage, 1, str(tmp_path))
+    _in_own_process("resume", stage, 2, str(tmp_path))
+
+
 if __name__ == "__main__":  # `python tests/gpu/test_deepcompile.py`: every case; with an argument, that one case
     import json
+    import os
     import sys
     import tempfile
     from pathlib import Path
@@ -111,8 +217,11 @@ if __name__ == "__main__":  # `python tests/gpu/test_deepcompile.py`: every case
             CASES[kind](Path(d), *args)
     else:
         failed = 0
-        for case in [("parity", 1, 1), ("parity", 2, 2), ("parity", 3, 2), ("torch.nn", 1), ("torch.nn", 2),
-                     ("torch.nn", 3)]:
+        resumed = tempfile.mkdtemp()
+        cases = [("parity", 1, 1), ("parity", 2, 2), ("parity", 3, 2), ("torch.nn", 1), ("torch.nn", 2),
+                 ("torch.nn", 3), ("evaluate", 2), ("evaluate", 3)]
+        cases += [("resume", stage, phase, f"{resumed}/{stage}") for stage in (2, 3) for phase in (1, 2)]
+        for case in cases[int(os.environ.get("FIRST_CASE", 0)):]:
             try:
                 _in_own_process(*case)
             except AssertionError:
