@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 __all__ = ["check_deepcompile", "check_deepcompile_runtime", "check_gradients_reduced_by_deepcompile", "compile_models",
-           "deepcompile_engine", "explain_compiled_modules", "is_compiled", "resolve_compile"]
+           "deepcompile_engine", "evaluating_eagerly", "explain_compiled_modules", "is_compiled", "resolve_compile",
+           "resume_deepcompile_schedule"]
 
 DEEPCOMPILE_BACKENDS = ("inductor", "eager")  # the backends DeepSpeedEngine.compile accepts with DeepCompile
 
@@ -143,6 +144,36 @@ def deepcompile_engine(engine: Any, module: nn.Module, kwargs: Mapping[str, Any]
         raise ValueError(f"ZeroStrategy(compile='deepcompile'): {type(module).__name__} has no child module with"
                          " parameters to compile. Keep the networks in submodules (self.net = ...).")
     return done
+
+
+def resume_deepcompile_schedule(global_steps: int) -> None:
+    """Shift DeepCompile's pass schedule to an engine resumed at ``global_steps``.
+
+    DeepCompile keys its passes on absolute engine steps (DeepSpeed 0.19.8: step 0 installs the gather/reduce passes,
+    stage 3 adds prefetching at step 5) and launches an entry only when ``global_steps`` equals its step. An engine
+    restored from a checkpoint starts past step 0, so no pass set was ever launched and its first compile failed
+    inside DeepSpeed ("'NoneType' object is not iterable", measured on an H100). Counting the schedule from the
+    restored step gives the resumed run the same passes, and the same warm-up, as a fresh one. Call it after the
+    checkpoint is loaded and before the first forward."""
+    from collections import deque
+
+    from deepspeed.compile import backend
+
+    if global_steps > 0 and backend.remaining_schedule:
+        backend.remaining_schedule = deque((step + global_steps, passes) for step, passes in backend.remaining_schedule)
+
+
+def evaluating_eagerly(deepcompile: bool) -> Any:
+    """The context for an evaluation forward during a DeepCompile fit: the compiled networks run eagerly.
+
+    A forward without gradients is a new graph for Dynamo; compiled through DeepCompile's backend during training, it
+    left DeepCompile's reduce buckets inconsistent and the next backward aborted the process (DeepSpeed 0.19.8, H100,
+    stages 2 and 3). Run eagerly, it reads the full weights at stages 1-2 and, at stage 3, the engine's forward gathers
+    the weights it touches (DeepSpeed's ZeRO-3 eager fallback under DeepCompile); the compiled training graphs are
+    left as they are."""
+    import contextlib
+
+    return torch.compiler.set_stance("force_eager") if deepcompile else contextlib.nullcontext()
 
 
 def _targets(model: nn.Module, whole: bool) -> list[nn.Module]:

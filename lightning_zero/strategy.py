@@ -43,7 +43,8 @@ from lightning_zero import offload
 from lightning_zero.engines import (EngineRegistry, EngineSlot, ModelAssignment, _ModelGroup, assign_models,
                                    build_engine)
 from lightning_zero.compiling import (check_deepcompile, check_deepcompile_runtime, compile_models, deepcompile_engine,
-                                      explain_compiled_modules, resolve_compile)
+                                      evaluating_eagerly, explain_compiled_modules, resolve_compile,
+                                      resume_deepcompile_schedule)
 from lightning_zero.precision import ZeroPrecision
 from lightning_zero.tuning import apply_block_fetch, apply_speed_defaults
 from lightning_zero.summary import install_summary
@@ -599,6 +600,23 @@ class ZeroStrategy(ParallelStrategy):
             return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
         return tensor
 
+    # Evaluation with the engines of a DeepCompile fit (validation during fit, or validate/test/predict after it on
+    # the same module) runs the compiled networks eagerly: see compiling.evaluating_eagerly.
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        with evaluating_eagerly(self.engines.deepcompile):
+            return super().validation_step(*args, **kwargs)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        with evaluating_eagerly(self.engines.deepcompile):
+            return super().test_step(*args, **kwargs)
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        with evaluating_eagerly(self.engines.deepcompile):
+            return super().predict_step(*args, **kwargs)
+
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         self.engines.reset_unit_calls()  # a new batch: earlier forwards without a backward do not count
@@ -664,7 +682,10 @@ class ZeroStrategy(ParallelStrategy):
         checkpoint_path = self.broadcast(str(checkpoint_path))
         assert self.lightning_module is not None
         fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
-        return ckpt.load(self, checkpoint_path, fitting=fitting, weights_only=weights_only)
+        checkpoint = ckpt.load(self, checkpoint_path, fitting=fitting, weights_only=weights_only)
+        if self.engines.deepcompile and fitting:
+            resume_deepcompile_schedule(self.engines.trained[0].engine.global_steps)
+        return checkpoint
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
@@ -705,8 +726,10 @@ class ZeroStrategy(ParallelStrategy):
     @override
     def teardown(self) -> None:
         assert self.accelerator is not None
-        if self.lightning_module is not None and self.stage < 3:
-            self.lightning_module.cpu()
+        # The module stays on its device: the engines are kept for validate/test/predict on the same module (setup),
+        # and at stages 0-2 DeepSpeed's parameters are views of its flat buffers. Lightning's `.cpu()` here made the
+        # next `trainer.predict` on a GPU fail with CPU weights and CUDA inputs, and would have cut the parameters
+        # off from the optimizer's buffers.
         self.model = self.lightning_module
         self.ds_config = None  # the next Trainer call resolves it again with its own flags
         self.precision_plugin.teardown()

@@ -114,6 +114,7 @@ def _validate_and_predict(tmp_path, stage):
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, callbacks=[SaveFullWeights(str(out))])
     trainer.fit(module)
+    print(f"DeepCompile stage {stage}: fit done, validated at steps {sorted(module.val_losses)}", flush=True)
     weights = {k.replace("loss_net.body.", "net."): v.float().cpu() for k, v in torch.load(out).items()}
     train_diff = max_diff(weights, reference_weights(1, STEPS, 1, CLIP))
     val = RandomDataset(16, seed=11)

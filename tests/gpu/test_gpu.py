@@ -63,7 +63,37 @@ def test_gan_fp16_has_a_loss_scaler_per_engine():
     assert len(losses) == 24 and all(math.isfinite(d) and math.isfinite(g) for d, g in losses)
 
 
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_predict_after_fit_on_the_same_trainer(stage):
+    """fit, then predict with the same Trainer and module (the engines are kept): on the GPU, the predictions of plain
+    PyTorch's weights after the same steps. At stages 0-2 this failed with CPU weights and CUDA inputs while teardown
+    moved the module to the CPU (CPU runs cannot show it)."""
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    from helpers import RandomDataset, Regressor, make_net, reference_weights
+    from lightning_zero import ZeroStrategy
+
+    module = Regressor()
+    module.predict_step = lambda batch, batch_idx: module(batch[0]).float().cpu()
+    trainer = L.Trainer(strategy=ZeroStrategy(stage=stage), accelerator="gpu", devices=1, precision="32-true",
+                        max_steps=8, gradient_clip_val=0.5, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module)
+    data = RandomDataset(16, seed=5)
+    predicted = torch.cat(trainer.predict(module, DataLoader(data, batch_size=4)))
+    reference = make_net()
+    reference.load_state_dict({k.removeprefix("net."): v for k, v in reference_weights(1, 8, 1, 0.5).items()})
+    with torch.no_grad():
+        diff = (predicted - reference(data.x)).abs().max().item()
+    print(f"stage {stage}: predict after fit, max |y - y_ref| = {diff:.2e}")
+    assert diff <= 1e-5
+
+
 if __name__ == "__main__":
+    for stage in (0, 2, 3):
+        test_predict_after_fit_on_the_same_trainer(stage)
     for args in [("16-mixed", 2), ("16-mixed", 3), ("bf16-mixed", 3)]:
         test_half_precision_trains_on_gpu(*args)
     test_gan_fp16_has_a_loss_scaler_per_engine()
