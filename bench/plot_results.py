@@ -4,7 +4,8 @@
     python bench/plot_results.py bench/results/bench_gpt_h100_tuned.json bench/results/bench_gpt_h100_compile.json \
         --out docs/throughput_h100.png
 
-Rows of a run made with ``--compile 1`` are labelled "+ compile". Needs matplotlib (the ``examples`` extra).
+Rows of a run made with ``--compile 1`` are labelled "+ compile", zero rows of a run with
+``--zero-kwargs '{"compile": "deepcompile"}'`` "+ DeepCompile". Needs matplotlib (the ``examples`` extra).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ COLORS = {"fsdp": "#7f7f7f", "raw": "#1f77b4", "builtin": "#ff7f0e", "zero": "#2
 
 def rows_of(path: str) -> list[tuple[str, str, float]]:
     data = json.load(open(path))
-    compiled = bool(data["config"].get("compile"))
+    compiled = " + compile" if data["config"].get("compile") else ""
+    deepcompile = "deepcompile" in (data["config"].get("zero_kwargs") or "")  # --zero-kwargs '{"compile": "deepcompile"}'
     out = []
     for r in data["results"]:
         if "tokens_per_s" not in r:
@@ -27,7 +29,8 @@ def rows_of(path: str) -> list[tuple[str, str, float]]:
         family = r["row"].split("_")[0]
         stage = r["row"].partition("_z")[2]
         stage = stage.replace("_offload", " + CPU optimizer offload")
-        label = LABELS.get(family, family) + (f", ZeRO-{stage}" if stage else "") + (" + compile" if compiled else "")
+        suffix = " + DeepCompile" if deepcompile and family == "zero" else compiled
+        label = LABELS.get(family, family) + (f", ZeRO-{stage}" if stage else "") + suffix
         out.append((label, family, r["tokens_per_s"]))
     return out
 

@@ -228,3 +228,48 @@ def test_deepcompile_stage3_shape_error_names_the_eager_layer(monkeypatch):
         monkeypatch.setattr(ParallelStrategy, "training_step", failing(error), raising=False)
         with pytest.raises(type(error), match=str(error)):
             strategy.training_step()
+
+
+@pytest.mark.parametrize("deepcompile", [True, False])
+def test_evaluation_with_deepcompile_engines_runs_the_networks_eagerly(monkeypatch, deepcompile):
+    """A no-grad forward through DeepCompile's backend during training left its reduce buckets inconsistent and the
+    next backward aborted the process (H100, stages 2-3). Validation during a DeepCompile fit, and validate/test/predict
+    on its engines afterwards, run the compiled networks eagerly; other runs keep their compiled graphs."""
+    from lightning.pytorch.strategies import ParallelStrategy
+
+    from lightning_zero.compiling import compile_models
+
+    net = torch.nn.Linear(4, 1)
+    compile_models([(net, False)], {"backend": "aot_eager"})
+    strategy = ZeroStrategy(stage=2)
+    strategy.engines.deepcompile = deepcompile
+    for hook in ("validation_step", "test_step", "predict_step"):
+        monkeypatch.setattr(ParallelStrategy, hook, lambda self, x: net(x), raising=False)
+        with torch.no_grad():
+            out = getattr(strategy, hook)(torch.randn(2, 4))
+        compiled_graph = out.grad_fn is not None or torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+        assert compiled_graph != deepcompile, hook
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+    with torch.no_grad():  # outside the evaluation hooks, the network is compiled as before
+        net(torch.randn(2, 4))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
+def test_resumed_deepcompile_counts_its_pass_schedule_from_the_restored_step(monkeypatch):
+    """DeepCompile launches a pass set when the engine's global_steps equals its step (0, then 5 at stage 3); an engine
+    restored at step 4 never saw step 0 and its first compile failed inside DeepSpeed (H100). The schedule is shifted
+    to the restored step; a fresh run (step 0) keeps it."""
+    from collections import deque
+
+    from deepspeed.compile import backend
+
+    from lightning_zero.compiling import resume_deepcompile_schedule
+
+    schedule = [(0, ["gather_release"]), (5, ["gather_release", "prefetch"])]
+    monkeypatch.setattr(backend, "remaining_schedule", deque(schedule))
+    resume_deepcompile_schedule(0)
+    assert list(backend.remaining_schedule) == schedule
+    resume_deepcompile_schedule(4)
+    assert list(backend.remaining_schedule) == [(4, ["gather_release"]), (9, ["gather_release", "prefetch"])]
