@@ -239,6 +239,8 @@ def test_evaluation_with_deepcompile_engines_runs_the_networks_eagerly(monkeypat
 
     from lightning_zero.compiling import compile_models
 
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # earlier tests' graphs
     net = torch.nn.Linear(4, 1)
     compile_models([(net, False)], {"backend": "aot_eager"})
     strategy = ZeroStrategy(stage=2)
