@@ -213,6 +213,7 @@ class ZeroStrategy(ParallelStrategy):
         self.ds_config: dict[str, Any] | None = None  # resolved at setup, with the Trainer's flags
         self.engines = EngineRegistry()
         self._engines_owner: int | None = None
+        self._warned_eager_gather = False
         self._start_method = start_method
         self._process_group_backend = process_group_backend
         self._timeout = timeout
@@ -600,21 +601,28 @@ class ZeroStrategy(ParallelStrategy):
             return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
         return tensor
 
-    # Evaluation with the engines of a DeepCompile fit (validation during fit, or validate/test/predict after it on
-    # the same module) runs the compiled networks eagerly: see compiling.evaluating_eagerly.
+    def _evaluation(self) -> Any:
+        """Evaluation with the engines of a DeepCompile fit (validation during fit, or validate/test/predict after it
+        on the same Trainer) runs the compiled networks eagerly: see compiling.evaluating_eagerly."""
+        if self.engines.deepcompile and self.stage == 3 and not self._warned_eager_gather:
+            self._warned_eager_gather = True
+            assert self.lightning_module is not None
+            _warn_eager_stage3_evaluation(self.lightning_module)
+        return evaluating_eagerly(self.engines.deepcompile)
+
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
-        with evaluating_eagerly(self.engines.deepcompile):
+        with self._evaluation():
             return super().validation_step(*args, **kwargs)
 
     @override
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
-        with evaluating_eagerly(self.engines.deepcompile):
+        with self._evaluation():
             return super().test_step(*args, **kwargs)
 
     @override
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
-        with evaluating_eagerly(self.engines.deepcompile):
+        with self._evaluation():
             return super().predict_step(*args, **kwargs)
 
     @override
@@ -781,6 +789,20 @@ def _warn_unpartitioned(module: Module) -> None:
             " them at setup. Create the layers in `LightningModule.configure_model` (or under"
             " `with trainer.init_module():`) so that each rank only ever holds its shard."
         )
+
+
+def _warn_eager_stage3_evaluation(module: Module) -> None:
+    """Warn (once, rank 0) that an evaluation pass with a DeepCompile stage-3 engine gathers the whole model."""
+    elements = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+    size = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in module.parameters()) / 2**30
+    rank_zero_warn(
+        "ZeroStrategy(stage=3, compile='deepcompile'): evaluation with this fit's engines runs the networks eagerly"
+        " (through DeepCompile it aborted training), and DeepSpeed's ZeRO-3 eager fallback keeps every weight a"
+        " forward touches gathered until the next forward: each GPU holds the whole model during this pass"
+        f" ({get_human_readable_count(elements).strip()} parameters, {size:.2f} GiB). If that does not fit, set"
+        " `limit_val_batches=0` for the fit and evaluate with a new Trainer (`trainer.validate/test/predict` on their"
+        " own gather layer by layer), or train at stage 2."
+    )
 
 
 def _destroy_process_group() -> None:

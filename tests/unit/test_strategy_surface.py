@@ -1,5 +1,7 @@
 """The public surface: registered names, constructor validation (before any process starts)."""
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -275,3 +277,25 @@ def test_resumed_deepcompile_counts_its_pass_schedule_from_the_restored_step(mon
     assert list(backend.remaining_schedule) == schedule
     resume_deepcompile_schedule(4)
     assert list(backend.remaining_schedule) == [(4, ["gather_release"]), (9, ["gather_release", "prefetch"])]
+
+
+def test_stage3_deepcompile_evaluation_warns_once_that_it_gathers_the_whole_model(monkeypatch):
+    """DeepSpeed's ZeRO-3 eager fallback keeps what an eager forward touched gathered until the next forward: an
+    evaluation pass with a DeepCompile stage-3 engine holds the whole model on each GPU. Say so once, with the size
+    and the ways out."""
+    from lightning.pytorch.strategies import ParallelStrategy
+
+    from helpers import Regressor
+
+    monkeypatch.setattr(ParallelStrategy, "validation_step", lambda self: None, raising=False)
+    strategy = ZeroStrategy(stage=3, compile="deepcompile")
+    strategy._lightning_module = Regressor()  # 433 fp32 parameters
+    strategy.engines.deepcompile = True
+    with pytest.warns(UserWarning, match=r"each GPU holds the whole model during this pass \(433 parameters, 0.00 GiB\)"
+                                         r".*limit_val_batches=0.*new Trainer"):
+        strategy.validation_step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        strategy.validation_step()  # once per strategy
+        strategy.engines.deepcompile = False
+        ZeroStrategy(stage=3).validation_step()  # no DeepCompile: nothing to say
