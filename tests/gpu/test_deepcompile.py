@@ -155,7 +155,8 @@ def _resume(tmp_path, stage, phase, folder):
         [SaveFullWeights(str(folder / "weights.pt"))]
     trainer = L.Trainer(strategy=ZeroStrategy(stage=stage, compile="deepcompile"), accelerator="gpu", devices=1,
                         precision="32-true", max_steps=steps, gradient_clip_val=CLIP, logger=False,
-                        enable_checkpointing=phase == 1, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+                        enable_checkpointing=phase == 1, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=callbacks)
     trainer.fit(LossInside(n=16), ckpt_path=None if phase == 1 else str(folder / "first.ckpt"))
     if phase == 2:
         weights = {k.replace("loss_net.body.", "net."): v.float().cpu()
