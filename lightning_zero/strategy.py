@@ -793,7 +793,7 @@ def _warn_unpartitioned(module: Module) -> None:
 
 def _warn_eager_stage3_evaluation(module: Module) -> None:
     """Warn (once, rank 0) that an evaluation pass with a DeepCompile stage-3 engine gathers the whole model."""
-    elements = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+    elements = offload.count_parameters(module)
     size = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in module.parameters()) / 2**30
     rank_zero_warn(
         "ZeroStrategy(stage=3, compile='deepcompile'): evaluation with this fit's engines runs the networks eagerly"
