@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	# DeepSpeed ships as a source archive whose build imports torch: build it against the torch installed above
 	# (build isolation would pull a second, multi-GB torch into the build environment).
 	$(PIP) --no-build-isolation -c constraints.txt deepspeed
-	$(PIP) -c constraints.txt -e ".[test,examples]"
+	$(PIP) -c constraints.txt -e ".[test,examples,hf]"
 	-@[ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! dpkg -s libaio-dev >/dev/null 2>&1 \
 		&& (apt-get install -y -qq libaio-dev >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq libaio-dev >/dev/null 2>&1)) \
 		|| true
