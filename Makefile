@@ -8,8 +8,19 @@ PYTEST_ARGS ?=
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 STAMP := $(VENV)/.installed
+# `make test-compat`: the lowest versions of the declared ranges (constraints-lowest.txt) in a venv of their own.
+# torch: the range's lowest (2.11) exists on PyPI only as a multi-GB CUDA build; CI takes the CPU build on its disk and
+# 2.11 is proven on the GPU machine (docs/compatibility.md). Override, e.g. TORCH_COMPAT_SPEC="torch==2.11.0".
+COMPAT_VENV ?= .venv-compat
+TORCH_COMPAT_SPEC ?= $(TORCH_SPEC)
+COMPAT_PY := $(COMPAT_VENV)/bin/python
+COMPAT_PIP := $(COMPAT_PY) -m pip install -q --disable-pip-version-check
+COMPAT_STAMP := $(COMPAT_VENV)/.installed
+COMPAT_TESTS ?= tests/unit tests/distributed/test_parity.py \
+	tests/distributed/test_resume.py::test_resume_two_processes_on_one \
+	tests/distributed/test_multi_engine.py::test_gan_parity_with_plain_pytorch
 
-.PHONY: install demo test test-unit test-gpu clean
+.PHONY: install demo test test-unit test-gpu test-compat clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,8 +51,22 @@ test: install
 test-unit: install
 	DS_ACCELERATOR=cpu $(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
+$(COMPAT_STAMP): pyproject.toml constraints-lowest.txt Makefile
+	test -x $(COMPAT_PY) || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_PIP) --upgrade pip setuptools wheel
+	$(COMPAT_PIP) $(TORCH_COMPAT_SPEC)
+	$(COMPAT_PIP) --no-build-isolation -c constraints-lowest.txt deepspeed
+	$(COMPAT_PIP) -c constraints-lowest.txt -e ".[test,hf]"
+	touch $(COMPAT_STAMP)
+
+# unit and contract tests plus parity at stages 0-3, resume on another world size and a GAN, at the lowest versions;
+# DeepSpeed's JIT ops get their own cache (they are built from that DeepSpeed's sources)
+test-compat: $(COMPAT_STAMP)
+	DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR=$(CURDIR)/$(COMPAT_VENV)/torch_extensions \
+		$(COMPAT_PY) -m pytest $(COMPAT_TESTS) $(PYTEST_ARGS)
+
 test-gpu: install
 	$(PY) -m pytest tests/gpu $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info .pytest_cache

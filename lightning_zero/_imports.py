@@ -5,26 +5,23 @@ from __future__ import annotations
 import importlib.metadata
 import os
 
-from packaging.version import Version
+from lightning_zero._compat.versions import SUPPORTED, check_versions
 
 __all__ = ["MIN_DEEPSPEED", "require_deepspeed", "use_cpu_accelerator"]
 
-MIN_DEEPSPEED = "0.18.3"
+MIN_DEEPSPEED = SUPPORTED["deepspeed"][0]
 
 
 def require_deepspeed() -> str:
-    """Return the installed DeepSpeed version; raise with an install hint when it is missing or too old."""
+    """Return the installed DeepSpeed version; raise with an install hint when it is missing, or when it (or torch,
+    Lightning, torchmetrics) is outside the proven range (``_compat/versions.py``)."""
     try:
         version = importlib.metadata.version("deepspeed")
     except importlib.metadata.PackageNotFoundError:
         raise ModuleNotFoundError(
             f"ZeroStrategy needs DeepSpeed >= {MIN_DEEPSPEED}. Install it with `pip install 'deepspeed>={MIN_DEEPSPEED}'`."
         ) from None
-    if Version(version) < Version(MIN_DEEPSPEED):
-        raise ImportError(
-            f"ZeroStrategy needs DeepSpeed >= {MIN_DEEPSPEED} (its one-engine-per-model support), found {version}."
-            f" Upgrade with `pip install -U 'deepspeed>={MIN_DEEPSPEED}'`."
-        )
+    check_versions()
     return version
 
 

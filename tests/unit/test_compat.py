@@ -1,0 +1,114 @@
+"""The proven version ranges (lightning_zero/_compat/versions.py) and the DeepSpeed feature probes, against the
+installed packages: these fail, naming the symbol, when a release changes what ZeroStrategy relies on."""
+
+import importlib.metadata
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+from lightning_zero._compat import versions
+from lightning_zero._compat.deepspeed import zero_config_accepts
+from lightning_zero._compat.versions import ALLOW_UNTESTED_ENV, SUPPORTED, check_versions, out_of_range
+
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _pins(name):
+    pins = {}
+    for line in (ROOT / name).read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if "==" in line:
+            dist, version = line.split("==")
+            pins[dist.strip().lower()] = version.strip()
+    return pins
+
+
+def test_pyproject_declares_exactly_the_proven_ranges():
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    declared = {Requirement(d).name: Requirement(d).specifier for d in deps}
+    assert set(declared) == set(SUPPORTED)
+    for name in SUPPORTED:
+        assert declared[name] == versions.specifier(name), name
+
+
+def test_lowest_constraints_are_the_lower_bounds_and_the_pins_lie_in_range():
+    lowest, pinned = _pins("constraints-lowest.txt"), _pins("constraints.txt")
+    for name, (low, _) in SUPPORTED.items():
+        if name != "torch":  # torch comes from TORCH_COMPAT_SPEC (see the Makefile)
+            assert Version(lowest[name]) == Version(low), name
+        if name in pinned:
+            assert pinned[name] in versions.specifier(name), (name, pinned[name])
+
+
+def test_the_installed_versions_are_proven():
+    too_old, too_new = out_of_range()
+    assert not too_old and not too_new, too_old + too_new
+    check_versions()
+
+
+def test_a_deepspeed_without_unmanaged_accumulation_is_refused_even_when_untested_versions_are_allowed():
+    with pytest.raises(ImportError) as err:
+        check_versions({"deepspeed": "0.18.3", "torch": "2.13.0+cpu"}, allow_untested=True)
+    msg = str(err.value)
+    assert "deepspeed 0.18.3 (needs >= 0.19.4" in msg and "managed_gradient_accumulation" in msg
+    assert "pip install -U 'deepspeed>=0.19.4'" in msg
+    assert ALLOW_UNTESTED_ENV not in msg  # no way around a known-wrong result
+
+
+def test_a_newer_release_is_one_error_naming_every_offender_and_the_way_around(monkeypatch):
+    monkeypatch.delenv(ALLOW_UNTESTED_ENV, raising=False)
+    with pytest.raises(ImportError) as err:
+        check_versions({"torch": "2.15.0", "lightning": "2.7.1", "deepspeed": "0.19.8"})
+    msg = str(err.value)
+    assert "torch 2.15.0 (proven: >=2.11,<2.15)" in msg and "lightning 2.7.1" in msg and "deepspeed 0.19.8" not in msg
+    assert f"{ALLOW_UNTESTED_ENV}=1" in msg
+    monkeypatch.setenv(ALLOW_UNTESTED_ENV, "1")
+    with pytest.warns(UserWarning, match="torch 2.15.0"):
+        check_versions({"torch": "2.15.0"})
+
+
+def test_local_and_dev_builds_count_as_their_release():
+    assert out_of_range({"torch": "2.13.0+cpu", "deepspeed": "0.19.8+cuda128"}) == ([], [])
+    assert out_of_range({"torch": "2.15.0.dev20261101"})[1]  # a 2.15 nightly is 2.15: untested
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_versions({"torch": "2.11.0+cu130"})
+
+
+def test_zero_strategy_runs_the_check(monkeypatch):
+    import lightning_zero._imports as imports
+
+    monkeypatch.setattr(imports, "check_versions", lambda: (_ for _ in ()).throw(ImportError("checked")))
+    from lightning_zero import ZeroStrategy
+
+    with pytest.raises(ImportError, match="checked"):
+        ZeroStrategy(stage=2)
+
+
+# --- DeepSpeed contracts: what ZeroStrategy's correctness needs from the installed DeepSpeed ---
+
+def test_deepspeed_has_unmanaged_gradient_accumulation():
+    """ZeroStrategy sets managed_gradient_accumulation=false so that Lightning owns the accumulation boundary."""
+    from deepspeed.runtime import constants
+    from deepspeed.runtime.config import get_managed_gradient_accumulation
+
+    assert constants.MANAGED_GRADIENT_ACCUMULATION == "managed_gradient_accumulation"
+    assert get_managed_gradient_accumulation({"managed_gradient_accumulation": False}) is False
+
+
+def test_zero_config_probe_reads_deepspeeds_schema():
+    assert zero_config_accepts("stage") and zero_config_accepts("overlap_comm")
+    assert not zero_config_accepts("no_such_zero_key")
+    ds = Version(Version(importlib.metadata.version("deepspeed")).base_version)
+    assert zero_config_accepts("compute_grad_norm") == (ds >= Version("0.19.7"))
+
+
+def test_makefile_compat_target_reads_the_lowest_constraints():
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^test-compat:", makefile, re.M)
+    assert "constraints-lowest.txt" in makefile
