@@ -9,10 +9,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 STAMP := $(VENV)/.installed
 # `make test-compat`: the lowest versions of the declared ranges (constraints-lowest.txt) in a venv of their own.
-# torch: the range's lowest (2.11) exists on PyPI only as a multi-GB CUDA build; CI takes the CPU build on its disk and
-# 2.11 is proven on the GPU machine (docs/compatibility.md). Override, e.g. TORCH_COMPAT_SPEC="torch==2.11.0".
+# torch 2.11, the range's lowest, comes from PyPI (a CUDA build, about 5 GB installed; it runs on the CPU too).
 COMPAT_VENV ?= .venv-compat
-TORCH_COMPAT_SPEC ?= $(TORCH_SPEC)
+TORCH_COMPAT_SPEC ?= torch==2.11.0
 COMPAT_PY := $(COMPAT_VENV)/bin/python
 COMPAT_PIP := $(COMPAT_PY) -m pip install -q --disable-pip-version-check
 COMPAT_STAMP := $(COMPAT_VENV)/.installed

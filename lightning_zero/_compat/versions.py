@@ -34,7 +34,7 @@ ALLOW_UNTESTED_ENV = "LIGHTNING_ZERO_ALLOW_UNTESTED"
 
 # distribution -> (lowest proven, first release not proven). Keep in step with pyproject.toml (a unit test checks).
 SUPPORTED: dict[str, tuple[str, str]] = {
-    "torch": ("2.11", "2.15"),
+    "torch": ("2.11.0", "2.15"),
     "deepspeed": ("0.19.4", "0.20"),
     "lightning": ("2.5.0", "2.7"),
     "torchmetrics": ("1.4.0", "1.10"),

@@ -43,6 +43,7 @@ def test_lowest_constraints_are_the_lower_bounds_and_the_pins_lie_in_range():
             assert Version(lowest[name]) == Version(low), name
         if name in pinned:
             assert pinned[name] in versions.specifier(name), (name, pinned[name])
+    assert f"TORCH_COMPAT_SPEC ?= torch=={SUPPORTED['torch'][0]}" in (ROOT / "Makefile").read_text()
 
 
 def test_the_installed_versions_are_proven():
@@ -65,7 +66,7 @@ def test_a_newer_release_is_one_error_naming_every_offender_and_the_way_around(m
     with pytest.raises(ImportError) as err:
         check_versions({"torch": "2.15.0", "lightning": "2.7.1", "deepspeed": "0.19.8"})
     msg = str(err.value)
-    assert "torch 2.15.0 (proven: >=2.11,<2.15)" in msg and "lightning 2.7.1" in msg and "deepspeed 0.19.8" not in msg
+    assert "torch 2.15.0 (proven: >=2.11.0,<2.15)" in msg and "lightning 2.7.1" in msg and "deepspeed 0.19.8" not in msg
     assert f"{ALLOW_UNTESTED_ENV}=1" in msg
     monkeypatch.setenv(ALLOW_UNTESTED_ENV, "1")
     with pytest.warns(UserWarning, match="torch 2.15.0"):
