@@ -303,6 +303,7 @@ class EngineRegistry:
         self.deepcompile = False  # the one trained engine runs DeepCompile (compiling.deepcompile_engine)
         self._in_step = False  # inside optimizer_step: the closure's backward ends an accumulation
         self._unit_calls: dict[int, int] = {}  # forward calls of each fetch unit since its last backward
+        self._counter_hooks: list[Any] = []  # handles of the fetch-unit call counters (_gate_leaf_hooks)
 
     def __iter__(self) -> Iterator[EngineSlot]:
         return iter(self.slots.values())
@@ -341,7 +342,35 @@ class EngineRegistry:
             if unit is None:
                 continue
             hooks[handle.id] = self._gated(hooks[handle.id], slot, id(unit))
-            unit.register_forward_hook(self._counter(f"{slot.name}.{name}" if name else slot.name))
+            self._counter_hooks.append(
+                unit.register_forward_hook(self._counter(f"{slot.name}.{name}" if name else slot.name)))
+
+    def release(self) -> None:
+        """Destroy every engine, leaving the models free for new ones (the registry is empty afterwards).
+
+        ``DeepSpeedEngine.destroy()`` removes what the engine put on its model: the ZeRO gradient hooks (stages 1-3),
+        the ZeRO-3 gather/release module hooks and leaf-module hooks, DeepCompile's state. Without it the next engine's
+        backward would also fire the old engine's hooks. ZeRO-3 parameters stay partitioned: ``deepspeed.initialize``
+        on a module whose parameters already carry ``ds_id`` adopts them as they are (as for a model created under
+        ``zero.Init``).
+
+        ``destroy()`` (DeepSpeed 0.19.8) leaves the engine's own forward pre/post hooks on the model (its
+        ``_forward_prologue``/``_forward_epilogue``, registered in ``DeepSpeedEngine.__init__``); they are removed
+        here, else every later forward would run the old engine's bookkeeping and keep it (and its optimizer state)
+        alive."""
+        for slot in self.slots.values():
+            slot.engine.destroy()
+            for name in ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check"):
+                handle = getattr(slot.engine, name, None)
+                if handle is not None:
+                    handle.remove()
+        for handle in self._counter_hooks:
+            handle.remove()
+        self._counter_hooks.clear()
+        self.slots.clear()
+        self._by_face.clear()
+        self._unit_calls.clear()
+        self.deepcompile = False
 
     def _gated(self, hook: Callable[..., Any], slot: EngineSlot, unit: int) -> Callable[..., Any]:
         def gated(module: nn.Module, grad_input: Any, grad_output: Any) -> Any:
