@@ -453,14 +453,19 @@ class ZeroStrategy(ParallelStrategy):
         self._ensure_config()
         if self.stage == 3:
             install_summary(trainer)  # true parameter counts in the summary printed at fit start
-        if self._engines_owner == id(self.lightning_module) and len(self.engines):
-            # validate/test/predict after fit: keep the engines (and their partitioning) of the same module
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if not fitting and self._engines_owner == id(self.lightning_module) and len(self.engines):
+            # validate/test/predict after a fit or an evaluation of the same module: keep its engines (and partitioning)
             self.model = self._wrapped_model()
             return
+        # Every fit builds its engines anew, as any Lightning strategy creates its optimizers at each fit:
+        # configure_optimizers runs, the optimizer state starts fresh (a ckpt_path restores it after setup) and the
+        # engines take the parameters trainable now. The previous call's engines (an evaluation's have no optimizer,
+        # a fit's the old one) are destroyed first, so their ZeRO hooks leave the module.
+        self._release_engines()
         if self.stage == 3:
             _warn_unpartitioned(self.lightning_module)
         self.model = self.precision_plugin.convert_module(self.lightning_module)
-        fitting = trainer.state.fn == TrainerFn.FITTING
         if self.deepcompile and fitting:
             check_deepcompile(self.stage, self.compile_kwargs, self.ds_config)  # stage="auto" is known now
             check_deepcompile_runtime(self.root_device)
@@ -549,6 +554,11 @@ class ZeroStrategy(ParallelStrategy):
         slot = EngineSlot(name, module, engine, face, config_clip=float(config.get("gradient_clipping", 0.0)))
         self.engines.add(slot)
         return slot
+
+    def _release_engines(self) -> None:
+        """Destroy the engines of the previous Trainer call (engines.EngineRegistry.release)."""
+        self.engines.release()
+        self._engines_owner = None
 
     def _wrapped_model(self) -> Module:
         """The engine when one engine wraps the whole LightningModule (steps run through its forward)."""
