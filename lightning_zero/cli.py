@@ -15,6 +15,9 @@ from collections.abc import Sequence
 SUBCOMMANDS = {
     "consolidate": "lightning_zero.consolidate",
     "estimate": "lightning_zero.estimate",
+    "config": "lightning_zero.wizard",
+    "launch": "lightning_zero.launch",
+    "env": "lightning_zero.env",
 }
 
 
