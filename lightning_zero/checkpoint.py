@@ -28,7 +28,9 @@ share weights as safetensors (``lightning-zero consolidate``).
 from __future__ import annotations
 
 import argparse
+import codecs
 import ctypes
+import errno
 import io
 import json
 import logging
@@ -298,6 +300,7 @@ def _load_mapped(path: str | Path, weights_only: bool) -> Any:
 
 def _torch_load(path: Path) -> Any:
     """``torch.load`` with ``weights_only=True``, memory-mapped when the file format allows it."""
+    _refuse_non_torch_file(path)
     try:
         return _load_mapped(path, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -341,21 +344,109 @@ def save(strategy: ZeroStrategy, checkpoint: dict[str, Any], path: str) -> None:
         _remove_path(partial)  # the leftover of an interrupted save
         partial.mkdir(parents=True)
     strategy.barrier()
-    # Phase 1, every rank: its shards of every engine and its RNG state.
-    engines = {slot.name: _save_engine(strategy, slot, partial / slot.name) for slot in strategy.engines}
-    _save_rng(partial, strategy.global_rank)
+    # Phase 1, every rank: its shards of every engine and its RNG state. A write that fails (a full drive) is
+    # reported on every rank below, instead of leaving the other ranks waiting in a barrier.
+    failure: BaseException | None = None
+    try:
+        engines = {slot.name: _save_engine(strategy, slot, partial / slot.name) for slot in strategy.engines}
+        _save_rng(partial, strategy.global_rank)
+    except (OSError, RuntimeError) as err:
+        failure = err
     delay = float(os.environ.get(SAVE_DELAY_ENV, 0) or 0)
     if delay:
         time.sleep(delay)
-    strategy.barrier()  # every rank's files are on disk
+    _raise_if_save_failed(strategy, final, partial, failure)  # every rank's files are on disk (a barrier)
     # Phase 2, rank 0: Lightning's state, the manifest (meta.json, last), then the rename that makes it visible.
     if strategy.is_global_zero:
-        torch.save({k: v for k, v in checkpoint.items() if k not in _EXCLUDED_KEYS}, partial / LIGHTNING_STATE)
-        meta = {"format": FORMAT, "world_size": strategy.world_size, "stage": strategy.stage,
-                "precision": str(strategy.precision_plugin.precision), "engines": engines, "files": _manifest(partial)}
-        (partial / META).write_text(json.dumps(meta, indent=1))
-        _commit(partial, final)
+        try:
+            torch.save({k: v for k, v in checkpoint.items() if k not in _EXCLUDED_KEYS}, partial / LIGHTNING_STATE)
+            meta = {"format": FORMAT, "world_size": strategy.world_size, "stage": strategy.stage,
+                    "precision": str(strategy.precision_plugin.precision), "engines": engines,
+                    "files": _manifest(partial)}
+            (partial / META).write_text(json.dumps(meta, indent=1))
+            _commit(partial, final)
+        except (OSError, RuntimeError) as err:
+            failure = err
+    _raise_if_save_failed(strategy, final, partial, failure)  # a barrier too
+    if strategy.is_global_zero:
+        _remove_stale_partials(final)
+
+
+def _raise_if_save_failed(strategy: ZeroStrategy, final: Path, partial: Path, failure: BaseException | None) -> None:
+    """Collective: share each rank's write error; if any failed, every rank raises one error that says where, why,
+    how much space the checkpoint needs and how much is free (rank 0 removes the half-written folder first)."""
+    mine = None if failure is None else f"{type(failure).__name__}: {_first_line(failure)}"
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        reports: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(reports, (strategy.global_rank, mine))
+    else:
+        reports = [(strategy.global_rank, mine)]
+    failed = [(rank, error) for rank, error in reports if error is not None]
+    if not failed:
+        return
+    written = _folder_bytes(partial)
+    need, basis = _needed_bytes(strategy, final, written)
+    if strategy.is_global_zero:
+        shutil.rmtree(partial, ignore_errors=True)  # free the space it took; a later save removes any leftover too
     strategy.barrier()
+    free = shutil.disk_usage(final.parent if final.parent.exists() else Path.cwd()).free
+    full = any(_disk_full(error) for _, error in failed)
+    ranks = ", ".join(str(rank) for rank, _ in failed)
+    message = (
+        f"Saving the checkpoint {str(final)!r} failed{' because the drive is full' if full else ''}: rank(s) {ranks}"
+        f" could not write ({failed[0][1]}). The checkpoint needs about {_bytes(need)} ({basis}); {_bytes(free)} is"
+        f" free in {str(final.parent)!r} now. Nothing was committed: earlier checkpoints are untouched and the"
+        f" half-written {partial.name!r} was removed. Free up space there, or save elsewhere"
+        " (ModelCheckpoint(dirpath=...) or trainer.save_checkpoint(<another path>))."
+    )
+    error = OSError(errno.ENOSPC, message) if full else RuntimeError(message)
+    raise error from failure
+
+
+def _disk_full(error: str) -> bool:
+    # torch.save reports a full drive as "[enforce fail at inline_container.cc] unexpected pos ..." or "file write
+    # failed"; Python's writes as OSError(ENOSPC)
+    return any(s in error for s in ("No space left", "unexpected pos", "file write failed", f"Errno {errno.ENOSPC}"))
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
+
+
+def _needed_bytes(strategy: ZeroStrategy, final: Path, written: int) -> tuple[int, str]:
+    """What the checkpoint needs: the size of the newest complete checkpoint beside it, else the model's weights
+    plus fp32 Adam state (master weights and two moments) of the trained engines; at least what was written."""
+    beside = [p for p in (final, *final.parent.glob("*")) if p.is_dir() and (p / META).is_file()]
+    if beside:
+        newest = max(beside, key=lambda p: (p / META).stat().st_mtime)
+        size = _folder_bytes(newest)
+        if size >= written:
+            return size, f"the size of {newest.name!r}, the newest complete checkpoint there"
+    estimate = 0
+    for slot in strategy.engines:
+        for p in {id(p): p for p in slot.module.parameters()}.values():
+            numel = int(getattr(p, "ds_numel", p.numel()))
+            estimate += numel * (p.element_size() + (12 if slot.face is not None else 0))
+    if estimate >= written:
+        return estimate, "the weights plus the fp32 optimizer state of the trained models, by their size"
+    return written, "what was written before the failure, at least"
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _remove_stale_partials(final: Path) -> None:
+    """After a committed save: remove half-written checkpoint folders beside it (saves that failed or were killed:
+    they are never loaded and only take space)."""
+    for stale in final.parent.glob(f"*{PARTIAL_SUFFIX}"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+            log.info("Removed %r, the half-written folder of an interrupted or failed save.", str(stale))
 
 
 def _save_engine(strategy: ZeroStrategy, slot: Any, folder: Path) -> dict[str, Any]:
@@ -815,6 +906,7 @@ def _load_weights_file(strategy: ZeroStrategy, path: str, fitting: bool, weights
 def read_weights_file(path: str, trusted: bool = False) -> Any:
     """``torch.load`` a single-file checkpoint, with ``weights_only=True`` unless ``trusted``, memory-mapped when the
     file allows it; a file torch cannot read, or one holding objects it refuses, is a ``ValueError`` naming the fix."""
+    _refuse_non_torch_file(path)
     try:
         return _load_mapped(path, weights_only=not trusted)
     except Exception as err:  # noqa: BLE001 - torch.load fails in many ways on a file that is not a checkpoint
@@ -822,6 +914,30 @@ def read_weights_file(path: str, trusted: bool = False) -> Any:
             raise ValueError(f"{path!r} holds objects other than tensors, which `weights_only=True` loading refuses."
                              " If you trust the file, pass `trainer.fit(..., weights_only=False)`.") from None
         raise ValueError(_not_a_checkpoint(path, err)) from None
+
+
+def _refuse_non_torch_file(path: str | Path) -> None:
+    what = _not_torch_file(path)
+    if what:  # torch.load would call a text file "objects other than tensors" and suggest weights_only=False
+        raise ValueError(f"{str(path)!r} is not a checkpoint: it is {what}. Pass a checkpoint folder written by"
+                         " ZeroStrategy, a Lightning/torch checkpoint file (.ckpt/.pt), or .safetensors weights.")
+
+
+def _not_torch_file(path: str | Path) -> str | None:
+    """What the file is when it is neither of torch.save's formats (a zip archive, or a legacy pickle), else None."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None
+    if not head:
+        return "an empty file"
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a cut last character is fine
+    except UnicodeDecodeError:
+        return f"binary data of another format (it starts with {head[:8]!r})"
+    first = (text.strip().splitlines() or [""])[0][:60]
+    kind = "a JSON file" if text.lstrip()[:1] in ("{", "[") else "a text file"
+    return f"{kind} (it starts with {first!r})"
 
 
 def _not_a_checkpoint(path: str, err: Exception) -> str:

@@ -12,15 +12,19 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 __all__ = [
     "CONFIG_ENV_VAR",
     "KNOWN_TOP_LEVEL_KEYS",
+    "NVME_PATH_ENV_VAR",
+    "NVME_PATH_FROM_ENV",
     "PrecisionInput",
     "TrainerFlags",
     "ZeroConfigError",
@@ -32,6 +36,9 @@ __all__ = [
     "offload_device",
     "resolve_ds_config",
     "resolve_knobs",
+    "resolve_nvme_path",
+    "resolve_runtime_args",
+    "supported_optimizer_types",
     "validate_user_config",
     "zero_stage",
 ]
@@ -243,6 +250,41 @@ def _check_plain_section(name: str, section: Mapping[str, Any], problems: list[s
                 problems.append(f"'{name}.{key}' must be a positive integer, got {type(value).__name__}: {value!r}")
 
 
+def supported_optimizer_types() -> list[str]:
+    """The ``optimizer.type`` names DeepSpeed 0.19 builds: its own (matched case-insensitively) and the optimizer
+    classes of ``torch.optim`` (matched by exact name), as ``DeepSpeedEngine._is_supported_optimizer`` decides."""
+    import torch
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+    # a torch name that matches one of DeepSpeed's case-insensitively ("Adam") builds DeepSpeed's optimizer
+    torch_optimizers = sorted(name for name in dir(torch.optim) if name != "Optimizer"
+                              and name.lower() not in DEEPSPEED_OPTIMIZERS
+                              and isinstance(getattr(torch.optim, name), type)
+                              and issubclass(getattr(torch.optim, name), torch.optim.Optimizer))
+    return [*DEEPSPEED_OPTIMIZERS, *torch_optimizers]
+
+
+def _check_optimizer_type(section: Mapping[str, Any], problems: list[str]) -> None:
+    """A config ``optimizer`` block must name an optimizer DeepSpeed builds (it would assert mid-setup otherwise)."""
+    supported = supported_optimizer_types()
+    if "type" not in section:
+        problems.append(f"'optimizer' has no \"type\": name one of {supported}")
+        return
+    name = section["type"]
+    if not isinstance(name, str):
+        problems.append(f"'optimizer.type' must be a string, got {type(name).__name__}: {name!r}. Use one of"
+                        f" {supported}")
+        return
+    own = {n for n in supported if n.islower()}
+    if name.lower() in own or name in supported:
+        return
+    by_lower = {n.lower(): n for n in supported}
+    close = difflib.get_close_matches(name.lower(), sorted(by_lower), n=1, cutoff=0.6)
+    hint = f" Did you mean {by_lower[close[0]]!r}?" if close else ""
+    problems.append(f"'optimizer.type' = {name!r} is not an optimizer DeepSpeed supports.{hint} Use one of"
+                    f" {supported} (DeepSpeed's own names in any case, torch.optim classes by their exact name)")
+
+
 def validate_user_config(user: Mapping[str, Any]) -> None:
     """Raise one :class:`ZeroConfigError` listing every unknown key and wrong type in ``user``."""
     problems: list[str] = []
@@ -271,6 +313,8 @@ def validate_user_config(user: Mapping[str, Any]) -> None:
     for name in ("aio", "activation_checkpointing"):
         if isinstance(user.get(name), Mapping):
             _check_plain_section(name, user[name], problems)
+    if isinstance(user.get("optimizer"), Mapping):
+        _check_optimizer_type(user["optimizer"], problems)
     if problems:
         raise ZeroConfigError(
             "The DeepSpeed config has problems:\n  - " + "\n  - ".join(problems)
@@ -298,6 +342,76 @@ def _check_offload_arg(name: str, value: Any) -> None:
     # identity for the booleans: 0, 1 and 1.0 compare equal to False/True but are not accepted
     if not (value is None or value is True or value is False or isinstance(value, str) and value in ("cpu", "nvme")):
         raise ZeroConfigError(f"ZeroStrategy({name}={value!r}) is not supported. Use False, \"cpu\" or \"nvme\".")
+
+
+NVME_PATH_ENV_VAR = "LIGHTNING_ZERO_NVME_PATH"
+# The registered strategy "zero_stage_3_offload_nvme" passes this as its nvme_path: read when the strategy is built.
+NVME_PATH_FROM_ENV = f"${NVME_PATH_ENV_VAR}"
+_LOG_LEVELS = {name: level for name, level in logging.getLevelNamesMapping().items() if name not in ("FATAL", "WARN")}
+_REMOTE_DEVICES = (None, "cpu", "nvme")
+
+
+def resolve_nvme_path(nvme_path: str | os.PathLike | None, environ: Mapping[str, str] | None = None) -> str | None:
+    """``nvme_path`` as a string; ``"$LIGHTNING_ZERO_NVME_PATH"`` (the ``zero_stage_3_offload_nvme`` strategy's
+    default) is read from the environment, and refused naming the variable when it is not set."""
+    if nvme_path is None:
+        return None
+    if not isinstance(nvme_path, (str, os.PathLike)):
+        raise TypeError(f"ZeroStrategy(nvme_path={nvme_path!r}) must be a folder path (a str or os.PathLike), got"
+                        f" {type(nvme_path).__name__}.")
+    nvme_path = os.fspath(nvme_path)
+    if nvme_path != NVME_PATH_FROM_ENV:
+        return nvme_path
+    environ = os.environ if environ is None else environ
+    if not environ.get(NVME_PATH_ENV_VAR):
+        raise ZeroConfigError(
+            f"strategy=\"zero_stage_3_offload_nvme\" takes its NVMe folder from ${NVME_PATH_ENV_VAR}, which is not"
+            f" set. Set it to a folder on a local NVMe drive (`export {NVME_PATH_ENV_VAR}=/local_nvme`, in every"
+            " process's environment), or pass ZeroStrategy(stage=3, offload_optimizer=\"nvme\","
+            " offload_parameters=\"nvme\", nvme_path=...) instead."
+        )
+    return environ[NVME_PATH_ENV_VAR]
+
+
+def resolve_runtime_args(timeout: Any, remote_device: Any, logging_level: Any, stage: int | None,
+                         merged: Mapping[str, Any]) -> tuple[timedelta, str | None, int]:
+    """Check ``ZeroStrategy``'s ``timeout``, ``remote_device`` and ``logging_level``; return them normalised:
+    ``(timeout, remote_device, logging level as an int)``. ``stage`` is None for ``stage="auto"``; ``merged`` is the
+    user config merged with the keywords."""
+    if timeout is None:
+        from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+
+        timeout = default_pg_timeout
+    if not isinstance(timeout, timedelta):
+        example = f"timedelta(seconds={timeout!r})" if isinstance(timeout, (int, float)) and not isinstance(
+            timeout, bool) else "timedelta(minutes=30)"
+        raise TypeError(f"ZeroStrategy(timeout={timeout!r}) must be a datetime.timedelta (the process group"
+                        f" timeout), got {type(timeout).__name__}. Use `from datetime import timedelta` and"
+                        f" timeout={example}.")
+    if timeout <= timedelta(0):
+        raise ValueError(f"ZeroStrategy(timeout={timeout!r}) must be positive, e.g. timeout=timedelta(minutes=30).")
+    if not (remote_device is None or isinstance(remote_device, str) and remote_device in _REMOTE_DEVICES):
+        raise ValueError(f"ZeroStrategy(remote_device={remote_device!r}) is not supported. Use None (the parameter"
+                         " offload device, else the GPU), \"cpu\" or \"nvme\": where zero.Init puts the"
+                         " parameters created in configure_model at stage 3.")
+    if remote_device is not None and stage is not None and stage != 3:
+        raise ValueError(f"ZeroStrategy(remote_device={remote_device!r}) applies at stage 3 only (stage is {stage}):"
+                         " zero.Init creates partitioned parameters only there. Remove it or use"
+                         " ZeroStrategy(stage=3, ...).")
+    if remote_device == "nvme" and offload_device(merged, "offload_param") != "nvme":
+        raise ValueError("ZeroStrategy(remote_device=\"nvme\") needs the parameters offloaded to NVMe (zero.Init"
+                         " takes the swap folder from there). Add offload_parameters=\"nvme\" and"
+                         " nvme_path=..., or use remote_device=\"cpu\".")
+    return timeout, remote_device, _log_level(logging_level)
+
+
+def _log_level(level: Any) -> int:
+    if isinstance(level, int) and not isinstance(level, bool) and level >= 0:
+        return level
+    if isinstance(level, str) and level.upper() in _LOG_LEVELS:
+        return _LOG_LEVELS[level.upper()]
+    raise ValueError(f"ZeroStrategy(logging_level={level!r}) is not a log level. Use a logging constant such as"
+                     f" logging.INFO, or one of the names {list(_LOG_LEVELS)}.")
 
 
 def resolve_knobs(
@@ -329,6 +443,7 @@ def resolve_knobs(
                               " to let ZeroStrategy choose from the model size and the hardware.")
     _check_offload_arg("offload_optimizer", offload_optimizer)
     _check_offload_arg("offload_parameters", offload_parameters)
+    nvme_path = resolve_nvme_path(nvme_path)
     if aio is not None and not isinstance(aio, Mapping):
         raise TypeError(f"ZeroStrategy(aio={aio!r}) must be a dict of DeepSpeed's aio keys, e.g."
                         " aio={'block_size': 1048576, 'queue_depth': 8, 'intra_op_parallelism': 1}.")

@@ -68,6 +68,7 @@ def consolidate_checkpoint(checkpoint_dir: str | Path, out: str | Path, *, forma
     fmt = _resolve_format(format, target)
     out_dtype = _resolve_dtype(dtype)
     shard_bytes = _parse_size(max_shard_size)
+    _check_output(fmt, target)
     meta = _read_checkpoint(checkpoint_dir)
     keys = _expected_keys(meta, Path(checkpoint_dir), allow_missing)
     tensors = _iter_tensors(Path(checkpoint_dir), meta, keys, out_dtype, progress)
@@ -98,6 +99,17 @@ def _resolve_format(format: str | None, out: Path) -> Format:
         raise ValueError(f"format='safetensors' writes a folder (one or more .safetensors files and an index); got"
                          f" the file name {str(out)!r}. Pass a folder, e.g. {str(out.with_suffix(''))!r}.")
     return format  # type: ignore[return-value]
+
+
+def _check_output(fmt: str, out: Path) -> None:
+    """The output path can take the format: a .ckpt is one file, safetensors go into a folder."""
+    if fmt == "ckpt" and out.is_dir():
+        raise ValueError(f"{str(out)!r} is an existing folder, but format='ckpt' writes one file. Pass a file path,"
+                         f" e.g. {str(out / 'model.ckpt')!r}, or format='safetensors' (--format safetensors) to write"
+                         " into the folder.")
+    if fmt != "ckpt" and out.exists() and not out.is_dir():
+        raise ValueError(f"{str(out)!r} is an existing file, but format={fmt!r} writes a folder. Pass the path of a"
+                         " new or existing folder, or remove the file.")
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -203,8 +215,12 @@ def _write_ckpt(root: Path, out: Path, state_dict: dict[str, torch.Tensor]) -> P
     out_state["state_dict"] = state_dict
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ckpt.PARTIAL_SUFFIX)
-    torch.save(out_state, partial)
-    partial.replace(out)
+    try:
+        torch.save(out_state, partial)
+        partial.replace(out)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # no half-written file left behind
+        raise
     return out
 
 

@@ -20,6 +20,7 @@ import argparse
 import importlib
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -311,17 +312,25 @@ def auto_choice(num_params: int, largest_layer_params: int, *, num_nodes: int, d
     """The choice ``ZeroStrategy(stage="auto")`` makes, and the log line that explains it.
 
     On GPUs: the fastest row of :func:`estimate_memory` that fits the free GPU memory, the available host memory
-    and (when ``nvme_path`` was given) the free NVMe space; stage 3 with everything offloaded when nothing fits.
-    Without GPUs the model states live in host memory whatever the choice, so offload gains nothing: the fastest
-    stage without offload whose states (per process x processes per node) fit the available host memory.
+    and (when ``nvme_path`` was given) the free NVMe space. Without GPUs the model states live in host memory
+    whatever the choice, so offload gains nothing: the fastest stage without offload whose states (per process x
+    processes per node) fit the available host memory. When nothing fits, a :class:`ZeroConfigError` gives the
+    estimate and the ways out (the fewest nodes that would fit; NVMe offload when no ``nvme_path`` was given).
     """
     size = f"{_count(num_params)} parameters"
     if device_type != "cuda":
         budget = None if cpu_free_bytes is None else cpu_free_bytes / GiB / devices_per_node
+        plan_choices = tuple(c for c in CHOICES if c[1:] == ("none", "none"))
         plan = estimate_memory(num_params, largest_layer_params, num_nodes=num_nodes, gpus_per_node=devices_per_node,
-                               gpu_memory_gb=budget, precision=precision,
-                               choices=tuple(c for c in CHOICES if c[1:] == ("none", "none")))
-        row = plan.recommended or plan.rows[-1]
+                               gpu_memory_gb=budget, precision=precision, choices=plan_choices)
+        if plan.recommended is None:
+            raise _fits_nowhere(plan, f"without a GPU the model states live in host memory: the"
+                                f" most frugal choice (stage 3) needs about {_gib(plan.rows[-1].gpu_bytes)} per"
+                                f" process x {devices_per_node} process(es) per node, and"
+                                f" {_gib(cpu_free_bytes or 0)} of host memory is available",
+                                lambda nodes: _fits_on(plan, nodes, budget, None, None, choices=plan_choices),
+                                nvme_option=None)
+        row = plan.recommended
         return row, (f"ZeroStrategy(stage=\"auto\"): no GPU, so the model states live in host memory whatever the"
                      f" stage and offloading gains nothing; chose stage {row.stage} ({size}: about"
                      f" {_gib(row.gpu_bytes)} per process, {devices_per_node} process(es) per node,"
@@ -334,12 +343,62 @@ def auto_choice(num_params: int, largest_layer_params: int, *, num_nodes: int, d
     row = plan.recommended
     verdict = "the fastest choice that fits"
     if row is None:
-        row = plan.rows[-1]
-        verdict = "nothing fits by the estimate (activations excluded), trying the most frugal choice"
+        frugal = plan.rows[-1]
+        nvme_option = None
+        if nvme_free_bytes is None:  # would NVMe offload fit, with enough drive space?
+            with_nvme = _fits_on(plan, num_nodes, gib(gpu_free_bytes), gib(cpu_free_bytes), float("inf"))
+            if with_nvme is not None:
+                nvme_option = (f"NVMe offload: ZeroStrategy(stage=\"auto\", nvme_path=...) with a local NVMe folder"
+                               f" that has {_gib(with_nvme.nvme_bytes)} free per node ({with_nvme.strategy()})")
+        raise _fits_nowhere(plan, f"the most frugal choice, {frugal.strategy()}, needs about"
+                            f" {_gib(frugal.gpu_bytes)} per GPU ({_gib(gpu_free_bytes or 0)} free) and"
+                            f" {_gib(frugal.cpu_bytes)} host memory per node ({_gib(cpu_free_bytes or 0)} available)"
+                            + (f" and {_gib(frugal.nvme_bytes)} NVMe ({_gib(nvme_free_bytes)} free)"
+                               if frugal.nvme_bytes else ""),
+                            lambda nodes: _fits_on(plan, nodes, gib(gpu_free_bytes), gib(cpu_free_bytes),
+                                                   gib(nvme_free_bytes), choices=choices),
+                            nvme_option=nvme_option)
     return row, (f"ZeroStrategy(stage=\"auto\"): {size} (largest layer {_count(largest_layer_params)}) on"
                  f" {num_nodes} x {devices_per_node} GPU(s) with {_gib(gpu_free_bytes or 0)} free per GPU and"
                  f" {_gib(cpu_free_bytes or 0)} host memory available: {row.strategy()} is {verdict} (model states"
                  f" about {_gib(row.gpu_bytes)} per GPU, {_gib(row.cpu_bytes)} host memory per node).")
+
+
+def _fits_on(plan: MemoryPlan, num_nodes: int, gpu_gb: float | None, cpu_gb: float | None, nvme_gb: float | None,
+             choices: tuple[tuple[int, Offload, Offload], ...] = CHOICES) -> MemoryRow | None:
+    """The fastest choice for ``plan``'s model on ``num_nodes`` nodes that fits the capacities (GiB), or None."""
+    return estimate_memory(plan.num_params, plan.largest_layer_params, num_nodes=num_nodes,
+                           gpus_per_node=plan.gpus_per_node, gpu_memory_gb=gpu_gb, cpu_memory_gb=cpu_gb,
+                           nvme_gb=nvme_gb, choices=choices).recommended
+
+
+def _fits_nowhere(plan: MemoryPlan, why: str,
+                  fits_on: Callable[[int], MemoryRow | None], nvme_option: str | None) -> ValueError:
+    """The refusal of ``stage="auto"`` when no choice fits: the estimate and the ways out (more nodes, NVMe)."""
+    from lightning_zero.config import ZeroConfigError
+
+    options = []
+    nodes = next((n for n in (2 ** k * plan.num_nodes for k in range(1, 13)) if fits_on(n) is not None), None)
+    if nodes is not None:  # the fewest nodes between the last power of two that did not fit and this one
+        low = nodes // 2
+        while nodes - low > 1:
+            mid = (low + nodes) // 2
+            low, nodes = (low, mid) if fits_on(mid) is not None else (mid, nodes)
+        options.append(f"more processes: {nodes} nodes of {plan.gpus_per_node} (Trainer(num_nodes={nodes}, ...)),"
+                       f" where {fits_on(nodes).strategy()} fits")  # type: ignore[union-attr]
+    if nvme_option:
+        options.append(nvme_option)
+    if not options:  # no node count or NVMe helps: the per-GPU (or per-process) share alone is too large
+        options.append("devices with more free memory (the figures above are the least each needs)")
+    options.append("a smaller model")
+    return ZeroConfigError(
+        f"ZeroStrategy(stage=\"auto\"): {_count(plan.num_params)} parameters (largest layer"
+        f" {_count(plan.largest_layer_params)}) on {plan.num_nodes} node(s) x {plan.gpus_per_node} process(es) fit no"
+        f" ZeRO stage or offload by the estimate (model states only, activations excluded): {why}. Options: "
+        + "; ".join(options) + f". `lightning-zero estimate --params {plan.num_params:.3g} --largest-layer"
+        f" {plan.largest_layer_params:.3g} --nodes {plan.num_nodes} --gpus-per-node {plan.gpus_per_node}` prints every"
+        " choice; or name the stage yourself to try anyway."
+    )
 
 
 def detect_free_memory(device: torch.device, nvme_path: str | None = None,
@@ -372,17 +431,53 @@ def _load_model(spec: str) -> nn.Module:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(f"--model {spec!r}: use the form package.module:ClassName.")
-    factory = importlib.import_module(module_name)
+    try:
+        factory = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"--model {spec!r}: cannot import {module_name!r} ({err}). Check the spelling, and run from"
+                         " the folder that holds the package (or install it / add it to PYTHONPATH).") from None
+    owner = module_name
     for part in attr.split("."):
-        factory = getattr(factory, part)
-    with torch.device("meta"):
-        model = factory()
-        configure = getattr(model, "configure_model", None)
-        if callable(configure):
-            configure()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"--model {spec!r} made a {type(model).__name__}, not a torch.nn.Module.")
+        if not hasattr(factory, part):
+            raise ValueError(f"--model {spec!r}: {owner!r} has no {part!r}. Check the class name.")
+        factory, owner = getattr(factory, part), f"{owner}.{part}"
+    if not (isinstance(factory, type) and issubclass(factory, nn.Module)):
+        raise TypeError(f"--model {spec!r} is a {type(factory).__name__}, not a LightningModule or torch.nn.Module"
+                        " class. Name the model class, or give --params and --largest-layer.")
+    try:
+        with torch.device("meta"):
+            model = factory()
+            configure = getattr(model, "configure_model", None)
+            if callable(configure):
+                configure()
+    except Exception as err:  # noqa: BLE001 - the user's constructor: report it with the way out
+        raise ValueError(f"--model {spec!r}: {factory.__name__}() could not be built with no arguments on the meta"
+                         f" device ({type(err).__name__}: {err}). Give the class defaults for every argument, or use"
+                         " --params and --largest-layer.") from None
     return model
+
+
+def _check_args(args: argparse.Namespace) -> str | None:
+    """The first bad number on the command line, as the message to print (None: all fine)."""
+    if args.params is not None and not args.params >= 1:
+        return f"--params {args.params:g}: give the total number of parameters (at least 1), e.g. --params 7e9."
+    if args.largest_layer is not None and not 0 <= args.largest_layer <= (args.params or float("inf")):
+        return (f"--largest-layer {args.largest_layer:g}: give the most parameters one module holds itself, between 0"
+                " and --params.")
+    for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node)):
+        if value < 1:
+            return f"{flag} {value}: must be at least 1."
+    for flag, value in (("--gpu-memory", args.gpu_memory), ("--cpu-memory", args.cpu_memory), ("--nvme", args.nvme),
+                        ("--activation-memory", args.activation_memory)):
+        if value is not None and not value >= 0:
+            return f"{flag} {value:g}: give GiB, at least 0."
+    for flag, value in (("--hidden", args.hidden), ("--layers", args.layers), ("--seq-len", args.seq_len),
+                        ("--micro-batch", args.micro_batch)):
+        if value is not None and value < 1:
+            return f"{flag} {value}: must be at least 1."
+    if args.vocab < 0:
+        return f"--vocab {args.vocab}: must be at least 0."
+    return None
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -416,21 +511,34 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def _error(message: str) -> int:
+    print(f"lightning-zero estimate: error: {message}", file=sys.stderr)
+    return 2
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (ValueError, TypeError) as err:  # bad input, named by the message: one line, no traceback
+        return _error(str(err))
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.params is not None and args.largest_layer is None:
-        print("lightning-zero estimate: --params needs --largest-layer (the most parameters one module holds"
-              " itself, e.g. the embedding).")
-        return 2
+        return _error("--params needs --largest-layer (the most parameters one module holds itself, e.g. the"
+                      " embedding).")
+    problem = _check_args(args)
+    if problem:
+        return _error(problem)
     activations = args.activation_memory
     shape = {"--hidden": args.hidden, "--layers": args.layers, "--seq-len": args.seq_len,
              "--micro-batch": args.micro_batch}
     if any(v is not None for v in shape.values()):
         missing = [k for k, v in shape.items() if v is None]
         if missing or args.activation_memory:
-            print("lightning-zero estimate: the transformer's activations need --hidden, --layers, --seq-len and"
-                  f" --micro-batch together ({'missing ' + ', '.join(missing) if missing else 'all given'}), and"
-                  " replace --activation-memory (give one or the other).")
-            return 2
+            return _error("the transformer's activations need --hidden, --layers, --seq-len and --micro-batch"
+                          f" together ({'missing ' + ', '.join(missing) if missing else 'all given'}), and replace"
+                          " --activation-memory (give one or the other).")
         activations = transformer_activation_bytes(
             hidden=args.hidden, layers=args.layers, seq_len=args.seq_len, micro_batch=args.micro_batch,
             vocab=args.vocab, checkpointing=args.activation_checkpointing,

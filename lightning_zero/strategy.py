@@ -135,10 +135,11 @@ class ZeroStrategy(ParallelStrategy):
         partition_activations, cpu_checkpointing, contiguous_memory_optimization, synchronize_checkpoint_boundary:
             DeepSpeed's ``activation_checkpointing`` section, used where the model calls
             ``deepspeed.checkpointing.checkpoint``.
-        remote_device: where ``zero.Init`` puts parameters created in ``configure_model`` (``None``, ``"cpu"``,
-            ``"nvme"``); defaults to the parameter offload device.
+        remote_device: where ``zero.Init`` puts parameters created in ``configure_model`` at stage 3: ``None`` (the
+            parameter offload device, else the GPU), ``"cpu"`` or ``"nvme"`` (needs ``offload_parameters="nvme"``).
         start_method: ``"popen"`` (re-run the script per process, default), ``"spawn"`` or ``"fork"``.
-        logging_level: DeepSpeed's log level (default ``logging.WARNING``: no per-step prints).
+        logging_level: DeepSpeed's log level, a ``logging`` constant or its name (``"INFO"``); default
+            ``logging.WARNING``: no per-step prints.
         exclude_frozen_parameters: leave parameters with ``requires_grad=False`` out of checkpoints.
         compile: ``True`` or a dict of ``torch.compile`` keyword arguments: compile the networks the engines train
             (each engine's model, or the LightningModule's children that hold parameters). Pass the plain
@@ -146,7 +147,7 @@ class ZeroStrategy(ParallelStrategy):
             (or ``"compile": {"deepcompile": true}`` in the config): compile them with DeepSpeed's DeepCompile,
             which turns ZeRO's gathers and reductions into graph operations (stages 1-3, CUDA, one trained model;
             its options live in the config's ``compile`` section).
-        timeout: process group timeout.
+        timeout: process group timeout, a ``datetime.timedelta`` (default 30 minutes; ``None`` means the default).
         **zero_optimization: any other key of DeepSpeed's ``zero_optimization`` section, e.g.
             ``overlap_comm``, ``contiguous_gradients``, ``reduce_bucket_size``, ``allgather_bucket_size``,
             ``stage3_prefetch_bucket_size``, ``stage3_param_persistence_threshold``, ``sub_group_size``.
@@ -205,6 +206,8 @@ class ZeroStrategy(ParallelStrategy):
             raise ValueError(f"ZeroStrategy(offload_optimizer={offload_optimizer!r}) needs stage 1, 2 or 3: stage 0"
                              " has no optimizer partition to offload. Use ZeroStrategy(stage=2, offload_optimizer=...).")
         cfg.check_zero_features(merged)  # offload / ZeRO++ / activation checkpointing keys set in the config file
+        timeout, remote_device, logging_level = cfg.resolve_runtime_args(
+            timeout, remote_device, logging_level, None if self._auto else self.stage, merged)
         self.remote_device = remote_device
         self.exclude_frozen_parameters = exclude_frozen_parameters
         self.compile_kwargs, self.deepcompile = resolve_compile(compile, merged)
@@ -360,10 +363,16 @@ class ZeroStrategy(ParallelStrategy):
             return
         from lightning_zero import estimate
 
-        choice = estimate.plan_auto(self.lightning_module, num_nodes=self.num_nodes,
-                                    devices_per_node=self.num_processes, device=self.root_device,
-                                    precision=self.precision_plugin.precision, nvme_path=self._auto_nvme_path)
-        self.stage, optimizer, parameters, message = self.broadcast(choice)
+        try:
+            choice: Any = estimate.plan_auto(self.lightning_module, num_nodes=self.num_nodes,
+                                             devices_per_node=self.num_processes, device=self.root_device,
+                                             precision=self.precision_plugin.precision, nvme_path=self._auto_nvme_path)
+        except (ValueError, RuntimeError) as err:  # rank 0's refusal reaches every rank (none waits in broadcast)
+            choice = err
+        choice = self.broadcast(choice)
+        if isinstance(choice, Exception):
+            raise choice
+        self.stage, optimizer, parameters, message = choice
         rank_zero_info(message)
         nvme_path = self._auto_nvme_path if "nvme" in (optimizer, parameters) else None
         self.knobs = cfg.merge_knobs(self.knobs, cfg.resolve_knobs(
@@ -375,6 +384,8 @@ class ZeroStrategy(ParallelStrategy):
         flags = self.trainer_flags(trainer) if trainer is not None else cfg.TrainerFlags(
             precision=self.precision_plugin.precision, world_size=self.world_size)
         config = apply_speed_defaults(cfg.resolve_ds_config(self.user_config, self.knobs, flags))
+        # in every process, before zero.Init creates <nvme_path>/zero_stage_3 (torchrun/SLURM have no precheck)
+        offload.check_nvme(config)
         if self.deepcompile:
             config["compile"] = {**(config.get("compile") or {}), "deepcompile": True}
             # DeepSpeed refuses its unmanaged accumulation with DeepCompile; the registry sets the boundary per
@@ -768,7 +779,7 @@ class ZeroStrategy(ParallelStrategy):
                  stage=3, offload_optimizer="cpu", offload_parameters="cpu")
         register("zero_stage_3_offload_nvme", cls, description="ZeRO stage 3, optimizer and parameters on NVMe"
                  " (set $LIGHTNING_ZERO_NVME_PATH)", stage=3, offload_optimizer="nvme", offload_parameters="nvme",
-                 nvme_path=os.environ.get("LIGHTNING_ZERO_NVME_PATH", "/local_nvme"))
+                 nvme_path=cfg.NVME_PATH_FROM_ENV)  # read when the strategy is built
 
 
 _SHAPE_ERROR = re.compile(r"matrix|shape|size|dimension", re.IGNORECASE)

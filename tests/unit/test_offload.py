@@ -271,11 +271,14 @@ def test_constructor_accepts_every_offload_keyword(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("name", ["zero_stage_2_offload", "zero_stage_3_offload", "zero_stage_3_offload_nvme"])
-def test_registered_offload_names_resolve(name: str) -> None:
+def test_registered_offload_names_resolve(name: str, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("LIGHTNING_ZERO_NVME_PATH", str(tmp_path))  # read when the strategy is built
     trainer = L.Trainer(strategy=name, accelerator="cpu", devices=2, logger=False)
     zero = trainer.strategy.knobs["zero_optimization"]
     assert zero["offload_optimizer"]["device"] == ("nvme" if name.endswith("nvme") else "cpu")
     assert ("offload_param" in zero) == name.startswith("zero_stage_3")
+    if name.endswith("nvme"):
+        assert zero["offload_param"]["nvme_path"] == zero["offload_optimizer"]["nvme_path"] == str(tmp_path)
 
 
 def _precheck(strategy: ZeroStrategy, devices: int = 2) -> None:
