@@ -348,7 +348,9 @@ def save(strategy: ZeroStrategy, checkpoint: dict[str, Any], path: str) -> None:
     # reported on every rank below, instead of leaving the other ranks waiting in a barrier.
     failure: BaseException | None = None
     try:
-        engines = {slot.name: _save_engine(strategy, slot, partial / slot.name) for slot in strategy.engines}
+        client_state = _tools_client_state(strategy, checkpoint)
+        engines = {slot.name: _save_engine(strategy, slot, partial / slot.name, client_state)
+                   for slot in strategy.engines}
         _save_rng(partial, strategy.global_rank)
     except (OSError, RuntimeError) as err:
         failure = err
@@ -360,6 +362,7 @@ def save(strategy: ZeroStrategy, checkpoint: dict[str, Any], path: str) -> None:
     if strategy.is_global_zero:
         try:
             torch.save({k: v for k, v in checkpoint.items() if k not in _EXCLUDED_KEYS}, partial / LIGHTNING_STATE)
+            _write_tool_files(strategy, partial)
             meta = {"format": FORMAT, "world_size": strategy.world_size, "stage": strategy.stage,
                     "precision": str(strategy.precision_plugin.precision), "engines": engines,
                     "files": _manifest(partial)}
@@ -449,8 +452,10 @@ def _remove_stale_partials(final: Path) -> None:
             log.info("Removed %r, the half-written folder of an interrupted or failed save.", str(stale))
 
 
-def _save_engine(strategy: ZeroStrategy, slot: Any, folder: Path) -> dict[str, Any]:
-    """Write one engine's part and return its description for meta.json."""
+def _save_engine(strategy: ZeroStrategy, slot: Any, folder: Path, client_state: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
+    """Write one engine's part and return its description for meta.json. ``client_state``: extra keys for DeepSpeed's
+    model-states file (Lightning's state, for Lightning's converter; see _tools_client_state)."""
     assert strategy.lightning_module is not None
     modules = _module_prefixes(strategy.lightning_module, slot.module)
     info: dict[str, Any] = {"modules": modules, "keys": _state_keys(slot.module, modules),
@@ -460,7 +465,8 @@ def _save_engine(strategy: ZeroStrategy, slot: Any, folder: Path) -> dict[str, A
         info["kind"] = "deepspeed"
         info["excluded"] = [model_key(n, modules) for n, p in slot.module.named_parameters()
                             if exclude and not p.requires_grad]
-        slot.engine.save_checkpoint(str(folder), tag=TAG, exclude_frozen_parameters=exclude)
+        slot.engine.save_checkpoint(str(folder), tag=TAG, client_state=client_state or {},
+                                    exclude_frozen_parameters=exclude)
         return info
     # A model without optimizer (a frozen teacher, an EMA copy): its full weights, as plain tensors. They may have
     # been changed by hand (EMA), so they are saved unless the user excludes frozen parameters.
@@ -476,6 +482,64 @@ def _save_engine(strategy: ZeroStrategy, slot: Any, folder: Path) -> dict[str, A
             folder.mkdir(parents=True, exist_ok=True)
             torch.save(state, folder / WEIGHTS)
     return info
+
+
+# DeepSpeed's and Lightning's own tools (deepspeed.utils.zero_to_fp32, the zero_to_fp32.py script DeepSpeed copies
+# into checkpoint folders, lightning.pytorch.utilities.deepspeed.convert_zero_checkpoint_to_fp32_state_dict) read
+# `<folder>/latest` and take its text as the tag folder, relative to <folder>. At the top of a ZeroStrategy checkpoint
+# that file names the one engine's shards ("model/checkpoint"), so those tools work on the checkpoint folder
+# unchanged; where they cannot rebuild the LightningModule from one engine, it holds a sentence instead, which their
+# error ("Directory '<folder>/<tag>' doesn't exist") then shows: it names `lightning-zero consolidate`.
+LATEST = "latest"
+_TOOL_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")  # what DeepSpeed copies into its checkpoint folders
+# What Lightning's DeepSpeedStrategy leaves out of the client state it stores with the shards (its converter puts
+# everything else into the file it writes, which `load_from_checkpoint` reads).
+_CLIENT_EXCLUDED_KEYS = ("state_dict", "optimizer_states")
+
+
+def _tools_slot(strategy: ZeroStrategy) -> Any | None:
+    """The engine whose shards are the whole LightningModule, if DeepSpeed's zero_to_fp32 can read them as such: the
+    only engine, with an optimizer, at ZeRO stage 1-3 (stage 0 keeps no ZeRO partitions for it to read)."""
+    slots = list(strategy.engines)
+    if len(slots) != 1 or slots[0].face is None or slots[0].module is not strategy.lightning_module:
+        return None
+    return slots[0] if int(slots[0].engine.zero_optimization_stage()) > 0 else None
+
+
+def _tools_client_state(strategy: ZeroStrategy, checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Lightning's state for the one engine's model-states file (rank 0's is the one Lightning's converter reads)."""
+    if not strategy.is_global_zero or _tools_slot(strategy) is None:
+        return None
+    return {k: v for k, v in checkpoint.items() if k not in _CLIENT_EXCLUDED_KEYS}
+
+
+def _tools_latest(strategy: ZeroStrategy) -> str:
+    """The text of the top-level ``latest``: the one engine's tag folder, or why there is none and what to run."""
+    slot = _tools_slot(strategy)
+    if slot is not None:
+        return f"{slot.name}/{TAG}"
+    names = [s.name for s in strategy.engines]
+    if len(names) > 1:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        why = f"it holds {len(names)} DeepSpeed engines ({shown}), not one"
+    elif names and next(iter(strategy.engines)).face is None:
+        why = "its model has no optimizer, so it holds no ZeRO shards"
+    else:
+        why = "it was written at ZeRO stage 0, which zero_to_fp32 does not read"
+    # one line without "/": DeepSpeed joins it to the folder path and prints that path in its error
+    return (f"(no DeepSpeed tag: this is a ZeroStrategy checkpoint that zero_to_fp32 cannot convert, because {why};"
+            " export it with `lightning-zero consolidate <this folder> model.ckpt`)")
+
+
+def _write_tool_files(strategy: ZeroStrategy, folder: Path) -> None:
+    """Rank 0, before the manifest: the top-level ``latest`` and DeepSpeed's conversion scripts (see LATEST)."""
+    import deepspeed.utils
+
+    (folder / LATEST).write_text(_tools_latest(strategy))
+    scripts = Path(deepspeed.utils.__file__).parent
+    for name in _TOOL_SCRIPTS:
+        if (scripts / name).is_file():
+            shutil.copy(scripts / name, folder / name)  # with its executable bit, as DeepSpeed copies it
 
 
 def _module_prefixes(root: nn.Module, module: nn.Module) -> dict[str, str]:

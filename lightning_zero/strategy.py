@@ -40,6 +40,7 @@ from lightning_zero import checkpoint as ckpt
 from lightning_zero import config as cfg
 from lightning_zero._imports import require_deepspeed, use_cpu_accelerator
 from lightning_zero import offload
+from lightning_zero.keywords import Unpack, ZeroKeywords
 from lightning_zero.engines import (EngineRegistry, EngineSlot, ModelAssignment, _ModelGroup, assign_models,
                                    build_engine)
 from lightning_zero.compiling import (check_deepcompile, check_deepcompile_runtime, compile_models, deepcompile_engine,
@@ -148,9 +149,15 @@ class ZeroStrategy(ParallelStrategy):
             which turns ZeRO's gathers and reductions into graph operations (stages 1-3, CUDA, one trained model;
             its options live in the config's ``compile`` section).
         timeout: process group timeout, a ``datetime.timedelta`` (default 30 minutes; ``None`` means the default).
-        **zero_optimization: any other key of DeepSpeed's ``zero_optimization`` section, e.g.
-            ``overlap_comm``, ``contiguous_gradients``, ``reduce_bucket_size``, ``allgather_bucket_size``,
-            ``stage3_prefetch_bucket_size``, ``stage3_param_persistence_threshold``, ``sub_group_size``.
+        **zero_optimization: keys of DeepSpeed's ``zero_optimization`` section, typed in
+            :class:`lightning_zero.keywords.ZeroKeywords` (so LightningCLI, YAML configs, ``--help`` and IDEs see
+            them): ``overlap_comm``, ``contiguous_gradients``, ``reduce_scatter``, ``reduce_bucket_size``,
+            ``allgather_partitions``, ``allgather_bucket_size``, ``round_robin_gradients``, ``sub_group_size``,
+            ``stage3_prefetch_bucket_size``, ``stage3_param_persistence_threshold``, ``stage3_max_live_parameters``,
+            ``stage3_max_reuse_distance``, ``stage3_module_granularity_threshold``, ``compute_grad_norm``,
+            ``zero_quantized_nontrainable_weights``, plus the offload, ``aio``, ZeRO++ and activation checkpointing
+            keywords above. Any other key of that section is accepted too, in Python only (LightningCLI cannot see
+            it: put it in ``config=``).
     """
 
     strategy_name = "zero"
@@ -175,7 +182,7 @@ class ZeroStrategy(ParallelStrategy):
         cluster_environment: ClusterEnvironment | None = None,
         precision_plugin: Precision | None = None,
         process_group_backend: str | None = None,
-        **zero_optimization: Any,
+        **zero_optimization: Unpack[ZeroKeywords],
     ) -> None:
         require_deepspeed()
         super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,

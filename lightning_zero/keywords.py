@@ -1,0 +1,114 @@
+"""The typed DeepSpeed keywords of ``ZeroStrategy(**zero_optimization)``.
+
+``ZeroStrategy`` takes them as ``**zero_optimization: Unpack[ZeroKeywords]`` (PEP 692): IDEs and type checkers see
+each key with its type, and jsonargparse (LightningCLI) turns each into an option of its own,
+``--trainer.strategy.overlap_comm=true`` or a YAML ``init_args`` entry. ``config.resolve_knobs`` maps them into the
+DeepSpeed config and DeepSpeed's schema validates their values, so a wrong value gets the same error whichever way it
+was given. Any other key of DeepSpeed's ``zero_optimization`` section is still accepted at run time (the long tail:
+LightningCLI cannot see it; set it in ``config=`` there).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TypedDict
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # pragma: no cover - Python 3.10
+    from typing_extensions import Unpack
+
+__all__ = ["ACTIVATION_CHECKPOINTING_KEYS", "AIO_KEYS", "OFFLOAD_KEYS", "AioKeywords", "Unpack", "ZeroKeywords"]
+
+
+class AioKeywords(TypedDict, total=False):
+    """DeepSpeed 0.19's ``aio`` section (NVMe offload's asynchronous I/O).
+
+    Attributes:
+        block_size: bytes per I/O request (DeepSpeed's default 1048576).
+        queue_depth: I/O requests in flight (default 8).
+        intra_op_parallelism: I/O threads per request (formerly ``thread_count``; default 1).
+        single_submit: submit requests one at a time.
+        overlap_events: overlap request submission and completion.
+        use_gds: NVIDIA GPUDirect Storage.
+    """
+
+    block_size: int
+    queue_depth: int
+    intra_op_parallelism: int
+    single_submit: bool
+    overlap_events: bool
+    use_gds: bool
+
+
+class ZeroKeywords(TypedDict, total=False):
+    """ZeroStrategy's DeepSpeed keywords: each goes to the DeepSpeed config key named in its description.
+
+    Attributes:
+        optimizer_buffer_count: ``zero_optimization.offload_optimizer.buffer_count`` (needs ``offload_optimizer``).
+        params_buffer_count: ``zero_optimization.offload_param.buffer_count`` (needs ``offload_parameters``).
+        params_buffer_size: ``zero_optimization.offload_param.buffer_size`` (needs ``offload_parameters``).
+        max_in_cpu: ``zero_optimization.offload_param.max_in_cpu`` (needs ``offload_parameters``).
+        aio: the ``aio`` section for NVMe offload, e.g. ``{"block_size": 1048576, "queue_depth": 8}``.
+        partition_activations: ``activation_checkpointing.partition_activations``.
+        cpu_checkpointing: ``activation_checkpointing.cpu_checkpointing``.
+        contiguous_memory_optimization: ``activation_checkpointing.contiguous_memory_optimization``.
+        synchronize_checkpoint_boundary: ``activation_checkpointing.synchronize_checkpoint_boundary``.
+        overlap_comm: ``zero_optimization.overlap_comm``: overlap gradient reduction with the backward.
+        contiguous_gradients: ``zero_optimization.contiguous_gradients``: copy gradients into one buffer.
+        reduce_scatter: ``zero_optimization.reduce_scatter``: reduce gradients with reduce-scatter (stages 1-2).
+        reduce_bucket_size: ``zero_optimization.reduce_bucket_size``: elements reduced at once.
+        allgather_partitions: ``zero_optimization.allgather_partitions`` (stages 1-2).
+        allgather_bucket_size: ``zero_optimization.allgather_bucket_size``: elements gathered at once (stages 1-2).
+        round_robin_gradients: ``zero_optimization.round_robin_gradients`` (stages 1-2 with optimizer offload).
+        sub_group_size: ``zero_optimization.sub_group_size``: parameters per optimizer step group (stage 3).
+        stage3_prefetch_bucket_size: ``zero_optimization.stage3_prefetch_bucket_size`` (elements prefetched).
+        stage3_param_persistence_threshold: ``zero_optimization.stage3_param_persistence_threshold``: parameters
+            smaller than this stay unpartitioned.
+        stage3_max_live_parameters: ``zero_optimization.stage3_max_live_parameters``.
+        stage3_max_reuse_distance: ``zero_optimization.stage3_max_reuse_distance``.
+        stage3_module_granularity_threshold: ``zero_optimization.stage3_module_granularity_threshold`` (``0``:
+            DeepSpeed's per-module fetching instead of ZeroStrategy's per-block units).
+        compute_grad_norm: ``zero_optimization.compute_grad_norm`` (stages 1-2).
+        zero_hpz_partition_size: ZeRO++ hierarchical partitioning (stage 3; divides the devices per node).
+        zero_quantized_weights: ZeRO++ quantized weight all-gather (stage 3, CUDA only).
+        zero_quantized_nontrainable_weights: ZeRO++ quantized frozen weights (stage 3, CUDA only).
+        zero_quantized_gradients: ZeRO++ quantized gradient reduce-scatter (stage 3, CUDA only).
+    """
+
+    # offload buffers (the offload keywords themselves are ZeroStrategy's own parameters)
+    optimizer_buffer_count: int
+    params_buffer_count: int
+    params_buffer_size: int | float
+    max_in_cpu: int | float
+    aio: AioKeywords | dict[str, Any]
+    # activation checkpointing
+    partition_activations: bool
+    cpu_checkpointing: bool
+    contiguous_memory_optimization: bool
+    synchronize_checkpoint_boundary: bool
+    # zero_optimization; sizes are element counts, int or float (``5e8``) as DeepSpeed accepts them
+    overlap_comm: bool
+    contiguous_gradients: bool
+    reduce_scatter: bool
+    reduce_bucket_size: int | float
+    allgather_partitions: bool
+    allgather_bucket_size: int | float
+    round_robin_gradients: bool
+    sub_group_size: int | float
+    stage3_prefetch_bucket_size: int | float
+    stage3_param_persistence_threshold: int | float
+    stage3_max_live_parameters: int | float
+    stage3_max_reuse_distance: int | float
+    stage3_module_granularity_threshold: int | float
+    compute_grad_norm: bool
+    zero_hpz_partition_size: int
+    zero_quantized_weights: bool
+    zero_quantized_nontrainable_weights: bool
+    zero_quantized_gradients: bool
+
+
+OFFLOAD_KEYS = ("optimizer_buffer_count", "params_buffer_count", "params_buffer_size", "max_in_cpu")
+AIO_KEYS = ("aio",)
+ACTIVATION_CHECKPOINTING_KEYS = ("partition_activations", "cpu_checkpointing", "contiguous_memory_optimization",
+                                 "synchronize_checkpoint_boundary")
