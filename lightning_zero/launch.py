@@ -184,7 +184,10 @@ def _check(args: argparse.Namespace) -> LaunchSettings:
                               compile=args.compile)
     from lightning_zero.strategy import ZeroStrategy
 
-    ZeroStrategy(**settings.strategy_kwargs())  # validates the config and the stage now, not in every rank
+    try:
+        ZeroStrategy(**settings.strategy_kwargs())  # validates the config and the stage now, not in every rank
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{settings.flags()}: {err}") from None
     return settings
 
 
