@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, get_args
@@ -11,6 +13,8 @@ from lightning.fabric.plugins.precision.utils import _convert_fp_tensor, _DtypeC
 from lightning.fabric.utilities.types import Steppable
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import WarningCache
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torch.nn import Module
@@ -22,7 +26,9 @@ from lightning_zero.config import SUPPORTED_PRECISION, PrecisionInput
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-__all__ = ["ZeroPrecision"]
+__all__ = ["ZeroPrecision", "check_cpu_precision", "requested_precision"]
+
+_warning_cache = WarningCache()
 
 _DTYPES = {
     "32-true": torch.float32,
@@ -74,6 +80,10 @@ class ZeroPrecision(Precision):
     @override
     def backward(self, tensor: Tensor, model: pl.LightningModule, optimizer: Steppable | None, *args: Any,
                  **kwargs: Any) -> None:
+        if is_overridden("backward", model):
+            _warning_cache.warn("You have overridden `LightningModule.backward`, but it will be ignored since DeepSpeed"
+                                " handles the backward in its engines. Put code that must run around the backward"
+                                " in the `on_before_backward` or `on_after_backward` hooks.")
         self.engines.backward(tensor, *args, automatic=model.automatic_optimization, **kwargs)
 
     @override
@@ -100,6 +110,53 @@ class ZeroPrecision(Precision):
                              " Use gradient_clip_algorithm='norm'.")
         if clip_val:
             self.engines.for_optimizer(optimizer).set_clip(float(clip_val))
+
+
+def requested_precision(plugin: Precision) -> str:
+    """The precision the user gave the Trainer, for the generic plugin the Trainer hands the strategy.
+
+    On CPU, Lightning's accelerator connector turns ``precision="16-mixed"`` into a ``"bf16-mixed"`` plugin (warning
+    that torch's CPU autocast has no float16) for every strategy but its own DeepSpeed, FSDP and XLA ones. DeepSpeed
+    does not use autocast: its fp16 section casts the model and scales the loss itself, as Lightning's DeepSpeedStrategy
+    lets it do on CPU. So ZeroStrategy takes the flag as written, and CPU and CUDA processes train the same fp16 model
+    (``check_cpu_precision`` says when the CPU cannot). The flag is the ``precision`` argument of
+    ``_AcceleratorConnector.__init__`` (Lightning 2.6), the frame that sets the plugin on the strategy; the rewritten
+    value is all the plugin and the connector keep (``tests/unit/test_precision.py`` pins this)."""
+    precision = str(getattr(plugin, "precision", "32-true"))
+    if precision != "bf16-mixed" or getattr(plugin, "device", None) != "cpu":
+        return precision
+    from lightning.fabric.connector import _convert_precision_to_unified_args
+    from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
+
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code is not _AcceleratorConnector.__init__.__code__:
+        frame = frame.f_back
+    written = frame.f_locals.get("precision") if frame is not None else None
+    if written is None:
+        return precision
+    with warnings.catch_warnings():  # the connector already warned about legacy spellings (16, "16")
+        warnings.simplefilter("ignore")
+        return str(_convert_precision_to_unified_args(written))
+
+
+def check_cpu_precision(precision: str) -> None:
+    """float16 on CPU processes needs DeepSpeed's CPU accelerator to support it (``is_fp16_supported``: oneDNN float16,
+    i.e. AVX512-FP16 or AMX-FP16); elsewhere ``deepspeed.initialize`` fails on every rank. Say so once, before work."""
+    if not precision.startswith("16-"):
+        return
+    from lightning_zero._imports import use_cpu_accelerator
+
+    use_cpu_accelerator()
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().is_fp16_supported():
+        return
+    raise ValueError(
+        f"Trainer(precision={precision!r}) on CPU processes: DeepSpeed's CPU accelerator supports float16 only on CPUs"
+        " with oneDNN float16 (AVX512-FP16 or AMX-FP16), and this CPU has neither (DeepSpeed would stop with 'Type fp16"
+        " is not supported on your device'). Use Trainer(precision='bf16-mixed') or 'bf16-true', which DeepSpeed runs"
+        " on every CPU, or run on GPUs."
+    )
 
 
 def _cast_parameters_and_buffers(module: Module, dtype: torch.dtype) -> None:

@@ -46,7 +46,7 @@ from lightning_zero.engines import (EngineRegistry, EngineSlot, ModelAssignment,
 from lightning_zero.compiling import (check_deepcompile, check_deepcompile_runtime, compile_models, deepcompile_engine,
                                       evaluating_eagerly, explain_compiled_modules, resolve_compile,
                                       resume_deepcompile_schedule)
-from lightning_zero.precision import ZeroPrecision
+from lightning_zero.precision import ZeroPrecision, check_cpu_precision, requested_precision
 from lightning_zero.tuning import apply_block_fetch, apply_speed_defaults
 from lightning_zero.summary import install_summary
 
@@ -276,11 +276,10 @@ class ZeroStrategy(ParallelStrategy):
         if plugin is None or isinstance(plugin, ZeroPrecision):
             self._precision_plugin = plugin
             return
-        precision = getattr(plugin, "precision", None)
         if type(plugin).__name__ not in ("Precision", "MixedPrecision", "HalfPrecision", "DoublePrecision"):
             raise ValueError(f"ZeroStrategy does not support the {type(plugin).__name__} plugin: DeepSpeed handles"
                              " precision itself. Remove it and set Trainer(precision=...) instead.")
-        self._precision_plugin = ZeroPrecision(str(precision))
+        self._precision_plugin = ZeroPrecision(requested_precision(plugin))  # "16-mixed" stays fp16 on CPU
 
     @override
     def _configure_launcher(self) -> None:
@@ -298,6 +297,7 @@ class ZeroStrategy(ParallelStrategy):
         warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
         if self.root_device.type == "cpu":
             use_cpu_accelerator()
+            check_cpu_precision(self.precision_plugin.precision)  # torchrun/SLURM ranks have no precheck
         super().setup_environment()
         self._init_distributed()
 
@@ -359,6 +359,8 @@ class ZeroStrategy(ParallelStrategy):
         (ZeRO++) and the NVMe folder."""
         config = cfg.resolve_ds_config(self.user_config, self.knobs, self.trainer_flags(trainer, with_batch=False))
         offload.check_nvme(config)
+        if self.parallel_devices and self.parallel_devices[0].type == "cpu":
+            check_cpu_precision(self.precision_plugin.precision)
         if self.deepcompile and trainer.state.fn == TrainerFn.FITTING:
             check_deepcompile(None if self._auto else self.stage, self.compile_kwargs, config)
             if self.parallel_devices:

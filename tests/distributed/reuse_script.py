@@ -103,19 +103,24 @@ def leftover_hooks(module: nn.Module) -> int:
                for m in module.modules())
 
 
+def full_weights(trainer: L.Trainer) -> dict[str, torch.Tensor]:
+    """A copy (below stage 3 the state dict holds the live parameters, which the next fit changes)."""
+    return {k: v.detach().clone() for k, v in trainer.strategy.lightning_module_state_dict().items()}
+
+
 def phased(stage: int) -> dict[str, Any]:
     model, out = Phased(), {}
     trainer = trainer_for(stage)
     model.set_base_trainable(False)
     out["val_before"] = trainer.validate(model, verbose=False)[0]["val_loss"]
     trainer.fit(model)  # phase 1: the head only
-    out["phase1"] = trainer.strategy.lightning_module_state_dict()
+    out["phase1"] = full_weights(trainer)
     out["test_after_phase1"] = trainer.test(model, verbose=False)[0]["test_loss"]
     out["predictions"] = torch.cat(trainer.predict(model))
     model.set_base_trainable(True)
     trainer.fit_loop.max_epochs = 2
     trainer.fit(model)  # phase 2: everything, with a new optimizer
-    out["phase2"] = trainer.strategy.lightning_module_state_dict()
+    out["phase2"] = full_weights(trainer)
     out["val_after"] = trainer.validate(model, verbose=False)[0]["val_loss"]
     out.update(configured=model.configured, engine_trains=model.engine_trains, global_step=trainer.global_step,
                hooks=model.hooks)
@@ -127,10 +132,10 @@ def gan(stage: int) -> dict[str, Any]:
     trainer = trainer_for(stage)
     out["val_before"] = trainer.validate(model, verbose=False)[0]["val_d"]
     trainer.fit(model)
-    out["fit1"] = trainer.strategy.lightning_module_state_dict()
+    out["fit1"] = full_weights(trainer)
     trainer.fit_loop.max_epochs = 2
     trainer.fit(model)
-    out["fit2"] = trainer.strategy.lightning_module_state_dict()
+    out["fit2"] = full_weights(trainer)
     out.update(configured=model.configured, engines=sorted(s.name for s in trainer.strategy.engines))
     return out
 

@@ -42,9 +42,9 @@ def _mse(net: nn.Module, seed: int = 9) -> float:
         return nn.functional.mse_loss(net(data.x), data.y).item()
 
 
-def reference_phases() -> dict[str, Any]:
+def reference_phases(new_trainer: bool = False) -> dict[str, Any]:
     """Phase 1 trains the head (base frozen) with its own AdamW, phase 2 everything with a new AdamW; the data of
-    phase 2 is the second epoch."""
+    phase 2 is the second epoch (with ``new_trainer``: the first epoch again, as a new Trainer starts at epoch 0)."""
     net = make_net()
     out: dict[str, Any] = {"val_before": _mse(net)}
     batches = _global_batches(RandomDataset(N), world_size=2, batch_size=4)
@@ -52,6 +52,8 @@ def reference_phases() -> dict[str, Any]:
         for layer in (net[0], net[2]):
             layer.requires_grad_(base_trainable)
         opt = _adamw(net)
+        if new_trainer and phase == "phase2":
+            batches = _global_batches(RandomDataset(N), world_size=2, batch_size=4)
         for _ in range(STEPS_PER_FIT):
             x, y = next(batches)
             nn.functional.mse_loss(net(x), y).backward()
@@ -159,18 +161,23 @@ def test_torchrun_any_call_order(tmp_path):
     print(f"stage 3 (torchrun): {check_phases(results['phased3'], reference_phases())}")
 
 
-def test_spawn_validate_then_fit_twice(tmp_path):
-    """spawn starts new processes at each call: the main process keeps the full weights between calls."""
+def test_spawn_validate_then_fit_then_fit_on_a_new_trainer(tmp_path):
+    """spawn starts new processes at each call (the main process keeps the full weights in between). A second fit on
+    the same Trainer is Lightning's own refusal for every spawn-based strategy; a new Trainer continues from the
+    weights, as its message says."""
     import reuse_script
 
-    model, want = reuse_script.Phased(), reference_phases()
+    model, want = reuse_script.Phased(), reference_phases(new_trainer=True)
     trainer = cpu_trainer(strategy=ZeroStrategy(stage=3, start_method="spawn"), max_epochs=1)
     model.set_base_trainable(False)
     assert trainer.validate(model, verbose=False)[0]["val_loss"] == pytest.approx(want["val_before"], abs=TOL)
     trainer.fit(model)
     got1 = {k: v.clone() for k, v in model.state_dict().items()}
     model.set_base_trainable(True)
-    trainer.fit_loop.max_epochs = 2
+    with pytest.raises(NotImplementedError, match=r"Calling `trainer.fit\(\)` twice on the same Trainer instance"
+                                                  r" using a spawn-based strategy is not supported"):
+        trainer.fit(model)
+    trainer = cpu_trainer(strategy=ZeroStrategy(stage=3, start_method="spawn"), max_epochs=1)
     trainer.fit(model)
     diffs = (max_diff(got1, want["phase1"]), max_diff(model.state_dict(), want["phase2"]))
     print(f"stage 3 (spawn): {diffs}")
