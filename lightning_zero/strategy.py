@@ -38,16 +38,18 @@ from typing_extensions import override
 
 from lightning_zero import checkpoint as ckpt
 from lightning_zero import config as cfg
+from lightning_zero._compat.lightning import route_checkpoint_state_dict
 from lightning_zero._imports import require_deepspeed, use_cpu_accelerator
 from lightning_zero import offload
 from lightning_zero.keywords import Unpack, ZeroKeywords
 from lightning_zero.engines import (EngineRegistry, EngineSlot, ModelAssignment, _ModelGroup, assign_models,
                                    build_engine)
 from lightning_zero.compiling import (check_deepcompile, check_deepcompile_runtime, compile_models, deepcompile_engine,
-                                      evaluating_eagerly, explain_compiled_modules, resolve_compile,
+                                      evaluating_eagerly, refuse_compiled_lightning_module, resolve_compile,
                                       resume_deepcompile_schedule)
 from lightning_zero.precision import ZeroPrecision, check_cpu_precision, requested_precision
-from lightning_zero.tuning import apply_block_fetch, apply_speed_defaults
+from lightning_zero.tuning import apply_block_fetch, apply_speed_defaults, track_unit_inputs
+from lightning_zero import hf
 from lightning_zero.summary import install_summary
 
 if TYPE_CHECKING:
@@ -56,7 +58,6 @@ if TYPE_CHECKING:
 __all__ = ["ZeroStrategy"]
 
 log = logging.getLogger(__name__)
-explain_compiled_modules()
 
 
 class _Precheck:
@@ -162,6 +163,17 @@ class ZeroStrategy(ParallelStrategy):
 
     strategy_name = "zero"
 
+    # Lightning's Trainer assigns the model it was given here right before it refuses a torch.compile-d one for any
+    # strategy but DDP/FSDP; refuse it first, with ZeroStrategy's way to compile (contract: tests/unit/test_compat.py).
+    @property
+    def _lightning_module(self) -> pl.LightningModule | None:
+        return self.__dict__.get("_zero_lightning_module")
+
+    @_lightning_module.setter
+    def _lightning_module(self, model: pl.LightningModule | None) -> None:
+        refuse_compiled_lightning_module(model)
+        self.__dict__["_zero_lightning_module"] = model
+
     def __init__(
         self,
         stage: Literal[0, 1, 2, 3, "auto"] | None = None,
@@ -224,6 +236,7 @@ class ZeroStrategy(ParallelStrategy):
         self.engines = EngineRegistry()
         self._engines_owner: int | None = None
         self._warned_eager_gather = False
+        self._hf = hf.HfZero3Link()  # transformers' view of ZeRO-3, from zero.Init or setup to teardown
         self._start_method = start_method
         self._process_group_backend = process_group_backend
         self._timeout = timeout
@@ -427,7 +440,9 @@ class ZeroStrategy(ParallelStrategy):
         # config is resolved again at setup with the Trainer's flags; zero.Init only needs the dtype and ZeRO keys.
         config = self._ensure_config() if self.lightning_module is not None else self.resolve_config(None)
         # dtype comes from the config's fp16/bf16 sections (DeepSpeed 0.19 ignores an explicit dtype on CPU).
-        with deepspeed.zero.Init(config_dict_or_path=config, remote_device=self._remote_device(config)):
+        # hf.init_context: writes to partitioned parameters take effect, and transformers knows ZeRO-3 is on
+        with hf.init_context(self._hf, config, deepspeed.zero.Init(config_dict_or_path=config,
+                                                                    remote_device=self._remote_device(config))):
             yield
 
     def _distributed_ready_for_init(self) -> bool:
@@ -469,9 +484,11 @@ class ZeroStrategy(ParallelStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.accelerator is not None and self.lightning_module is not None
         self.accelerator.setup(trainer)
+        route_checkpoint_state_dict(trainer, self._checkpoint_state_dict)  # stage 3: no full gather at each save
         self._plan_auto_stage()
         self._ensure_config()
         if self.stage == 3:
+            self._hf.activate(self.ds_config)  # from_pretrained, generate and resizing see ZeRO-3 (hf.py)
             install_summary(trainer)  # true parameter counts in the summary printed at fit start
         fitting = trainer.state.fn == TrainerFn.FITTING
         if not fitting and self._engines_owner == id(self.lightning_module) and len(self.engines):
@@ -485,6 +502,7 @@ class ZeroStrategy(ParallelStrategy):
         self._release_engines()
         if self.stage == 3:
             _warn_unpartitioned(self.lightning_module)
+            hf.warn_lost_data_assignments(self.lightning_module)
         self.model = self.precision_plugin.convert_module(self.lightning_module)
         if self.deepcompile and fitting:
             check_deepcompile(self.stage, self.compile_kwargs, self.ds_config)  # stage="auto" is known now
@@ -571,6 +589,8 @@ class ZeroStrategy(ParallelStrategy):
         # the optimizer DeepSpeed steps: a clone of the face, or DeepSpeedCPUAdam when the optimizer is offloaded
         optimizer = offload.build_stepped_optimizer(face, config) if face is not None else None
         engine = build_engine(module, config, optimizer, device_index, train=train)
+        if self.stage == 3 and block_fetch and train:
+            track_unit_inputs(module)  # a frozen base's blocks (LoRA): see tuning.track_unit_inputs
         slot = EngineSlot(name, module, engine, face, config_clip=float(config.get("gradient_clipping", 0.0)))
         self.engines.add(slot)
         return slot
@@ -686,11 +706,13 @@ class ZeroStrategy(ParallelStrategy):
         assert self.lightning_module is not None
         if self.stage < 3:
             return self.lightning_module.state_dict()
-        if sys._getframe(1).f_code.co_name == "_get_lightning_module_state_dict":
-            # Lightning's dump_checkpoint: the weights go into the engines' shards and `state_dict` is dropped from
-            # the checkpoint; gathering the whole model onto rank 0 at every save would only risk running out of memory.
-            return {}
         return ckpt.gather_full_state_dict(self.lightning_module, rank_zero_only=True, is_rank_zero=self.is_global_zero)
+
+    def _checkpoint_state_dict(self) -> dict[str, Any]:
+        """The ``state_dict`` entry of a checkpoint Lightning dumps (``_compat.lightning.route_checkpoint_state_dict``):
+        at stage 3 the weights go into the engines' shards and the entry is dropped from the checkpoint, so it is not
+        gathered onto rank 0 at every save."""
+        return {} if self.stage == 3 else self.lightning_module_state_dict()
 
     @property
     @override
@@ -770,6 +792,7 @@ class ZeroStrategy(ParallelStrategy):
         # off from the optimizer's buffers.
         self.model = self.lightning_module
         self.ds_config = None  # the next Trainer call resolves it again with its own flags
+        self._hf.deactivate()  # transformers forgets ZeRO-3 (a later stage-2 run in this process must not see it)
         self.precision_plugin.teardown()
         self.accelerator.teardown()
         self.checkpoint_io.teardown()

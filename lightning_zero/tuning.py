@@ -29,11 +29,12 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from lightning_zero._compat.deepspeed import zero_config_accepts
 
-__all__ = ["apply_block_fetch", "apply_speed_defaults", "block_fetch_threshold"]
+__all__ = ["apply_block_fetch", "apply_speed_defaults", "block_fetch_threshold", "track_unit_inputs"]
 
 STAGE3_REDUCE_BUCKET = 200_000_000
 
@@ -183,3 +184,37 @@ def apply_block_fetch(config: dict[str, Any], module: nn.Module) -> tuple[dict[s
     config = {**config, "zero_optimization": {**zero, **setting}}
     return config, (f"ZeroStrategy: stage 3 gathers the parameters of each of these modules at once ({what}) rather"
                     f" than layer by layer ({how} for DeepSpeed's per-layer fetching).")
+
+
+def _inputs_requiring_grad(module: nn.Module, args: tuple) -> tuple | None:
+    if not torch.is_grad_enabled() or not any(p.requires_grad for p in module.parameters()):
+        return None
+    if not any(isinstance(a, torch.Tensor) and a.is_floating_point() and not a.requires_grad for a in args):
+        return None
+    return tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                 and not a.requires_grad else a for a in args)
+
+
+def track_unit_inputs(module: nn.Module) -> int:
+    """Make the floating-point inputs of each trained ZeRO-3 fetch unit require grad; returns how many units.
+
+    Call after DeepSpeed built the engine (it marks the units, ``deepspeed.utils.z3_leaf_module``). DeepSpeed 0.19.8
+    releases a unit's parameters after its backward from a hook on the unit's inputs (``PostBackwardFunctionModule``
+    in ``parameter_offload.py``), counted over the inputs that require grad. With none (a frozen embedding before
+    the first block: LoRA and other adapters on a frozen base) its leaf-module bookkeeping loses track of the unit,
+    and a backward through the block then meets a released (empty) weight: ``The size of tensor a (0) must match
+    ...`` or ``output with shape [1] doesn't match the broadcast shape [32, 4]``. A detached alias that requires grad
+    gives the hook its input back; the values and every parameter's gradient are unchanged (autograd also computes
+    the gradient of that input, one block's worth of extra backward)."""
+    from deepspeed.utils import z3_leaf_module
+
+    units = [m for m in module.modules() if z3_leaf_module(m) and any(p.requires_grad for p in m.parameters())]
+    for unit in units:
+        if not getattr(unit, "_lightning_zero_input_hook", False):
+            unit.register_forward_pre_hook(_input_hook, prepend=True)
+            unit._lightning_zero_input_hook = True
+    return len(units)
+
+
+def _input_hook(module: nn.Module, args: tuple) -> tuple | None:
+    return _inputs_requiring_grad(module, args)
