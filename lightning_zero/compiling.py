@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 __all__ = ["check_deepcompile", "check_deepcompile_runtime", "check_gradients_reduced_by_deepcompile", "compile_models",
-           "deepcompile_engine", "evaluating_eagerly", "explain_compiled_modules", "is_compiled", "resolve_compile",
+           "deepcompile_engine", "evaluating_eagerly", "is_compiled", "refuse_compiled_lightning_module", "resolve_compile",
            "resume_deepcompile_schedule"]
 
 DEEPCOMPILE_BACKENDS = ("inductor", "eager")  # the backends DeepSpeedEngine.compile accepts with DeepCompile
@@ -224,26 +224,13 @@ def is_compiled(module: nn.Module) -> bool:
         hasattr(module.__dict__.get("forward"), "_torchdynamo_orig_callable")
 
 
-def explain_compiled_modules() -> None:
-    """Make Lightning's refusal of a compiled LightningModule name ZeroStrategy's way to compile.
+def refuse_compiled_lightning_module(model: Any) -> None:
+    """Refuse ``Trainer.fit(torch.compile(model))`` with ZeroStrategy's way to compile.
 
-    ``Trainer.fit(torch.compile(model))`` is checked by Lightning (``_verify_strategy_supports_compile``) before
-    anything is launched; for ZeroStrategy its message would only say to use DDP or FSDP. Wraps that check once.
+    Lightning unwraps the compiled module (setting ``_compiler_ctx``) and then refuses it for any strategy but DDP and
+    FSDP, with a message that names only those; ZeroStrategy's ``_lightning_module`` setter calls this first.
     """
-    from lightning.pytorch.trainer import trainer as trainer_module
-
-    original = trainer_module._verify_strategy_supports_compile
-    if getattr(original, "_lightning_zero", False):
-        return
-
-    def verify(model: Any, strategy: Any) -> None:
-        from lightning_zero.strategy import ZeroStrategy
-
-        if isinstance(strategy, ZeroStrategy) and getattr(model, "_compiler_ctx", None) is not None:
-            raise ValueError("The model passed to the Trainer is compiled (torch.compile). Lightning accepts compiled"
-                             " modules only for DDP and FSDP: pass the LightningModule itself and use"
-                             " ZeroStrategy(compile=True), which compiles its networks.")
-        original(model, strategy)
-
-    verify._lightning_zero = True  # type: ignore[attr-defined]
-    trainer_module._verify_strategy_supports_compile = verify
+    if getattr(model, "_compiler_ctx", None) is not None:
+        raise ValueError("The model passed to the Trainer is compiled (torch.compile). Lightning accepts compiled"
+                         " modules only for DDP and FSDP: pass the LightningModule itself and use"
+                         " ZeroStrategy(compile=True), which compiles its networks.")

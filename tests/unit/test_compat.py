@@ -113,3 +113,51 @@ def test_makefile_compat_target_reads_the_lowest_constraints():
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^test-compat:", makefile, re.M)
     assert "constraints-lowest.txt" in makefile
+
+
+# --- Lightning contracts ---
+
+def test_a_compiled_lightning_module_is_refused_with_zero_strategys_way_to_compile(tmp_path):
+    """Lightning assigns `strategy._lightning_module` before its own refusal of compiled modules; ZeroStrategy's
+    setter answers first. Fails (with Lightning's DDP/FSDP-only message) if Lightning stops assigning it there."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.demos.boring_classes import BoringModel
+    from lightning.pytorch.trainer import trainer as trainer_module
+    from lightning.pytorch.utilities import compile as lightning_compile
+
+    from lightning_zero import ZeroStrategy
+
+    # importing lightning_zero patches nothing in Lightning
+    assert trainer_module._verify_strategy_supports_compile is lightning_compile._verify_strategy_supports_compile
+    trainer = L.Trainer(strategy=ZeroStrategy(stage=2), accelerator="cpu", devices=1, max_steps=1,
+                        default_root_dir=tmp_path, logger=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match=r"compiled \(torch.compile\).*ZeroStrategy\(compile=True\)"):
+        trainer.fit(torch.compile(BoringModel()))
+
+
+def test_checkpoint_state_dict_is_routed_through_the_strategy(tmp_path):
+    """Lightning's dump_checkpoint takes the checkpoint's `state_dict` from `_get_lightning_module_state_dict`; the
+    route replaces it on this trainer only (stage 3 then gathers nothing at a save)."""
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from lightning_zero._compat.lightning import route_checkpoint_state_dict
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, default_root_dir=tmp_path, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(BoringModel())
+    route_checkpoint_state_dict(trainer, lambda: {"routed": 1})
+    assert trainer._checkpoint_connector.dump_checkpoint()["state_dict"] == {"routed": 1}
+    other = L.Trainer(accelerator="cpu", devices=1, logger=False)
+    assert other._checkpoint_connector._get_lightning_module_state_dict != trainer._checkpoint_connector._get_lightning_module_state_dict
+
+
+def test_a_lightning_without_the_checkpoint_hook_fails_loudly():
+    from lightning_zero._compat.lightning import route_checkpoint_state_dict
+
+    class Trainer:
+        _checkpoint_connector = object()
+
+    with pytest.raises(RuntimeError, match="_get_lightning_module_state_dict.*_compat/lightning.py"):
+        route_checkpoint_state_dict(Trainer(), dict)
