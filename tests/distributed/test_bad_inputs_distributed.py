@@ -1,5 +1,5 @@
 """Issue 20, the cases that need processes: the NVMe folder checks in ranks started by torchrun (every rank refuses
-before zero.Init creates anything under nvme_path), and a save that fails on a full drive (every rank gets one error
+before zero.Init creates anything under nvme_path), stage="auto" refusing a model that fits nowhere on every rank, and a save that fails on a full drive (every rank gets one error
 saying where, why, how much space it needs and is free; nothing is committed; half-written folders are cleaned)."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_ranks_check_the_nvme_folder_before_zero_init(tmp_path) -> None:
+def test_torchrun_ranks_refuse_a_bad_nvme_folder_or_an_auto_stage_that_fits_nowhere(tmp_path) -> None:
     (tmp_path / "nvme.img").write_bytes(b"")
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
                                                              "LOCAL_RANK", "NODE_RANK")}
@@ -49,6 +49,9 @@ def test_torchrun_ranks_check_the_nvme_folder_before_zero_init(tmp_path) -> None
             assert report[case] == (
                 f"ZeroConfigError: zero_optimization.offload_optimizer.nvme_path={str(path)!r} {what}. Create the"
                 f" folder on a local NVMe drive (`mkdir -p {path}`) or pass another ZeroStrategy(nvme_path=...)."), rank
+        assert report["auto"].startswith(
+            "ZeroConfigError: ZeroStrategy(stage=\"auto\"): 40.00B parameters (largest layer 10.00B) on 1 node(s) x 2"
+            " process(es) fit no ZeRO stage or offload by the estimate"), rank
     assert not (tmp_path / "missing").exists()  # zero.Init never ran: no <path>/zero_stage_3
     assert (tmp_path / "nvme.img").is_file()
 
