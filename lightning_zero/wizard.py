@@ -46,6 +46,13 @@ class Machine:
     host_memory_bytes: int = 0
     nodes: int = 1
     nodes_source: str = ""  # e.g. "$SLURM_NNODES"
+    disk_free_bytes: int | None = None  # in the output's folder
+
+    def describe(self) -> str:
+        gpus = (f"{self.gpus} x {self.gpu_name} ({_gib(self.gpu_memory_bytes or 0)} each)" if self.gpus
+                else "no CUDA GPU")
+        disk = f", {_gib(self.disk_free_bytes)} free disk here" if self.disk_free_bytes is not None else ""
+        return f"{gpus}, {_gib(self.host_memory_bytes)} host memory available{disk}"
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,9 @@ class Session:
     why: dict[str, str] = field(default_factory=dict)  # key -> how the value was chosen (for the summary)
 
 
-def detect_machine(environ: Mapping[str, str] | None = None) -> Machine:
+def detect_machine(environ: Mapping[str, str] | None = None, folder: str = ".") -> Machine:
+    import shutil
+
     import torch
 
     from lightning_zero.estimate import _host_memory_available
@@ -89,11 +98,13 @@ def detect_machine(environ: Mapping[str, str] | None = None) -> Machine:
         if environ.get(var, "").isdigit():
             nodes, source = int(environ[var]), f"${var}"
             break
+    disk = int(shutil.disk_usage(folder).free)
     if not torch.cuda.is_available():
-        return Machine(host_memory_bytes=_host_memory_available(), nodes=nodes, nodes_source=source)
+        return Machine(host_memory_bytes=_host_memory_available(), nodes=nodes, nodes_source=source,
+                       disk_free_bytes=disk)
     props = torch.cuda.get_device_properties(0)
     return Machine(torch.cuda.device_count(), props.name, int(props.total_memory), torch.cuda.is_bf16_supported(),
-                   _host_memory_available(), nodes, source)
+                   _host_memory_available(), nodes, source, disk)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -575,9 +586,13 @@ def _run(args: argparse.Namespace) -> int:
     if not path.parent.is_dir():
         raise ValueError(f"--output {path}: the folder {str(path.parent)!r} does not exist.")
     flags = {f"--{k.replace('_', '-')}": getattr(args, k) for k in _FLAG_KEYS if getattr(args, k) is not None}
-    ctx = Context(detect_machine(), _model_size(args))
+    ctx = Context(detect_machine(folder=str(path.parent)), _model_size(args))
     if not args.yes:  # every flag checked before the first question
         run_session(ctx, flags, None, out=lambda _: None, check_defaults=False)
+    model = (f"{ctx.model.name}, {ctx.model.params:,} parameters (largest layer {ctx.model.largest_layer:,})"
+             if ctx.model else "no model given (--model or --params: defaults sized by the estimator)")
+    print(f"lightning-zero config: this machine has {ctx.machine.describe()}; {model}."
+          + ("" if args.yes else " Enter takes the recommended answer; Ctrl-C stops without writing anything."))
     session = run_session(ctx, flags, None if args.yes else _ask_terminal)
     ds, yaml_block = build_outputs(session.answers)
     if args.format == "yaml":

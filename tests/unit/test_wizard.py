@@ -119,7 +119,7 @@ def test_nvme_path_is_checked_on_the_spot(tmp_path):
 
 
 def test_command_writes_a_validated_config_and_refuses_to_overwrite(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(wizard, "detect_machine", lambda: CPU)
+    monkeypatch.setattr(wizard, "detect_machine", lambda folder: CPU)
     out = tmp_path / "ds.json"
     assert main(["config", "--yes", "--stage", "3", "--accumulate-grad-batches", "2", "--output", str(out)]) == 0
     assert json.loads(out.read_text())["gradient_accumulation_steps"] == 2
@@ -137,7 +137,7 @@ def test_command_writes_a_validated_config_and_refuses_to_overwrite(tmp_path, ca
 
 
 def test_interrupt_leaves_no_file(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(wizard, "detect_machine", lambda: CPU)
+    monkeypatch.setattr(wizard, "detect_machine", lambda folder: CPU)
 
     def interrupted(prompt=""):
         raise KeyboardInterrupt
@@ -156,7 +156,7 @@ def test_lightning_cli_reads_the_yaml_block(tmp_path, monkeypatch):
     from lightning.pytorch.cli import LightningCLI
 
     from lightning_zero import ZeroStrategy
-    monkeypatch.setattr(wizard, "detect_machine", lambda: CPU)
+    monkeypatch.setattr(wizard, "detect_machine", lambda folder: CPU)
     path = tmp_path / "zero.yaml"
     assert main(["config", "--yes", "--stage", "3", "--accumulate-grad-batches", "2", "--format", "yaml", "--output",
                  str(path)]) == 0
