@@ -13,6 +13,7 @@ from lightning.fabric.plugins.precision.utils import _convert_fp_tensor, _DtypeC
 from lightning.fabric.utilities.types import Steppable
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import WarningCache
 from lightning_utilities.core.apply_func import apply_to_collection
@@ -136,7 +137,12 @@ def requested_precision(plugin: Precision) -> str:
         return precision
     with warnings.catch_warnings():  # the connector already warned about legacy spellings (16, "16")
         warnings.simplefilter("ignore")
-        return str(_convert_precision_to_unified_args(written))
+        written = str(_convert_precision_to_unified_args(written))
+    if written != precision:
+        rank_zero_info(f"ZeroStrategy trains with precision={written!r} as given: DeepSpeed casts the model and scales"
+                       f" the loss itself, without torch's autocast, so Lightning's 'Using precision={precision!r}"
+                       " instead' does not apply.")
+    return written
 
 
 def check_cpu_precision(precision: str) -> None:

@@ -1,4 +1,4 @@
-"""One Trainer across calls, run by tests/distributed/test_trainer_reuse.py under the default "popen" launcher or torchrun:
+"""One Trainer across calls, run by tests/distributed/test_trainer_reuse.py under the "popen" launcher or torchrun:
 
     python tests/distributed/reuse_script.py OUT_DIR STAGES [gan]          # popen (re-run once per extra rank)
     torchrun --nproc-per-node 2 tests/distributed/reuse_script.py OUT_DIR STAGES
@@ -11,7 +11,9 @@ losses, the predictions, how often configure_optimizers ran, what the engines tr
 
 from __future__ import annotations
 
+import gc
 import sys
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,8 @@ class Phased(Regressor):
         self.configured = 0  # configure_optimizers calls in this process
         self.engine_trains: list[int] = []  # elements the fit's optimizer trains, at each fit start
         self.hooks: list[int] = []  # module hooks at each fit start: the previous engines' must have left
+        self.engine_refs: list[Any] = []  # weak references to each fit's engine
+        self.freed: list[bool] = []  # at each fit start: whether every earlier engine was garbage-collected
 
     def set_base_trainable(self, trainable: bool) -> None:
         for layer in (self.net[0], self.net[2]):
@@ -53,6 +57,9 @@ class Phased(Regressor):
         self.engine_trains.append(sum(getattr(p, "ds_numel", p.numel()) for g in optimizer.param_groups
                                       for p in g["params"]))
         self.hooks.append(leftover_hooks(self))
+        gc.collect()
+        self.freed.append(all(ref() is None for ref in self.engine_refs))
+        self.engine_refs.append(weakref.ref(self.trainer.strategy.engines.trained[0].engine))
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self.log("val_loss", nn.functional.mse_loss(self(batch[0]), batch[1]), sync_dist=True)
@@ -123,7 +130,7 @@ def phased(stage: int) -> dict[str, Any]:
     out["phase2"] = full_weights(trainer)
     out["val_after"] = trainer.validate(model, verbose=False)[0]["val_loss"]
     out.update(configured=model.configured, engine_trains=model.engine_trains, global_step=trainer.global_step,
-               hooks=model.hooks)
+               hooks=model.hooks, freed=model.freed)
     return out
 
 

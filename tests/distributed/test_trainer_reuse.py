@@ -17,8 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import (GanDataset, RandomDataset, _global_batches, cpu_trainer, gan_losses, gan_optimizers, make_gan,
-                     make_net, max_diff)
+from helpers import (GanDataset, RandomDataset, Regressor, _global_batches, cpu_trainer, gan_losses, gan_optimizers,
+                     make_gan, make_net, max_diff)
 from lightning_zero import ZeroStrategy
 
 pytestmark = pytest.mark.distributed
@@ -111,6 +111,7 @@ def check_phases(got: dict[str, Any], want: dict[str, Any]) -> dict[str, float]:
     head = sum(p.numel() for p in make_net()[4].parameters())
     assert got["engine_trains"] == [head, sum(p.numel() for p in make_net().parameters())]
     assert got["hooks"][0] == got["hooks"][1], f"hooks of the previous engines were left on the module: {got['hooks']}"
+    assert got["freed"] == [True, True]  # at each fit start, the earlier engines (and their optimizer state) are gone
     return diffs
 
 
@@ -182,3 +183,28 @@ def test_spawn_validate_then_fit_then_fit_on_a_new_trainer(tmp_path):
     diffs = (max_diff(got1, want["phase1"]), max_diff(model.state_dict(), want["phase2"]))
     print(f"stage 3 (spawn): {diffs}")
     assert max(diffs) <= TOL, diffs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 16-mixed on CPU processes: float16 parameters at train start, as on CUDA (Lightning's
+# test_deepspeed_multigpu_test_rnn)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class Float16AtTrainStart(Regressor):
+    def on_train_epoch_start(self) -> None:
+        dtypes = {p.dtype for p in self.parameters()}
+        assert dtypes == {torch.float16}, dtypes
+
+
+def test_16_mixed_trains_float16_on_cpu_processes():
+    """Where DeepSpeed's CPU accelerator has float16 (oneDNN fp16) this trains; elsewhere the unit test
+    test_float16_on_a_cpu_without_it_is_refused_before_launch checks the error. Measured on a CPU without it, with
+    DeepSpeed's probe forced on: the parameters are float16 at train start and the fp16 losses train."""
+    from deepspeed.accelerator import get_accelerator
+
+    if not get_accelerator().is_fp16_supported():
+        pytest.skip("this CPU has no oneDNN float16, so DeepSpeed cannot train fp16 on it")
+    trainer = cpu_trainer(strategy=ZeroStrategy(stage=3, start_method="spawn"), precision="16-mixed", max_steps=2)
+    assert trainer.strategy.precision_plugin.precision == "16-mixed"
+    trainer.fit(Float16AtTrainStart(n=N))

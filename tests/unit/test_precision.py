@@ -55,7 +55,8 @@ def test_clip_by_value_rejected_naming_norm() -> None:
 
 
 # Lightning's accelerator connector replaces "16-mixed" with "bf16-mixed" on CPU (no float16 autocast there) for
-# strategies other than its own DeepSpeed/FSDP/XLA; ZeroStrategy reads the flag as written (precision.requested_precision)
+# strategies other than its own DeepSpeed/FSDP/XLA; ZeroStrategy reads the flag as written
+# (precision.requested_precision)
 @pytest.mark.parametrize(("written", "precision"), [("16-mixed", "16-mixed"), (16, "16-mixed"), ("bf16-mixed",
                                                     "bf16-mixed"), ("16-true", "16-true"), ("32-true", "32-true")])
 def test_cpu_trainer_keeps_the_precision_as_written(written, precision) -> None:
@@ -76,7 +77,7 @@ def test_float16_on_a_cpu_without_it_is_refused_before_launch() -> None:
     from lightning_zero.precision import check_cpu_precision
 
     if get_accelerator().is_fp16_supported():
-        pytest.skip("this CPU has oneDNN float16: DeepSpeed trains fp16 on it (tests/distributed/test_trainer_reuse.py)")
+        pytest.skip("this CPU has oneDNN float16: DeepSpeed trains fp16 on it (test_trainer_reuse.py)")
     message = (r"Trainer(precision='16-mixed') on CPU processes: DeepSpeed's CPU accelerator supports float16 only on"
                r" CPUs with oneDNN float16 (AVX512-FP16 or AMX-FP16), and this CPU has neither (DeepSpeed would stop"
                r" with 'Type fp16 is not supported on your device'). Use Trainer(precision='bf16-mixed') or"
