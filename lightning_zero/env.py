@@ -98,7 +98,8 @@ def _libaio() -> str:
 def _accelerator() -> list[str]:
     import torch
 
-    lines = [f"  DeepSpeed accelerator: {_ds_accelerator()} (DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR', 'unset')})"]
+    chosen = os.environ.get("DS_ACCELERATOR", "unset")
+    lines = [f"  DeepSpeed accelerator: {_ds_accelerator()} (DS_ACCELERATOR={chosen})"]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)

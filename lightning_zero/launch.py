@@ -110,12 +110,10 @@ def resolve_trainer_kwargs(kwargs: Mapping[str, Any], settings: LaunchSettings, 
     chose, value, said = _given(kwargs, environ, "strategy")
     if chose:
         problems.append(f"the script builds {said} but lightning-zero launch runs it with {settings.describe()}:"
-                        f" remove strategy= from the Trainer in {settings.script} (or pass strategy=\"auto\"), or run it without lightning-zero"
-                        " launch")
+                        f" remove strategy= from the Trainer in {settings.script} (or pass strategy=\"auto\"), or run"
+                        " it without lightning-zero launch")
     wanted = {"devices": settings.devices, "num_nodes": settings.nodes, **config_trainer_flags(config)}
-    sources = {"devices": f"--devices {settings.devices}", "num_nodes": f"--nodes {settings.nodes}",
-               "precision": f"the config's fp16/bf16 section ({settings.config})",
-               "accumulate_grad_batches": f"the config's gradient_accumulation_steps ({settings.config})"}
+    sources = {"devices": f"--devices {settings.devices}", "num_nodes": f"--nodes {settings.nodes}"}
     for key, want in wanted.items():
         if want is None:
             continue
@@ -140,8 +138,8 @@ def apply_launch(trainer_module: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Called by the wrapped ``Trainer.__init__`` in every launched process: ``kwargs`` with ZeroStrategy."""
     settings = _settings_from_env(os.environ)
     if not trainer_module.startswith("lightning."):
-        raise TypeError(f"lightning-zero launch: {settings.script} builds a pytorch_lightning.Trainer; ZeroStrategy is a"
-                        " `lightning.pytorch` strategy. Import the Trainer from lightning (`import lightning as L;"
+        raise TypeError(f"lightning-zero launch: {settings.script} builds a pytorch_lightning.Trainer; ZeroStrategy is"
+                        " a `lightning.pytorch` strategy. Import the Trainer from lightning (`import lightning as L;"
                         " L.Trainer(...)`, or `from lightning.pytorch import Trainer`).")
     from lightning_zero.config import load_user_config
     from lightning_zero.strategy import ZeroStrategy
@@ -200,9 +198,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     env = launch_environment(settings, os.environ, os.getpid(), torch.cuda.is_available())
-    print(f"lightning-zero launch: {settings.script} with {settings.describe()}"
-          + (f", devices={settings.devices}" if settings.devices else "")
-          + (f", num_nodes={settings.nodes}" if settings.nodes else ""), file=sys.stderr, flush=True)
+    from lightning_zero.config import load_user_config
+
+    implied = config_trainer_flags(load_user_config(settings.config)) if settings.config else {}
+    trainer = {"devices": settings.devices, "num_nodes": settings.nodes}
+    shown = [f"{k}={v!r}" for k, v in trainer.items() if v is not None]
+    shown += [f"{k}={v!r} (from the config, unless the script sets it)" for k, v in implied.items()]
+    print(f"lightning-zero launch: {settings.script} with Trainer(strategy={settings.describe()}"
+          + "".join(f", {s}" for s in shown) + ")", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os.execve(sys.executable, [sys.executable, settings.script, *args.script_args], env)
     return 0  # not reached
