@@ -165,10 +165,36 @@ def init_context(link: HfZero3Link, config: Mapping[str, Any], zero_init: Any) -
                 # (entered before zero.Init, as transformers does)
                 stack.enter_context(prevent_arange_dtype_change())
                 stack.enter_context(modeling_utils.set_zero3_state())
+                stack.enter_context(_hf_init_gathers_each_module(modeling_utils.PreTrainedModel))
         stack.enter_context(zero_init)
         stack.enter_context(_init_functions_gather())
         stack.enter_context(_WritesToPartitions())
         yield
+
+
+@contextmanager
+def _hf_init_gathers_each_module(pretrained_cls: type) -> Iterator[None]:
+    """Hugging Face's ``_initialize_weights(module)`` (called per module by ``post_init``) runs with that module's
+    parameters and its direct children's gathered, as transformers' own ``initialize_weights_zero3`` does: one gather
+    per module rather than per write, and ``_init_weights`` may index a weight (``weight[padding_idx]``)."""
+    original = pretrained_cls.__dict__["_initialize_weights"]
+
+    def initialize_gathered(self: Any, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        params = [p for p in module.parameters(recurse=False)]
+        params += [p for child in module.children() for p in child.parameters(recurse=False)]
+        params = [p for p in params if _partitioned(p) is not None]
+        if not params:
+            return original(self, module, *args, **kwargs)
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            return original(self, module, *args, **kwargs)
+
+    pretrained_cls._initialize_weights = initialize_gathered
+    try:
+        yield
+    finally:
+        pretrained_cls._initialize_weights = original
 
 
 def _gathering(init_fn: Any) -> Any:

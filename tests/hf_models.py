@@ -36,7 +36,7 @@ def llama_config() -> Any:
 
     return LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                       attn_implementation="sdpa")
+                       pad_token_id=0, attn_implementation="sdpa")  # pad: HF's init zeroes weight[padding_idx]
 
 
 def gpt2_config() -> Any:

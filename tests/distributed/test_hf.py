@@ -61,7 +61,8 @@ def test_init_from_pretrained_generate_and_no_leak(tmp_path):
     want = {f"net.{k}": v for k, v in saved.state_dict().items()}
     assert not zero3_enabled()
 
-    run_script(str(tmp_path), "checks")
+    run = run_script(str(tmp_path), "checks")
+    assert "was replaced after zero.Init" not in run.stderr  # no false alarm from hf.warn_lost_data_assignments
 
     # initial weights at stage 3 equal a plain single-process build with the same seed, every parameter partitioned
     result = torch.load(tmp_path / "init_models.pt")
@@ -72,6 +73,7 @@ def test_init_from_pretrained_generate_and_no_leak(tmp_path):
     state = result["state"]
     assert abs(state["models.llama.model.embed_tokens.weight"].std() - 0.02) < 0.003
     assert all(v.abs().max() == 0 for k, v in state.items() if "lora_B" in k)
+    assert state["models.llama.model.embed_tokens.weight"][0].abs().max() == 0  # weight[padding_idx] zeroed
 
     # from_pretrained at stage 3: exactly the saved values, loaded into the partitions
     assert max_diff(torch.load(tmp_path / "pretrained_state.pt"), want) == 0.0
