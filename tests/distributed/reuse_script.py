@@ -4,7 +4,7 @@
     torchrun --nproc-per-node 2 tests/distributed/reuse_script.py OUT_DIR STAGES
 
 For each stage in STAGES (e.g. ``0,1,2,3``), on one Trainer: validate -> fit with a frozen base (phase 1) -> test ->
-predict -> unfreeze -> fit again (phase 2) -> validate. With ``gan``, also a GAN (two engines, manual optimization) on
+predict -> unfreeze -> fit again (phase 2) -> validate -> save a checkpoint -> fit from it (phase 3). With ``gan``, also a GAN (two engines, manual optimization) on
 one Trainer: validate -> fit -> fit. Rank 0 writes OUT_DIR/results.pt: the full weights after each fit, the logged
 losses, the predictions, how often configure_optimizers ran, what the engines trained and the hooks left behind.
 """
@@ -115,7 +115,7 @@ def full_weights(trainer: L.Trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.strategy.lightning_module_state_dict().items()}
 
 
-def phased(stage: int) -> dict[str, Any]:
+def phased(stage: int, out_dir: Path) -> dict[str, Any]:
     model, out = Phased(), {}
     trainer = trainer_for(stage)
     model.set_base_trainable(False)
@@ -129,6 +129,11 @@ def phased(stage: int) -> dict[str, Any]:
     trainer.fit(model)  # phase 2: everything, with a new optimizer
     out["phase2"] = full_weights(trainer)
     out["val_after"] = trainer.validate(model, verbose=False)[0]["val_loss"]
+    checkpoint = out_dir / f"phase2-stage{stage}.ckpt"
+    trainer.save_checkpoint(checkpoint)  # with the engines of phase 2, kept by the validation
+    trainer.fit_loop.max_epochs = 3
+    trainer.fit(model, ckpt_path=checkpoint)  # phase 3: resumes phase 2's optimizer state
+    out["phase3"] = full_weights(trainer)
     out.update(configured=model.configured, engine_trains=model.engine_trains, global_step=trainer.global_step,
                hooks=model.hooks, freed=model.freed)
     return out
@@ -151,7 +156,7 @@ def main() -> None:
     out_dir, stages = Path(sys.argv[1]), [int(s) for s in sys.argv[2].split(",")]
     results: dict[str, Any] = {}
     for stage in stages:
-        results[f"phased{stage}"] = phased(stage)
+        results[f"phased{stage}"] = phased(stage, out_dir)
         if "gan" in sys.argv[3:]:
             results[f"gan{stage}"] = gan(stage)
     if torch.distributed.get_rank() == 0:
