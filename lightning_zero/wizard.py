@@ -604,7 +604,7 @@ def _run(args: argparse.Namespace) -> int:
         _write_validated(path, json.dumps(ds, indent=2) + "\n", _validate_json(session.answers))
     print("\nChoices:")
     for key, value in session.answers.items():
-        print(f"  {key} = {value}  ({session.why[key]})")
+        print(f"  {key} = {'none' if value is None else value}  ({session.why[key]})")
     print(f"\nWrote {path} (validated by ZeroStrategy).\n{_usage(path, session.answers, args.format)}")
     return 0
 

@@ -34,7 +34,8 @@ class Report(L.Callback):
         report = {"rank": trainer.global_rank, "world_size": trainer.world_size, "strategy": type(strategy).__name__,
                   "stage": zero.get("stage"), "gradient_clipping": config.get("gradient_clipping"),
                   "accumulate": trainer.accumulate_grad_batches, "precision": trainer.precision,
-                  "partitioned": any(hasattr(p, "ds_id") for p in pl_module.parameters())}
+                  "partitioned": any(hasattr(p, "ds_id") for p in pl_module.parameters()),
+                  "environment": type(strategy.cluster_environment).__name__}
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
         state = strategy.lightning_module_state_dict()
         if trainer.is_global_zero:
