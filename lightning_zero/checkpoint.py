@@ -13,6 +13,8 @@ A ZeroStrategy checkpoint is a folder::
             checkpoint_universal/           added on the first resume with another number of processes or another
                                             ZeRO stage: DeepSpeed's universal format, cached for the next resume
         <frozen engine name>/weights.pt     a model without optimizer: its full weights (plain tensors)
+        hf/                                 only with transformers/peft models inside: their configs, tied keys and
+                                            adapter weight names, for `consolidate --format hf/peft` (export.py)
 
 Every rank writes into ``<path>.partial`` first; after all ranks finished, rank 0 writes ``meta.json`` and renames the
 folder to ``<path>``. Overwriting an existing ``<path>`` (``last.ckpt``) swaps the two folders atomically
@@ -78,20 +80,27 @@ def _ds_params(module: nn.Module) -> list[nn.Parameter]:
 def gather_full_state_dict(root: nn.Module, rank_zero_only: bool, is_rank_zero: bool) -> dict[str, Any]:
     """The state dict of a ZeRO-3 partitioned module, gathered one module at a time into CPU memory.
 
-    Collective: every rank must call it. Never more than one module's parameters are gathered at once.
+    Collective: every rank must call it. Never more than one module's parameters are gathered at once. Tied
+    parameters (one Parameter under several names, e.g. GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``)
+    share one tensor, as in ``state_dict()`` of the unpartitioned module.
     """
     import deepspeed
 
     keep = is_rank_zero or not rank_zero_only
     out: dict[str, Any] = {}
+    copies: dict[int, torch.Tensor] = {}  # id(parameter or buffer) -> its CPU copy
     for prefix, module in root.named_modules():
         prefix = f"{prefix}." if prefix else ""
         with deepspeed.zero.GatheredParameters(_ds_params(module), modifier_rank=None):
             if keep:
                 part: dict[str, Any] = {}
-                module._save_to_state_dict(part, prefix, keep_vars=False)
-                out.update({k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
-                            for k, v in part.items()})
+                module._save_to_state_dict(part, prefix, keep_vars=True)
+                for k, v in part.items():
+                    if isinstance(v, torch.Tensor):
+                        if id(v) not in copies:
+                            copies[id(v)] = v.detach().cpu().clone()
+                        v = copies[id(v)]
+                    out[k] = v
     return out
 
 
@@ -110,6 +119,10 @@ def load_full_state_dict(root: nn.Module, source: Mapping[str, Any] | str | os.P
         prefix: use only the source keys that start with it, without it (``prefix="net."`` loads the ``net.*``
             weights of a LightningModule checkpoint into ``self.net``).
 
+    Tied parameters (one Parameter under several names, as ``tie_weights`` leaves GPT-2's ``lm_head.weight`` and
+    ``transformer.wte.weight``) need only one of their keys in the weights: ``save_pretrained`` leaves the tied copy
+    out, and loading one name sets the other. Two keys of one tie with different values raise ``ValueError``.
+
     Returns ``(missing_keys, unexpected_keys)``. A shape mismatch always raises ``ValueError`` before loading. At
     stage 3 this is collective: every rank calls it with the same source (in ``configure_model`` they all do). At most
     one module's parameters are gathered at a time, and rank 0's values are the ones every rank keeps.
@@ -117,11 +130,14 @@ def load_full_state_dict(root: nn.Module, source: Mapping[str, Any] | str | os.P
     with _open_weights(source, prefix) as weights, _outside_zero_init():
         targets = root.state_dict(keep_vars=True)  # the parameter objects, not copies: cheap, partitioned or not
         available = set(weights.keys())
-        missing = sorted(k for k in targets if k not in available)
+        ties = _tie_groups(targets)
+        # A tied copy left out of the weights (save_pretrained leaves out lm_head.weight) is loaded through its tie.
+        missing = sorted(k for k in targets if k not in available and not available.intersection(ties.get(k, ())))
         unexpected = sorted(available - set(targets))
         if strict and (missing or unexpected):
             raise ValueError(_key_report(missing, unexpected) + " Fix the keys (see `prefix=`) or pass strict=False.")
         _check_shapes(targets, weights, available)
+        _check_tied_values(ties, weights, available)
         owned: dict[str, list[str]] = {}  # module prefix -> its own keys found in the source
         for key in targets:
             if key in available:
@@ -139,6 +155,30 @@ def load_full_state_dict(root: nn.Module, source: Mapping[str, Any] | str | os.P
     if errors:
         raise ValueError("Loading the weights failed:\n  " + "\n  ".join(errors))
     return missing, unexpected
+
+
+def _tie_groups(targets: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Key -> every key naming the same Parameter (or buffer) object, for tied keys only. Identity is what ties
+    weights in PyTorch (transformers' ``tie_weights`` assigns one Parameter to both modules), partitioned or not."""
+    names: dict[int, list[str]] = {}
+    for key, value in targets.items():
+        if isinstance(value, torch.Tensor):
+            names.setdefault(id(value), []).append(key)
+    return {key: group for group in names.values() if len(group) > 1 for key in group}
+
+
+def _check_tied_values(ties: Mapping[str, list[str]], weights: _Weights, available: set[str]) -> None:
+    """Where the weights hold several keys of one tied parameter, they must agree: one value is all the model keeps."""
+    for group in {tuple(g) for g in ties.values()}:
+        present = [k for k in group if k in available]
+        if len(present) > 1:
+            first = weights[present[0]]
+            differ = [k for k in present[1:] if not torch.equal(first, weights[k])]
+            if differ:
+                raise ValueError(
+                    f"The weights hold different values for {present[0]!r} and {differ[0]!r}, which are one tied"
+                    " parameter in the model (the same Parameter object under both names). Untie them in the model"
+                    " (give the module its own nn.Parameter) or drop one of the two keys from the weights.")
 
 
 def _walk(module: nn.Module, prefix: str = "") -> Any:
@@ -363,6 +403,9 @@ def save(strategy: ZeroStrategy, checkpoint: dict[str, Any], path: str) -> None:
         try:
             torch.save({k: v for k, v in checkpoint.items() if k not in _EXCLUDED_KEYS}, partial / LIGHTNING_STATE)
             _write_tool_files(strategy, partial)
+            from lightning_zero.export import record_models
+
+            record_models(strategy.lightning_module, partial)  # for `consolidate --format hf/peft`, before the manifest
             meta = {"format": FORMAT, "world_size": strategy.world_size, "stage": strategy.stage,
                     "precision": str(strategy.precision_plugin.precision), "engines": engines,
                     "files": _manifest(partial)}

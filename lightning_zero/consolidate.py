@@ -32,7 +32,8 @@ __all__ = ["add_parser", "consolidate_checkpoint", "consolidated_state_dict"]
 
 log = logging.getLogger(__name__)
 
-Format = Literal["ckpt", "safetensors"]
+Format = Literal["ckpt", "safetensors", "hf", "peft"]
+_FORMATS = ("ckpt", "safetensors", "hf", "peft")
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
@@ -45,8 +46,10 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 def consolidate_checkpoint(checkpoint_dir: str | Path, out: str | Path, *, format: Format | None = None,
                            dtype: str | torch.dtype | None = None, max_shard_size: int | str = "5GB",
-                           allow_missing: bool = False, progress: bool = True) -> list[Path]:
-    """Turn a sharded checkpoint folder into a Lightning ``.ckpt`` file or safetensors weights.
+                           allow_missing: bool = False, progress: bool = True, model: str | None = None
+                           ) -> list[Path]:
+    """Turn a sharded checkpoint folder into a Lightning ``.ckpt`` file, safetensors weights, a Hugging Face model
+    folder or a PEFT adapter folder.
 
     Args:
         checkpoint_dir: a checkpoint folder written by ``trainer.save_checkpoint`` / ``ModelCheckpoint``.
@@ -54,12 +57,20 @@ def consolidate_checkpoint(checkpoint_dir: str | Path, out: str | Path, *, forma
         format: ``"ckpt"`` (loads with ``LightningModule.load_from_checkpoint``) or ``"safetensors"`` (one
             ``model.safetensors``, or ``model-00001-of-0000N.safetensors`` shards plus ``model.safetensors.index.json``
             like Hugging Face's). Default: ``"ckpt"`` when ``out`` ends in ``.ckpt``/``.pt``/``.pth``, else safetensors.
+            ``"hf"``: the LightningModule's ``transformers`` model as ``save_pretrained`` writes it (config.json,
+            generation_config.json, safetensors shards with its own key names, tied copies left out), for
+            ``AutoModelForCausalLM.from_pretrained(out)``. ``"peft"``: its PEFT adapter(s) as
+            ``PeftModel.save_pretrained`` writes them (adapter_config.json, adapter_model.safetensors; adapters other
+            than ``"default"`` in subfolders), for ``PeftModel.from_pretrained(base, out)``; frozen weights left out
+            of the checkpoint are not needed. Both use what the checkpoint recorded of the model when it was saved.
         dtype: floating-point dtype of the output: ``None``/``"fp32"`` (DeepSpeed's fp32 master weights), ``"bf16"``,
             ``"fp16"``. Integer buffers keep their dtype.
         max_shard_size: safetensors only: the largest shard, in bytes or as ``"5GB"``, ``"500MB"``, ``"2GiB"``.
         allow_missing: write what the checkpoint holds even when weights the model needs are absent (frozen
             parameters left out with ``exclude_frozen_parameters=True``, e.g. the base of a LoRA model).
         progress: show a progress bar (tqdm, on stderr).
+        model: ``"hf"``/``"peft"`` only: the attribute path of the model in the LightningModule (e.g. ``"model"``),
+            needed only when it holds several.
 
     Returns the files written. Raises ``ValueError`` for a bad argument, a path that is not a checkpoint folder, or
     missing weights.
@@ -69,7 +80,12 @@ def consolidate_checkpoint(checkpoint_dir: str | Path, out: str | Path, *, forma
     out_dtype = _resolve_dtype(dtype)
     shard_bytes = _parse_size(max_shard_size)
     _check_output(fmt, target)
+    if model is not None and fmt not in ("hf", "peft"):
+        raise ValueError(f"model={model!r} picks the model of a format='hf' or 'peft' export; format={fmt!r} exports"
+                         " the whole LightningModule. Leave model out, or pass format='hf'/'peft'.")
     meta = _read_checkpoint(checkpoint_dir)
+    if fmt in ("hf", "peft"):
+        return _export_hf(Path(checkpoint_dir), target, meta, fmt, model, out_dtype, shard_bytes, progress)
     keys = _expected_keys(meta, Path(checkpoint_dir), allow_missing)
     tensors = _iter_tensors(Path(checkpoint_dir), meta, keys, out_dtype, progress)
     if fmt == "ckpt":
@@ -93,8 +109,9 @@ def consolidated_state_dict(checkpoint_dir: str | Path, dtype: str | torch.dtype
 def _resolve_format(format: str | None, out: Path) -> Format:
     if format is None:
         return "ckpt" if out.suffix in (".ckpt", ".pt", ".pth") else "safetensors"
-    if format not in ("ckpt", "safetensors"):
-        raise ValueError(f"format={format!r} is not supported. Use 'ckpt' or 'safetensors'.")
+    if format not in _FORMATS:
+        raise ValueError(f"format={format!r} is not supported. Use 'ckpt', 'safetensors', 'hf' (a transformers model"
+                         " folder) or 'peft' (a PEFT adapter folder).")
     if format == "safetensors" and out.suffix == ".safetensors":
         raise ValueError(f"format='safetensors' writes a folder (one or more .safetensors files and an index); got"
                          f" the file name {str(out)!r}. Pass a folder, e.g. {str(out.with_suffix(''))!r}.")
@@ -283,6 +300,49 @@ def _write_safetensors(folder: Path, tensors: Iterator[tuple[str, torch.Tensor]]
     return written
 
 
+def _export_hf(root: Path, out: Path, meta: Mapping[str, Any], fmt: str, model: str | None, dtype: torch.dtype,
+               shard_bytes: int, progress: bool) -> list[Path]:
+    """format='hf': the transformers model's folder; format='peft': each adapter's folder (see lightning_zero.export)."""
+    from lightning_zero import export
+
+    prefix, record = export.pick(export.read_records(root, str(root)), model,
+                                 "transformers" if fmt == "hf" else "peft", str(root))
+    keys = _expected_keys(meta, root, allow_missing=True)
+    if fmt == "hf":
+        names = export.hf_keys(prefix, record, {**keys, **_excluded_keys(meta)})
+        _require(keys, names.values(), root, f"the {record['class']} at {prefix!r}")
+        written = export.write_config(root, record, out, dtype)
+        renamed = {key: name for name, key in names.items()}
+        # the same order as _iter_tensors yields them (the checkpoint's), so each shard is written once
+        plan = _plan_shards({name: keys[key] for name, key in names.items()}, dtype, shard_bytes)
+        tensors = _iter_tensors(root, meta, {key: keys[key] for key in names.values()}, dtype, progress)
+        return written + _write_safetensors(out, ((renamed[key], tensor) for key, tensor in tensors), plan)
+    written = []
+    for name, adapter in record["adapters"].items():
+        names = adapter["keys"]  # PEFT's key -> LightningModule key
+        _require(keys, names.values(), root, f"adapter {name!r} of {prefix!r}")
+        renamed = {key: file_key for file_key, key in names.items()}
+        tensors = _iter_tensors(root, meta, {key: keys[key] for key in names.values()}, dtype, progress)
+        folder = out if name == "default" else out / name
+        written += export.write_adapter(root, adapter, record, folder,
+                                        ((renamed[key], tensor) for key, tensor in tensors))
+    return written
+
+
+def _excluded_keys(meta: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: info["keys"][k] for info in meta["engines"].values() for k in info["excluded"]}
+
+
+def _require(keys: Mapping[str, Any], needed: Any, root: Path, what: str) -> None:
+    absent = [k for k in needed if k not in keys]
+    if absent:
+        raise ValueError(
+            f"{str(root)!r} does not hold {len(absent)} weight(s) of {what}: {', '.join(absent[:6])}"
+            f"{' ...' if len(absent) > 6 else ''}. They are frozen parameters the checkpoint left out"
+            " (ZeroStrategy(exclude_frozen_parameters=True)). Export the trained adapter with format='peft', or save"
+            " checkpoints with exclude_frozen_parameters=False to export the whole model.")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Console command: lightning-zero consolidate CKPT_DIR OUT
 # ----------------------------------------------------------------------------------------------------------------------
@@ -295,8 +355,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     " them as a Lightning .ckpt (LightningModule.load_from_checkpoint) or as safetensors files.")
     parser.add_argument("checkpoint_dir", metavar="CKPT_DIR", help="a checkpoint folder (e.g. checkpoints/last.ckpt)")
     parser.add_argument("out", metavar="OUT", help="the .ckpt file, or the folder for the safetensors files")
-    parser.add_argument("--format", choices=("ckpt", "safetensors"), default=None,
-                        help="default: ckpt when OUT ends in .ckpt/.pt/.pth, else safetensors")
+    parser.add_argument("--format", choices=_FORMATS, default=None,
+                        help="default: ckpt when OUT ends in .ckpt/.pt/.pth, else safetensors; hf: a transformers"
+                             " model folder (from_pretrained); peft: a PEFT adapter folder (PeftModel.from_pretrained)")
+    parser.add_argument("--model", default=None,
+                        help="hf/peft: the attribute path of the model in the LightningModule, when it holds several")
     parser.add_argument("--dtype", default=None, help="fp32 (default), bf16 or fp16")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     parser.add_argument("--allow-missing", action="store_true",
@@ -310,7 +373,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         written = consolidate_checkpoint(args.checkpoint_dir, args.out, format=args.format, dtype=args.dtype,
                                          max_shard_size=args.max_shard_size, allow_missing=args.allow_missing,
-                                         progress=not args.no_progress)
+                                         progress=not args.no_progress, model=args.model)
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"lightning-zero consolidate: error: {err}", file=sys.stderr)
         return 2

@@ -208,7 +208,7 @@ def test_export_arguments_are_checked_before_any_work(tmp_path):
     root = str(fake_checkpoint(tmp_path / "a.ckpt"))
     with pytest.raises(ValueError, match=r"dtype='int8' is not supported\. Use one of \['bf16', 'bfloat16'"):
         consolidate.consolidate_checkpoint(root, tmp_path / "o.ckpt", dtype="int8")
-    with pytest.raises(ValueError, match=r"format='onnx' is not supported\. Use 'ckpt' or 'safetensors'"):
+    with pytest.raises(ValueError, match=r"format='onnx' is not supported\. Use 'ckpt', 'safetensors', 'hf'"):
         consolidate.consolidate_checkpoint(root, tmp_path / "o", format="onnx")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"writes a folder .* got the file name '.*m.safetensors'.*e.g. '.*m'"):
         consolidate.consolidate_checkpoint(root, tmp_path / "m.safetensors", format="safetensors")
