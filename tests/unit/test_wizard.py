@@ -50,6 +50,9 @@ def test_estimator_picks_the_stage_and_offload():
     stage, opt, param, why = recommend(small, BASE)
     assert (stage, opt, param) == (2, "none", "none")
     assert "fastest choice that fits" in why and "of your 80.0 GiB" in why and "leaves the most room" in why
+    gpt = recommend(Context(H100, ModelSize(int(6.25e9), int(2.06e8), "GPT")), BASE)[3]  # the README's example
+    assert gpt.startswith("GPT (6.25B parameters): ZeroStrategy(stage=2) is the fastest choice that fits, model states"
+                          " about 24.7 GiB per GPU of your 80.0 GiB")
     # 30B parameters: 2 bytes/param of weights + 18/8 of the rest do not fit 80 GiB per GPU at stage 2
     big = Context(H100, ModelSize(int(30e9), int(5e8), "GPT"))
     stage, opt, param, _ = recommend(big, BASE)
