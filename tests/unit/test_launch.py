@@ -9,6 +9,8 @@ import importlib.util
 import inspect
 import json
 import os
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -117,3 +119,27 @@ def test_env_reports_versions_ops_and_memory_on_cpu(capsys):
                  "DeepSpeed accelerator: cpu", "[fused_adam]", "[cpu_adam]", "[async_io]", "libaio: ",
                  "host memory: ", "GiB free of"):
         assert line in out, line
+
+
+def _python_with_hook(tmp_path: Path, code: str, extra_path: str = "") -> subprocess.CompletedProcess:
+    """Runs ``code`` as a script the way the launcher leaves a rank: settings, hook first on PYTHONPATH, and (through
+    the shell's exec, which keeps the pid) marked as the launched process."""
+    script = tmp_path / "s.py"
+    script.write_text(code)
+    env = launch_environment(LaunchSettings(script="s.py"), {k: v for k, v in os.environ.items()
+                                                             if k != "PYTHONPATH"}, pid=0, cuda_available=True)
+    env["PYTHONPATH"] += os.pathsep + extra_path if extra_path else ""
+    shell = f'LIGHTNING_ZERO_LAUNCH_PID=$$ exec "{sys.executable}" "{script}"'
+    return subprocess.run(["sh", "-c", shell], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_hook_chains_other_sitecustomize_and_warns_when_no_trainer_ran(tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "sitecustomize.py").write_text("import builtins\nbuiltins.CHAINED = True\n")
+    ran = _python_with_hook(tmp_path, "import builtins, sys\nprint(getattr(builtins, 'CHAINED', False),"
+                                      " 'lightning' in sys.modules)\n", extra_path=str(other))
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.split() == ["True", "False"]  # the other hook ran; nothing heavy was imported at start-up
+    assert ran.stderr.strip() == ("lightning-zero launch: s.py built no lightning.pytorch Trainer, so nothing ran with"
+                                  " ZeroStrategy.")

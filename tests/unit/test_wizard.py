@@ -160,6 +160,7 @@ def test_lightning_cli_reads_the_yaml_block(tmp_path, monkeypatch):
 
     from lightning_zero import ZeroStrategy
     monkeypatch.setattr(wizard, "detect_machine", lambda folder: CPU)
+    monkeypatch.setattr("sys.argv", ["train.py"])  # LightningCLI reads args=, not pytest's command line
     path = tmp_path / "zero.yaml"
     assert main(["config", "--yes", "--stage", "3", "--accumulate-grad-batches", "2", "--format", "yaml", "--output",
                  str(path)]) == 0
@@ -169,3 +170,27 @@ def test_lightning_cli_reads_the_yaml_block(tmp_path, monkeypatch):
                                                      "--trainer.logger", "false"])
     assert isinstance(cli.trainer.strategy, ZeroStrategy) and cli.trainer.strategy.stage == 3
     assert cli.trainer.accumulate_grad_batches == 2
+
+
+def test_model_flag_sizes_a_transformers_model(tmp_path, capsys, monkeypatch):
+    """--model builds the class on the meta device (as `estimate` does): a tiny GPT-2 from its config."""
+    import transformers
+
+    (tmp_path / "tiny_models.py").write_text(
+        "import transformers\n\n"
+        "class TinyGPT(transformers.GPT2LMHeadModel):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=1000,"
+        " n_positions=128))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(wizard, "detect_machine", lambda folder: H100)
+    out = tmp_path / "ds.json"
+    assert main(["config", "--yes", "--model", "tiny_models:TinyGPT", "--output", str(out)]) == 0
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=1000,
+                                                                 n_positions=128))
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())  # tied weights once
+    printed = capsys.readouterr().out
+    assert f"TinyGPT, {total:,} parameters" in printed
+    assert "TinyGPT (0.00B parameters): ZeroStrategy(stage=2) is the fastest choice that fits" in printed
+    assert main(["config", "--yes", "--model", "tiny_models:Nope", "--output", str(tmp_path / "x.json")]) == 2
+    assert "--model 'tiny_models:Nope': 'tiny_models' has no 'Nope'. Check the class name." in capsys.readouterr().err
