@@ -1,12 +1,13 @@
 """One Trainer across calls, run by tests/distributed/test_trainer_reuse.py under the "popen" launcher or torchrun:
 
-    python tests/distributed/reuse_script.py OUT_DIR STAGES [gan]          # popen (re-run once per extra rank)
+    python tests/distributed/reuse_script.py OUT_DIR STAGES [gan] [blocks]   # popen (re-run once per extra rank)
     torchrun --nproc-per-node 2 tests/distributed/reuse_script.py OUT_DIR STAGES
 
 For each stage in STAGES (e.g. ``0,1,2,3``), on one Trainer: validate -> fit with a frozen base (phase 1) -> test ->
-predict -> unfreeze -> fit again (phase 2) -> validate -> save a checkpoint -> fit from it (phase 3). With ``gan``, also a GAN (two engines, manual optimization) on
-one Trainer: validate -> fit -> fit. Rank 0 writes OUT_DIR/results.pt: the full weights after each fit, the logged
-losses, the predictions, how often configure_optimizers ran, what the engines trained and the hooks left behind.
+predict -> unfreeze -> fit again (phase 2) -> validate -> save a checkpoint -> fit from it (phase 3). With ``gan``,
+also a GAN (two engines, manual optimization) on one Trainer: validate -> fit -> fit; with ``blocks``, once, a stage-3
+model of blocks with CPU offload: fit -> fit. Rank 0 writes OUT_DIR/results.pt: the full weights after each fit, the
+logged losses, the predictions, how often configure_optimizers ran, what the fits trained, the hooks left behind.
 """
 
 from __future__ import annotations
@@ -98,8 +99,9 @@ class ReusedGAN(GAN):
         return DataLoader(GanDataset(N, seed=4), batch_size=4)
 
 
-def trainer_for(stage: int, **kwargs: Any) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=2, strategy=ZeroStrategy(stage=stage), max_epochs=1, logger=False,
+def trainer_for(stage: int, strategy: dict[str, Any] | None = None, **kwargs: Any) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=2, strategy=ZeroStrategy(stage=stage, **(strategy or {})), max_epochs=1,
+                     logger=False,
                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                      num_sanity_val_steps=0, **kwargs)
 
@@ -152,6 +154,23 @@ def gan(stage: int) -> dict[str, Any]:
     return out
 
 
+def blocks() -> dict[str, Any]:
+    """Stage 3 with each Block gathered as one unit (tuning.apply_block_fetch) and parameters and optimizer offloaded
+    to CPU (DeepSpeedCPUAdam): fit -> fit."""
+    from test_block_fetch import BlockRegressor
+
+    model, out = BlockRegressor(), {}
+    model.n = N
+    trainer = trainer_for(3, dict(offload_optimizer="cpu", offload_parameters="cpu"))
+    trainer.fit(model)
+    out["fit1"] = full_weights(trainer)
+    trainer.fit_loop.max_epochs = 2
+    trainer.fit(model)  # the first fit's unit-call counters (engines.EngineRegistry._counter) must be gone
+    out["fit2"] = full_weights(trainer)
+    out["units"] = sorted({type(m).__name__ for m in model.modules() if getattr(m, "_z3_leaf", False)})
+    return out
+
+
 def main() -> None:
     out_dir, stages = Path(sys.argv[1]), [int(s) for s in sys.argv[2].split(",")]
     results: dict[str, Any] = {}
@@ -159,6 +178,8 @@ def main() -> None:
         results[f"phased{stage}"] = phased(stage, out_dir)
         if "gan" in sys.argv[3:]:
             results[f"gan{stage}"] = gan(stage)
+    if "blocks" in sys.argv[3:]:
+        results["blocks"] = blocks()
     if torch.distributed.get_rank() == 0:
         torch.save(results, out_dir / "results.pt")
 

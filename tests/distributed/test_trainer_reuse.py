@@ -103,6 +103,22 @@ def reference_gan_fits() -> dict[str, Any]:
     return out
 
 
+def reference_block_fits() -> dict[str, Any]:
+    from test_block_fetch import make_block_net
+
+    net, out = make_block_net(), {}
+    batches = _global_batches(RandomDataset(N), world_size=2, batch_size=4)
+    for fit in ("fit1", "fit2"):
+        opt = _adamw(net)
+        for _ in range(STEPS_PER_FIT):
+            x, y = next(batches)
+            nn.functional.mse_loss(net(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        out[fit] = {f"net.{k}": v.detach().clone() for k, v in net.state_dict().items()}
+    return out
+
+
 def check_phases(got: dict[str, Any], want: dict[str, Any]) -> dict[str, float]:
     diffs = {phase: max_diff(got[phase], want[phase]) for phase in ("phase1", "phase2", "phase3")}
     assert max(diffs.values()) <= TOL, diffs
@@ -156,12 +172,17 @@ def run_script(out: Path, stages: str, *extra: str, torchrun: bool = False, time
 
 
 def test_popen_any_call_order_at_every_stage(tmp_path):
-    """Default launcher: stages 0-3 one after the other in the same two processes, single engine and GAN."""
-    results = run_script(tmp_path, "0,1,2,3", "gan")
+    """Default launcher: stages 0-3 one after the other in the same two processes, single engine and GAN; then stage 3
+    with block units and CPU offload."""
+    results = run_script(tmp_path, "0,1,2,3", "gan", "blocks")
     phases, gan = reference_phases(), reference_gan_fits()
     for stage in (0, 1, 2, 3):
         print(f"stage {stage}: phases {check_phases(results[f'phased{stage}'], phases)},"
               f" GAN {check_gan(results[f'gan{stage}'], gan)}")
+    want = reference_block_fits()
+    diffs = {fit: max_diff(results["blocks"][fit], want[fit]) for fit in ("fit1", "fit2")}
+    print(f"stage 3, block units, CPU offload: {diffs}")
+    assert max(diffs.values()) <= TOL and results["blocks"]["units"] == ["Block"], (diffs, results["blocks"]["units"])
 
 
 def test_torchrun_any_call_order(tmp_path):
