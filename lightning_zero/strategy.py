@@ -317,6 +317,7 @@ class ZeroStrategy(ParallelStrategy):
     def _init_distributed(self) -> None:
         import deepspeed
 
+        _check_device_indices(self.parallel_devices)
         reset_seed()
         self.set_world_ranks()
         assert self.cluster_environment is not None
@@ -778,6 +779,8 @@ class ZeroStrategy(ParallelStrategy):
         # ModelCheckpoint calls this only after the checkpoint that replaces `filepath` is committed (see checkpoint.py).
         if self.is_global_zero:
             ckpt.remove(filepath)
+        # every rank calls this (ModelCheckpoint runs everywhere): none returns, nor leaves fit, before it is gone
+        self.barrier("remove_checkpoint")
 
     # ----------------------------------------------------------------------------------------------------------------
     # Teardown and registry
@@ -856,6 +859,17 @@ def _warn_eager_stage3_evaluation(module: Module) -> None:
         " `limit_val_batches=0` for the fit and evaluate with a new Trainer (`trainer.validate/test/predict` on their"
         " own gather layer by layer), or train at stage 2."
     )
+
+
+def _check_device_indices(devices: list[torch.device] | None) -> None:
+    """DeepSpeed puts local rank i on device i (its engine reads LOCAL_RANK): a device picked by index would get a
+    module on one GPU and its engine on another."""
+    indices = [d.index for d in devices or [] if d.type == "cuda"]
+    if indices and indices != list(range(len(indices))):
+        raise ValueError(f"Trainer(devices={indices!r}): the device indices {indices!r} don't match the local rank"
+                         " values of processes: DeepSpeed runs local rank i on device i. Use"
+                         f" Trainer(devices={len(indices)}) and pick the GPUs with"
+                         f" CUDA_VISIBLE_DEVICES={','.join(map(str, indices))}.")
 
 
 def _destroy_process_group() -> None:
