@@ -823,7 +823,9 @@ def resume_method(saved_world_size: int, saved_stage: int, world_size: int, stag
                   ) -> Literal["native", "weights", "universal"]:
     """How an engine saved at (``saved_world_size``, ``saved_stage``) loads now: DeepSpeed's own load when the layout
     is the same, its full weights when no optimizer state is needed, else through the universal format (stages 1-3)."""
-    if saved_stage == stage and (saved_world_size == world_size or stage == 0):
+    # Not at stage 3 without the optimizer state: the weights are only in the optimizer shards there, and DeepSpeed's
+    # own load restores them from the engine's current 16-bit partitions (an evaluation engine has none: it fails).
+    if saved_stage == stage and (saved_world_size == world_size or stage == 0) and (with_optimizer or stage != 3):
         return "native"
     if not with_optimizer:
         return "weights"

@@ -185,6 +185,8 @@ def test_another_optimizer_layout_is_named():
     ((2, 2), (2, 3), True, "universal"),
     ((2, 3), (4, 1), True, "universal"),
     ((2, 2), (1, 3), False, "weights"),  # validate/test/predict: weights only
+    ((2, 3), (2, 3), False, "weights"),  # stage 3 keeps the weights in the optimizer shards only
+    ((2, 2), (2, 2), False, "native"),
 ])
 def test_resume_method(saved, now, optimizer, expected):
     assert ckpt.resume_method(saved[0], saved[1], now[0], now[1], optimizer) == expected
