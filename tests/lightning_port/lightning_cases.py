@@ -268,9 +268,11 @@ def _assert_save_model_is_equal(model, tmp_path, trainer):
         model = model.cpu()
         # Assert model parameters are identical after loading
         for orig_param, saved_model_param in zip(model.parameters(), state_dict.values()):
-            if model.dtype in (torch.half, torch.bfloat16):  # HALF: bfloat16 on CPU
+            # HALF is bfloat16 on CPU: DeepSpeed's module.bfloat16() leaves Lightning's `model.dtype` at float32
+            # (only .half() updates it), so the parameter's own dtype decides, as model.dtype does for float16
+            if orig_param.dtype in (torch.half, torch.bfloat16):
                 # moved model to float32 for comparison with single fp32 saved weights
-                saved_model_param = saved_model_param.to(model.dtype)
+                saved_model_param = saved_model_param.to(orig_param.dtype)
             assert torch.equal(orig_param, saved_model_param)
 
 
@@ -280,8 +282,8 @@ def _assert_checkpoint_equal(model, output_path):
     single_output = torch.load(output_path, weights_only=False)
     state_dict = model.state_dict()
     for orig_param, saved_model_param in zip(state_dict.values(), single_output["state_dict"].values()):
-        if model.dtype in (torch.half, torch.bfloat16):  # HALF: bfloat16 on CPU
-            saved_model_param = saved_model_param.to(model.dtype)
+        if orig_param.dtype in (torch.half, torch.bfloat16):  # see _assert_save_model_is_equal
+            saved_model_param = saved_model_param.to(orig_param.dtype)
         assert torch.equal(orig_param.cpu(), saved_model_param)
 
 
@@ -388,8 +390,12 @@ def _(tmp_path):
 
     class TestCB(Callback):
         def on_train_start(self, trainer, pl_module) -> None:
-            assert isinstance(trainer.optimizers[0], DeepSpeedZeroOptimizer), type(trainer.optimizers[0])
-            assert isinstance(trainer.optimizers[0].optimizer, torch.optim.SGD), type(trainer.optimizers[0].optimizer)
+            # as in test_deepspeed_run_configure_optimizers: Lightning sees a torch SGD built from the config's
+            # optimizer block; the engine's optimizer is DeepSpeed's ZeRO optimizer around its own SGD
+            assert isinstance(trainer.optimizers[0], torch.optim.SGD), type(trainer.optimizers[0])
+            (slot,) = trainer.strategy.engines
+            assert isinstance(slot.engine.optimizer, DeepSpeedZeroOptimizer), type(slot.engine.optimizer)
+            assert isinstance(slot.engine.optimizer.optimizer, torch.optim.SGD), type(slot.engine.optimizer.optimizer)
             assert isinstance(trainer.lr_scheduler_configs[0].scheduler, WarmupLR)
             assert trainer.lr_scheduler_configs[0].interval == "step"
 
@@ -911,6 +917,36 @@ for _s in (1, 2):
     case(f"test_deepspeed_init_module_with_stages_1_2[{_s}]")(lambda tmp_path, s=_s: _init_module_stages_1_2(tmp_path, s))
 
 
+@case("test_deepspeed_load_checkpoint_validate_path")
+def _(tmp_path):
+    # Lightning calls strategy.load_checkpoint on a bare strategy; ZeroStrategy loads inside a Trainer call (all
+    # ranks), so the paths go through trainer.validate(ckpt_path=...). Its errors are ValueErrors (FileNotFoundError
+    # only for a path that does not exist), and the subfolder hint names the checkpoint folder, found by its manifest.
+    model = BoringModel()
+    trainer = Trainer(default_root_dir=tmp_path, strategy=ZeroStrategy(), accelerator=ACCELERATOR, devices=DEVICES,
+                      fast_dev_run=True, **_quiet())
+    trainer.fit(model)
+    checkpoint = tmp_path / "checkpoint.ckpt"
+    trainer.save_checkpoint(checkpoint)
+
+    empty = tmp_path / "empty"
+    empty.mkdir(exist_ok=True)
+    trainer = Trainer(default_root_dir=tmp_path, strategy=ZeroStrategy(), accelerator=ACCELERATOR, devices=DEVICES,
+                      fast_dev_run=True, **_quiet())
+    with pytest.raises(ValueError, match="is a folder but not a ZeroStrategy checkpoint"):
+        trainer.validate(model, ckpt_path=empty)
+
+    # User tries to pass the subfolder as the path
+    checkpoint_path = checkpoint / "model" / "checkpoint"
+    with pytest.raises(ValueError, match=f"Pass the checkpoint folder itself: '{checkpoint}'"):
+        trainer.validate(model, ckpt_path=checkpoint_path)
+
+    # User tries to pass an individual file inside the checkpoint folder
+    checkpoint_path = next(checkpoint_path.glob("*model_states.pt"))
+    with pytest.raises(ValueError, match=f"Pass the checkpoint folder itself: '{checkpoint}'"):
+        trainer.validate(model, ckpt_path=checkpoint_path)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # test_deepspeed_collate_checkpoint.py
 # ----------------------------------------------------------------------------------------------------------------------
@@ -971,7 +1007,9 @@ def _(tmp_path):
         trainer.fit(model)
     if rank() == 0:  # the summary is printed on rank 0
         args, _ = mock_table_add_row.call_args_list[0]
-        assert args[1:] == ("0", "layer", "Linear", "66  ", "66  ", "train", "512  ", "[4, 32]", "[4, 2]"), args[1:]
+        # Lightning's DeepSpeedSummary adds a "Params per Device" column (the second "66  "); ZeroSummary gives the
+        # rank's share in one line below the table instead (README, "Summary")
+        assert args[1:] == ("0", "layer", "Linear", "66  ", "train", "512  ", "[4, 32]", "[4, 2]"), args[1:]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

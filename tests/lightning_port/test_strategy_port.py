@@ -120,8 +120,9 @@ def test_validate_parallel_devices_indices(device_indices):
     accelerator = Mock(spec=CUDAAccelerator)
     strategy = ZeroStrategy(accelerator=accelerator,
                             parallel_devices=[torch.device("cuda", i) for i in device_indices])
+    # ValueError (the project's type for a user mistake) instead of RuntimeError, with the fix in the message
     with pytest.raises(
-        RuntimeError, match=escape(f"device indices {device_indices!r} don't match the local rank values of processes")
+        ValueError, match=escape(f"device indices {device_indices!r} don't match the local rank values of processes")
     ):
         strategy.setup_environment()
     accelerator.setup_device.assert_called_once_with(torch.device("cuda", device_indices[0]))
