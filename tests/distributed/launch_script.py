@@ -5,9 +5,11 @@
 
 Every rank writes OUT/rank{R}.json (the strategy it runs and the resolved ZeRO settings); rank 0 writes the full
 weights to OUT/weights.pt. With --conflict the script passes its own strategy (the launcher must refuse it).
+$LAUNCH_SCRIPT_ACCELERATOR picks the accelerator (default cpu; tests/gpu sets gpu).
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -54,7 +56,8 @@ def main() -> None:
         extra = dict(strategy=ZeroStrategy(config=config), devices=2, accumulate_grad_batches=accumulate)
     if "--conflict" in sys.argv:
         extra = dict(strategy="ddp", devices=3)
-    trainer = L.Trainer(accelerator="cpu", max_steps=STEPS, logger=False, enable_checkpointing=False,
+    accelerator = os.environ.get("LAUNCH_SCRIPT_ACCELERATOR", "cpu")  # the GPU tier sets "gpu"
+    trainer = L.Trainer(accelerator=accelerator, max_steps=STEPS, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Report(out)], **extra)
     trainer.fit(Regressor())
 
