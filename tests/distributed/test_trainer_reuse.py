@@ -42,20 +42,21 @@ def _mse(net: nn.Module, seed: int = 9) -> float:
         return nn.functional.mse_loss(net(data.x), data.y).item()
 
 
-def reference_phases(new_trainer: bool = False) -> dict[str, Any]:
+def reference_phases(new_trainer: bool = False, world_size: int = 2) -> dict[str, Any]:
     """Phase 1 trains the head (base frozen) with its own AdamW, phase 2 everything with a new AdamW; the data of
     phase 2 is the second epoch (with ``new_trainer``: the first epoch again, as a new Trainer starts at epoch 0).
-    Phase 3 resumes phase 2's checkpoint: the same AdamW, its state included, on the third epoch."""
-    net = make_net()
+    Phase 3 resumes phase 2's checkpoint: the same AdamW, its state included, on the third epoch. Each fit is one
+    epoch of RandomDataset(16) in global batches of 4 x ``world_size``."""
+    net, steps = make_net(), N // (4 * world_size)
     out: dict[str, Any] = {"val_before": _mse(net)}
-    batches = _global_batches(RandomDataset(N), world_size=2, batch_size=4)
+    batches = _global_batches(RandomDataset(N), world_size=world_size, batch_size=4)
     for phase, base_trainable in (("phase1", False), ("phase2", True)):
         for layer in (net[0], net[2]):
             layer.requires_grad_(base_trainable)
         opt = _adamw(net)
         if new_trainer and phase == "phase2":
-            batches = _global_batches(RandomDataset(N), world_size=2, batch_size=4)
-        for _ in range(STEPS_PER_FIT):
+            batches = _global_batches(RandomDataset(N), world_size=world_size, batch_size=4)
+        for _ in range(steps):
             x, y = next(batches)
             nn.functional.mse_loss(net(x), y).backward()
             opt.step()
@@ -64,7 +65,7 @@ def reference_phases(new_trainer: bool = False) -> dict[str, Any]:
         if phase == "phase1":
             out["test_after_phase1"], out["net_after_phase1"] = _mse(net), _copy(net)
     out["val_after"] = _mse(net)
-    for _ in range(STEPS_PER_FIT):
+    for _ in range(steps):
         x, y = next(batches)
         nn.functional.mse_loss(net(x), y).backward()
         opt.step()
