@@ -393,7 +393,8 @@ def run_session(ctx: Context, flags: Mapping[str, str], ask: Callable[[Question,
     """Answer every question: from ``flags`` (flag -> text), else by ``ask`` (re-asked until it parses), else (ask
     None) the default. A flag that does not parse raises ValueError; so does a flag whose question never applied.
     ``check_defaults=False`` (the check of the flags before an interactive session) keeps a default that does not
-    parse (an NVMe folder that is not there yet) as it is written."""
+    parse (an NVMe folder that is not there yet) as it is written, and leaves the flags whose question the defaults
+    skip to the real session."""
     session, number = Session(), 0
     while (question := next_question(ctx, session.answers)) is not None:
         number += 1
@@ -424,7 +425,7 @@ def run_session(ctx: Context, flags: Mapping[str, str], ask: Callable[[Question,
         session.why[question.key] = ("default: " + question.why) if text == question.default else "your answer"
     unused = [f for f in flags if f not in {q(ctx, session.answers).flag for q in QUESTIONS
                                             if q(ctx, session.answers) is not None}]
-    if unused:
+    if unused and check_defaults:  # (the pre-check's default answers may differ from what will be answered)
         raise ValueError(f"{', '.join(f'{f} {flags[f]}' for f in unused)}: that question does not apply with these"
                          f" answers (stage {session.answers['stage']!r}, {session.answers['nodes']} node(s)). Remove"
                          " the flag or change the answer it depends on (e.g. --stage 3 for parameter offload or"
@@ -605,6 +606,10 @@ def _run(args: argparse.Namespace) -> int:
     print("\nChoices:")
     for key, value in session.answers.items():
         print(f"  {key} = {'none' if value is None else value}  ({session.why[key]})")
+    if session.answers["stage"] == "auto" and args.format == "json":
+        print("\nNote: a DeepSpeed JSON cannot hold stage \"auto\" (ZeroStrategy would read it as its default, 2), so"
+              " the file has no stage: pass --stage auto to lightning-zero launch, or ZeroStrategy(stage=\"auto\"),"
+              " as below.")
     print(f"\nWrote {path} (validated by ZeroStrategy).\n{_usage(path, session.answers, args.format)}")
     return 0
 

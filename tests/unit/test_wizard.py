@@ -96,6 +96,12 @@ def test_outputs_write_only_what_was_chosen(tmp_path):
     assert block["trainer"]["strategy"] == {"class_path": "lightning_zero.ZeroStrategy", "init_args": {
         "stage": 3, "offload_parameters": "cpu", "partition_activations": True, "cpu_checkpointing": True}}
     assert block["trainer"]["gradient_clip_val"] is None and block["trainer"]["accumulate_grad_batches"] == 4
+    zeropp, block = build_outputs(run_session(Context(H100), {"--nodes": "2", "--stage": "3", "--zero-hpz-partition-size":
+                                                              "8", "--zero-quantized-weights": "yes"}, None).answers)
+    assert zeropp["zero_optimization"] == {"stage": 3, "zero_hpz_partition_size": 8, "zero_quantized_weights": True}
+    assert zeropp["bf16"] == {"enabled": True} and block["trainer"]["precision"] == "bf16-mixed"
+    with pytest.raises(ValueError, match=r"--zero-hpz-partition-size 3: '3' must divide the GPUs per node \(8\)"):
+        run_session(Context(H100), {"--nodes": "2", "--stage": "3", "--zero-hpz-partition-size": "3"}, None)
     auto, _ = build_outputs(run_session(Context(CPU), {"--stage": "auto"}, None).answers)
     assert "stage" not in auto.get("zero_optimization", {})  # JSON cannot say "auto": launch --stage auto does
 
@@ -148,11 +154,22 @@ def test_interrupt_leaves_no_file(tmp_path, capsys, monkeypatch):
     assert main(["config", "--output", str(tmp_path / "ds.json")]) == 130
     assert "nothing was written" in capsys.readouterr().err and not list(tmp_path.iterdir())
 
+    def end_of_input(prompt=""):
+        raise EOFError
+    monkeypatch.setattr("builtins.input", end_of_input)
+    assert main(["config", "--output", str(tmp_path / "ds.json")]) == 130
+    assert "nothing was written" in capsys.readouterr().err and not list(tmp_path.iterdir())
+    # a flag whose question the defaults skip is kept for the session, where the answers decide
+    replies = iter(["", "", "", "3"] + [""] * 10)
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(replies))
+    assert main(["config", "--offload-parameters", "cpu", "--output", str(tmp_path / "ds.json")]) == 0
+    assert json.loads((tmp_path / "ds.json").read_text())["zero_optimization"]["offload_param"] == {"device": "cpu"}
+
     def failing_validation(tmp):
         raise ValueError("broken")
     with pytest.raises(ValueError, match="broken"):
         wizard._write_validated(tmp_path / "x.json", "{}", failing_validation)
-    assert not list(tmp_path.iterdir())
+    assert list(tmp_path.iterdir()) == [tmp_path / "ds.json"]  # no x.json, no temporary file
 
 
 def test_lightning_cli_reads_the_yaml_block(tmp_path, monkeypatch):
