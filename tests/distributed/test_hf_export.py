@@ -163,9 +163,7 @@ def _check_adapter(folder: Path, out: Path, weights: dict[str, torch.Tensor], ki
 
 
 def test_llama_lora_stage3_peft_export(tmp_path):
-    # stage3_module_granularity_threshold=0: ZeroStrategy's default block fetch fails in LoRA's backward (issue 14
-    # item 3, fixed elsewhere); this test is about the export
-    folder, checkpoint, weights = _run(tmp_path, "llama", 3, lora=True, stage3_module_granularity_threshold=0)
+    folder, checkpoint, weights = _run(tmp_path, "llama", 3, lora=True)  # default block fetch, frozen base
     assert cli(["consolidate", str(checkpoint), str(tmp_path / "adapter"), "--format", "peft", "--no-progress"]) == 0
     _check_adapter(folder, tmp_path / "adapter", weights, "llama")
     with pytest.raises(ValueError, match=r"The model at 'model' is a PEFT model \(PeftModel\): export its"
@@ -180,3 +178,17 @@ def test_gpt2_lora_stage0_exclude_frozen_peft_export(tmp_path):
     (out,) = {p.parent for p in consolidate_checkpoint(checkpoint, tmp_path / "adapter", format="peft",
                                                        progress=False)}
     _check_adapter(folder, out, weights, "gpt2")
+
+
+def test_finetune_example_exports_an_adapter_that_generates_like_the_ranks(tmp_path):
+    import subprocess
+    import sys
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "finetune_hf.py"
+    run = subprocess.run([sys.executable, str(example), "--steps", "4", "--prompts", "4", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "generates 4/4 of the ranks' generations exactly" in run.stdout, run.stdout
+    assert {p.name for p in (tmp_path / "adapter").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    meta = json.loads((tmp_path / "lora.ckpt" / "meta.json").read_text())
+    assert meta["stage"] == 3 and meta["engines"]["model"]["excluded"]  # the frozen base was left out
