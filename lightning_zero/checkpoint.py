@@ -1040,6 +1040,8 @@ def _not_torch_file(path: str | Path) -> str | None:
         return None
     if not head:
         return "an empty file"
+    if head[8:10] == b'{"':  # safetensors: an 8-byte header length, then the JSON header
+        return "safetensors weights without the .safetensors suffix (rename it to end in .safetensors)"
     try:
         text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a cut last character is fine
     except UnicodeDecodeError:

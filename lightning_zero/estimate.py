@@ -441,9 +441,10 @@ def _load_model(spec: str) -> nn.Module:
         if not hasattr(factory, part):
             raise ValueError(f"--model {spec!r}: {owner!r} has no {part!r}. Check the class name.")
         factory, owner = getattr(factory, part), f"{owner}.{part}"
-    if not (isinstance(factory, type) and issubclass(factory, nn.Module)):
-        raise TypeError(f"--model {spec!r} is a {type(factory).__name__}, not a LightningModule or torch.nn.Module"
-                        " class. Name the model class, or give --params and --largest-layer.")
+    if not callable(factory) or isinstance(factory, type) and not issubclass(factory, nn.Module):
+        what = factory.__name__ if isinstance(factory, type) else type(factory).__name__
+        raise TypeError(f"--model {spec!r} is a {what}, not a LightningModule or torch.nn.Module class. Name the"
+                        " model class, or give --params and --largest-layer.")
     try:
         with torch.device("meta"):
             model = factory()
@@ -451,9 +452,14 @@ def _load_model(spec: str) -> nn.Module:
             if callable(configure):
                 configure()
     except Exception as err:  # noqa: BLE001 - the user's constructor: report it with the way out
-        raise ValueError(f"--model {spec!r}: {factory.__name__}() could not be built with no arguments on the meta"
-                         f" device ({type(err).__name__}: {err}). Give the class defaults for every argument, or use"
-                         " --params and --largest-layer.") from None
+        raise ValueError(f"--model {spec!r}: {getattr(factory, '__name__', attr)}() could not be built with no"
+                         f" arguments on the meta device ({type(err).__name__}: {err}). Give the class defaults for"
+                         " every argument, or use --params and --largest-layer.") from None
+    if not isinstance(model, nn.Module):  # a factory function
+        raise TypeError(f"--model {spec!r} made a {type(model).__name__}, not a torch.nn.Module.")
+    if model_size(model)[0] == 0:
+        raise ValueError(f"--model {spec!r}: {type(model).__name__} has no parameters, even after its"
+                         " configure_model. Name the class that builds the layers, or give --params and --largest-layer.")
     return model
 
 

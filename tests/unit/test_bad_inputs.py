@@ -161,6 +161,12 @@ def test_a_text_file_is_named_as_such_not_as_unsafe_objects(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"is not a checkpoint: it is binary data of another format \(it starts with"
                                          r" b'\\x89PNG"):
         ckpt.read_weights_file(str(tmp_path / "image.png"))
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(1)}, str(tmp_path / "weights.pt"))
+    with pytest.raises(ValueError, match=r"is not a checkpoint: it is safetensors weights without the .safetensors"
+                                         r" suffix \(rename it to end in .safetensors\)"):
+        ckpt.read_weights_file(str(tmp_path / "weights.pt"))
     torch.save({"w": torch.ones(1)}, tmp_path / "ok.pt")
     torch.save({"w": torch.ones(1)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
     for name in ("ok.pt", "legacy.pt"):  # both torch.save formats still load
@@ -232,6 +238,9 @@ def test_a_ckpt_export_that_fails_to_write_leaves_no_partial_file(tmp_path, monk
      " Linear.__init__() missing 2 required positional arguments: 'in_features' and 'out_features'). Give the class"
      " defaults for every argument, or use --params and --largest-layer."),
     (["--model", "torch.nn:Lineer"], "--model 'torch.nn:Lineer': 'torch.nn' has no 'Lineer'. Check the class name."),
+    (["--model", "torch.nn:Module"],
+     "--model 'torch.nn:Module': Module has no parameters, even after its configure_model. Name the class that builds"
+     " the layers, or give --params and --largest-layer."),
     (["--model", "torch.nn:functional"],
      "--model 'torch.nn:functional' is a module, not a LightningModule or torch.nn.Module class. Name the model"
      " class, or give --params and --largest-layer."),
