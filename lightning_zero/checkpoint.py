@@ -13,6 +13,8 @@ A ZeroStrategy checkpoint is a folder::
             checkpoint_universal/           added on the first resume with another number of processes or another
                                             ZeRO stage: DeepSpeed's universal format, cached for the next resume
         <frozen engine name>/weights.pt     a model without optimizer: its full weights (plain tensors)
+        latest, zero_to_fp32.py, ...        for DeepSpeed's and Lightning's converters: the one engine's tag folder
+                                            ("model/checkpoint"), or why they cannot convert this folder (see LATEST)
         hf/                                 only with transformers/peft models inside: their configs, tied keys and
                                             adapter weight names, for `consolidate --format hf/peft` (export.py)
 
