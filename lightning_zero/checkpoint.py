@@ -438,23 +438,33 @@ def _raise_if_save_failed(strategy: ZeroStrategy, final: Path, partial: Path, fa
         shutil.rmtree(partial, ignore_errors=True)  # free the space it took; a later save removes any leftover too
     strategy.barrier()
     free = shutil.disk_usage(final.parent if final.parent.exists() else Path.cwd()).free
-    full = any(_disk_full(error) for _, error in failed)
+    code, why = _write_failure([error for _, error in failed])
     ranks = ", ".join(str(rank) for rank, _ in failed)
     message = (
-        f"Saving the checkpoint {str(final)!r} failed{' because the drive is full' if full else ''}: rank(s) {ranks}"
-        f" could not write ({failed[0][1]}). The checkpoint needs about {_bytes(need)} ({basis}); {_bytes(free)} is"
-        f" free in {str(final.parent)!r} now. Nothing was committed: earlier checkpoints are untouched and the"
-        f" half-written {partial.name!r} was removed. Free up space there, or save elsewhere"
-        " (ModelCheckpoint(dirpath=...) or trainer.save_checkpoint(<another path>))."
+        f"Saving the checkpoint {str(final)!r} failed{why}: rank(s) {ranks} could not write ({failed[0][1]}). The"
+        f" checkpoint needs about {_bytes(need)} ({basis}); {_bytes(free)} is free in {str(final.parent)!r} now."
+        f" Nothing was committed: earlier checkpoints are untouched and the half-written {partial.name!r} was removed."
+        " Free up space there, or save elsewhere (ModelCheckpoint(dirpath=...) or trainer.save_checkpoint(<another"
+        " path>))."
     )
-    error = OSError(errno.ENOSPC, message) if full else RuntimeError(message)
+    error = RuntimeError(message) if code is None else OSError(code, message) if code else OSError(message)
     raise error from failure
 
 
-def _disk_full(error: str) -> bool:
-    # torch.save reports a full drive as "[enforce fail at inline_container.cc] unexpected pos ..." or "file write
-    # failed"; Python's writes as OSError(ENOSPC)
-    return any(s in error for s in ("No space left", "unexpected pos", "file write failed", f"Errno {errno.ENOSPC}"))
+def _write_failure(errors: list[str]) -> tuple[int | None, str]:
+    """(errno or 0 when only "a write was cut short" is known, None when it is no write failure; the reason)."""
+    text = " ".join(errors)
+    for code, why in ((errno.ENOSPC, " because the drive is full"), (errno.EDQUOT, " because the disk quota is used up"),
+                      (errno.EFBIG, " because a file-size limit was reached")):
+        if f"[Errno {code}]" in text:
+            return code, why
+    if "No space left" in text:
+        return errno.ENOSPC, " because the drive is full"
+    # torch.save's C++ writer reports a short write without its cause: "[enforce fail at inline_container.cc:672]
+    # . unexpected pos 704 vs 598" (measured under RLIMIT_FSIZE) or "PytorchStreamWriter failed writing file"
+    if "unexpected pos" in text or "failed writing file" in text or "file write failed" in text:
+        return 0, " because a write was cut short (a full drive, a quota or a file-size limit)"
+    return None, ""
 
 
 def _folder_bytes(folder: Path) -> int:

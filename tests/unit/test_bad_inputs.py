@@ -306,3 +306,50 @@ def test_auto_stage_refusal_names_more_nodes_and_nvme() -> None:
                                               r" least each needs\); a smaller model\."):
         auto_choice(10**9, 10**8, num_nodes=1, devices_per_node=4, device_type="cuda", precision="bf16-mixed",
                     gpu_free_bytes=GiB // 4, cpu_free_bytes=10 * GiB)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A save that cannot write: torch.save's own error under a real file-size limit (the 2-rank full-drive run is in
+# tests/distributed/test_bad_inputs_distributed.py)
+# ----------------------------------------------------------------------------------------------------------------------
+
+_CUT_SHORT = """
+import json, resource, signal, sys, types
+from pathlib import Path
+import torch
+from lightning_zero import checkpoint as ckpt
+
+folder = Path(sys.argv[1])
+final, partial = folder / "step=1.ckpt", folder / "step=1.ckpt.partial"
+partial.mkdir()
+strategy = types.SimpleNamespace(global_rank=0, is_global_zero=True, barrier=lambda: None, engines=[])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing the process
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+try:
+    torch.save({"w": torch.ones(10_000)}, partial / "lightning.pt")
+    failure = None
+except RuntimeError as err:
+    failure = err
+try:
+    ckpt._raise_if_save_failed(strategy, final, partial, failure)
+    print(json.dumps(None))
+except OSError as err:
+    print(json.dumps([err.errno, str(err), sorted(p.name for p in folder.iterdir())]))
+"""
+
+
+def test_a_save_cut_short_by_torch_says_so_and_leaves_no_partial(tmp_path) -> None:
+    import json
+
+    run = subprocess.run([sys.executable, "-c", _CUT_SHORT, str(tmp_path)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    code, message, left = json.loads(run.stdout.strip().splitlines()[-1])
+    assert code is None and left == []
+    assert re.fullmatch(
+        re.escape(f"Saving the checkpoint {str(tmp_path / 'step=1.ckpt')!r} failed because a write was cut short (a"
+                  " full drive, a quota or a file-size limit): rank(s) 0 could not write (RuntimeError: [enforce fail"
+                  " at inline_container.cc:") + r"\d+\] \. unexpected pos \d+ vs \d+\)\. The checkpoint needs about"
+        r" [\d.]+ (B|KiB) \(what was written before the failure, at least\); [\d.]+ [KMGT]?i?B is free in "
+        + re.escape(f"{str(tmp_path)!r} now. Nothing was committed: earlier checkpoints are untouched and the"
+                    " half-written 'step=1.ckpt.partial' was removed."), message.split(" Free up space")[0]), message
