@@ -189,3 +189,22 @@ def test_replaced_data_is_named_in_a_warning(one_rank):
     with pytest.warns(UserWarning, match=r"`\.data` of 1\.weight was replaced after zero\.Init partitioned it, so that"
                                          r" value is lost.*p\.copy_\(value\)"):
         hf.warn_lost_data_assignments(net)
+
+
+def test_rotary_buffers_keep_float32_under_a_bf16_zero_init(one_rank):
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    deepspeed = one_rank
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=32)
+    plain = LlamaRotaryEmbedding(config)
+    bf16 = {**STAGE3, "bf16": {"enabled": True}}
+    link = hf.HfZero3Link()
+    try:
+        with hf.init_context(link, bf16, deepspeed.zero.Init(config_dict_or_path=bf16)):
+            rope = LlamaRotaryEmbedding(config)  # zero.Init casts torch.arange to bf16 unless transformers' guard is on
+    finally:
+        link.deactivate()
+    assert rope.inv_freq.dtype == torch.float32
+    assert torch.equal(rope.inv_freq, plain.inv_freq)
