@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 
 from lightning_zero.compiling import check_gradients_reduced_by_deepcompile
 
-__all__ = ["EngineRegistry", "EngineSlot", "ModelAssignment", "assign_models", "clone_optimizer"]
+__all__ = ["EngineRegistry", "EngineSlot", "ModelAssignment", "assign_models", "clone_optimizer", "leaf_flags"]
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +183,7 @@ class EngineSlot:
     config_clip: float = 0.0
     params: set[int] = field(default_factory=set)
     pending: bool = False  # a backward reached this engine since its last step
+    leaf_flags: list[tuple[nn.Module, bool]] = field(default_factory=list)  # ZeRO-3 fetch units before the engine
 
     def check_discard(self) -> None:
         """``zero_grad()`` before ``step()``: plain PyTorch drops the gradients; DeepSpeed may already hold them."""
@@ -352,18 +353,30 @@ class EngineRegistry:
         the ZeRO-3 gather/release module hooks and leaf-module hooks, DeepCompile's state. Without it the next engine's
         backward would also fire the old engine's hooks. ZeRO-3 parameters stay partitioned: ``deepspeed.initialize``
         on a module whose parameters already carry ``ds_id`` adopts them as they are (as for a model created under
-        ``zero.Init``).
+        ``zero.Init``). The ZeRO-3 fetch units the engine's config marked are unmarked (``EngineSlot.leaf_flags``:
+        marks the user set before the engine stay).
 
         ``destroy()`` (DeepSpeed 0.19.8) leaves the engine's own forward pre/post hooks on the model (its
         ``_forward_prologue``/``_forward_epilogue``, registered in ``DeepSpeedEngine.__init__``); they are removed
         here, else every later forward would run the old engine's bookkeeping and keep it (and its optimizer state)
         alive."""
-        for slot in self.slots.values():
+        from deepspeed.utils import set_z3_leaf_module
+
+        for slot in reversed(self.slots.values()):
             slot.engine.destroy()
             for name in ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check"):
                 handle = getattr(slot.engine, name, None)
                 if handle is not None:
                     handle.remove()
+            # destroy() leaves the fetch units the engine's config marked (leaf_module, the granularity threshold)
+            # marked, and their parameters tagged with their unit (``ds_z3_leaf_module``, which the ZeRO-3 optimizer
+            # reads to delay their reduction to the unit's backward hook); the next engines decide their own units
+            # (several trained models fetch layer by layer), and DeepSpeed tags the parameters of those again.
+            for module, flag in slot.leaf_flags:
+                set_z3_leaf_module(module, flag)
+            for param in slot.module.parameters():
+                if hasattr(param, "ds_z3_leaf_module"):
+                    del param.ds_z3_leaf_module
         for handle in self._counter_hooks:
             handle.remove()
         self._counter_hooks.clear()
@@ -509,6 +522,14 @@ class EngineRegistry:
         # The face's own step() never runs; tell its schedulers it stepped (torch warns "lr_scheduler.step() before
         # optimizer.step()" otherwise).
         slot.face._opt_called = True  # type: ignore[union-attr]
+
+
+def leaf_flags(module: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """Which submodules are ZeRO-3 fetch units now (``deepspeed.utils.z3_leaf_module``): taken before an engine is
+    built, restored when it is released."""
+    from deepspeed.utils import z3_leaf_module
+
+    return [(m, z3_leaf_module(m)) for m in module.modules()]
 
 
 def build_engine(module: nn.Module, config: dict[str, Any], optimizer: Optimizer | None, device_index: int,

@@ -43,7 +43,7 @@ from lightning_zero._imports import require_deepspeed, use_cpu_accelerator
 from lightning_zero import offload
 from lightning_zero.keywords import Unpack, ZeroKeywords
 from lightning_zero.engines import (EngineRegistry, EngineSlot, ModelAssignment, _ModelGroup, assign_models,
-                                   build_engine)
+                                   build_engine, leaf_flags)
 from lightning_zero.compiling import (check_deepcompile, check_deepcompile_runtime, compile_models, deepcompile_engine,
                                       evaluating_eagerly, refuse_compiled_lightning_module, resolve_compile,
                                       resume_deepcompile_schedule)
@@ -589,10 +589,12 @@ class ZeroStrategy(ParallelStrategy):
                     rank_zero_info(note)
         # the optimizer DeepSpeed steps: a clone of the face, or DeepSpeedCPUAdam when the optimizer is offloaded
         optimizer = offload.build_stepped_optimizer(face, config) if face is not None else None
+        units_before = leaf_flags(module)  # restored when the engine is released
         engine = build_engine(module, config, optimizer, device_index, train=train)
         if self.stage == 3 and block_fetch and train:
             track_unit_inputs(module)  # a frozen base's blocks (LoRA): see tuning.track_unit_inputs
-        slot = EngineSlot(name, module, engine, face, config_clip=float(config.get("gradient_clipping", 0.0)))
+        slot = EngineSlot(name, module, engine, face, config_clip=float(config.get("gradient_clipping", 0.0)),
+                          leaf_flags=units_before)
         self.engines.add(slot)
         return slot
 

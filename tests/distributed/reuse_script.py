@@ -5,9 +5,10 @@
 
 For each stage in STAGES (e.g. ``0,1,2,3``), on one Trainer: validate -> fit with a frozen base (phase 1) -> test ->
 predict -> unfreeze -> fit again (phase 2) -> validate -> save a checkpoint -> fit from it (phase 3). With ``gan``,
-also a GAN (two engines, manual optimization) on one Trainer: validate -> fit -> fit; with ``blocks``, once, a stage-3
-model of blocks with CPU offload: fit -> fit. Rank 0 writes OUT_DIR/results.pt: the full weights after each fit, the
-logged losses, the predictions, how often configure_optimizers ran, what the fits trained, the hooks left behind.
+also a GAN (two engines, manual optimization) on one Trainer: validate -> fit -> fit. With ``blocks``, once, at stage
+3: a model of blocks with CPU offload, fit -> fit; a GAN with a block discriminator, validate -> fit. Rank 0 writes
+OUT_DIR/results.pt: the full weights after each fit, the logged losses, the predictions, how often
+configure_optimizers ran, what the fits trained, the hooks left behind.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from helpers import GAN, GanDataset, RandomDataset, Regressor, gan_losses, gan_optimizers  # noqa: E402
 from lightning_zero import ZeroStrategy  # noqa: E402
+from test_block_fetch import BlockGAN, gan_loss  # noqa: E402
 
 N = 16  # 2 optimizer steps per epoch on 2 ranks with batch size 4
 
@@ -99,6 +101,17 @@ class ReusedGAN(GAN):
         return DataLoader(GanDataset(N, seed=4), batch_size=4)
 
 
+class ValidatedBlockGAN(BlockGAN):
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_d", gan_loss(self.g, self.d, batch[0], True, 0), sync_dist=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(RandomDataset(N), batch_size=4)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(RandomDataset(N), batch_size=4)
+
+
 def trainer_for(stage: int, strategy: dict[str, Any] | None = None, **kwargs: Any) -> L.Trainer:
     return L.Trainer(accelerator="cpu", devices=2, strategy=ZeroStrategy(stage=stage, **(strategy or {})), max_epochs=1,
                      logger=False,
@@ -167,8 +180,21 @@ def blocks() -> dict[str, Any]:
     trainer.fit_loop.max_epochs = 2
     trainer.fit(model)  # the first fit's unit-call counters (engines.EngineRegistry._counter) must be gone
     out["fit2"] = full_weights(trainer)
-    out["units"] = sorted({type(m).__name__ for m in model.modules() if getattr(m, "_z3_leaf", False)})
+    out["units"] = units(model)
+    # A validation (one engine: Blocks gathered as units) before a GAN whose discriminator runs twice per step: the
+    # fit's two engines fetch layer by layer, as without the validation.
+    gan = ValidatedBlockGAN(once=False)
+    trainer = trainer_for(3)
+    out["gan_val"] = trainer.validate(gan, verbose=False)[0]["val_d"]
+    out["gan_val_units"] = units(gan)
+    trainer.fit(gan)
+    out["gan_fit"], out["gan_fit_units"] = full_weights(trainer), units(gan)
     return out
+
+
+def units(model: nn.Module) -> list[str]:
+    """The classes ZeRO-3 gathers as one fetch unit (DeepSpeed's z3 leaf modules)."""
+    return sorted({type(m).__name__ for m in model.modules() if getattr(m, "_z3_leaf", False)})
 
 
 def main() -> None:

@@ -120,6 +120,27 @@ def reference_block_fits() -> dict[str, Any]:
     return out
 
 
+def reference_block_gan() -> dict[str, Any]:
+    """test_block_fetch's GAN with a block discriminator that runs twice per step (once=False), one epoch."""
+    from test_block_fetch import LR, gan_loss, make_gan_coders
+
+    g, d = make_gan_coders()
+    opt_g, opt_d = (torch.optim.AdamW(m.parameters(), lr=LR) for m in (g, d))
+    out = {"val": gan_loss(g, d, RandomDataset(N).x, True, 0).item()}  # discriminator loss, before training
+    batches = _global_batches(RandomDataset(N), world_size=2, batch_size=4)
+    for _ in range(STEPS_PER_FIT):
+        x, _ = next(batches)
+        for opt, which, frozen in ((opt_d, 0, g), (opt_g, 1, d)):
+            frozen.requires_grad_(False)  # Lightning's toggle_optimizer
+            gan_loss(g, d, x, False, which).backward()
+            opt.step()
+            opt.zero_grad()
+            frozen.requires_grad_(True)
+    out["fit"] = {**{f"g.{k}": v.clone() for k, v in g.state_dict().items()},
+                  **{f"d.{k}": v.clone() for k, v in d.state_dict().items()}}
+    return out
+
+
 def check_phases(got: dict[str, Any], want: dict[str, Any]) -> dict[str, float]:
     diffs = {phase: max_diff(got[phase], want[phase]) for phase in ("phase1", "phase2", "phase3")}
     assert max(diffs.values()) <= TOL, diffs
@@ -184,6 +205,13 @@ def test_popen_any_call_order_at_every_stage(tmp_path):
     diffs = {fit: max_diff(results["blocks"][fit], want[fit]) for fit in ("fit1", "fit2")}
     print(f"stage 3, block units, CPU offload: {diffs}")
     assert max(diffs.values()) <= TOL and results["blocks"]["units"] == ["Block"], (diffs, results["blocks"]["units"])
+    # validate (one engine, Blocks as fetch units) then fit a GAN whose discriminator runs twice per step: the fit's
+    # engines fetch layer by layer, as without the validation (the units the validation's engine marked are unmarked)
+    got, want = results["blocks"], reference_block_gan()
+    assert (got["gan_val_units"], got["gan_fit_units"]) == (["Block"], [])
+    assert got["gan_val"] == pytest.approx(want["val"], abs=TOL)
+    print(f"stage 3, validate then fit a GAN with a block discriminator: {max_diff(got['gan_fit'], want['fit'])}")
+    assert max_diff(got["gan_fit"], want["fit"]) <= TOL
 
 
 def test_torchrun_any_call_order(tmp_path):
