@@ -190,14 +190,17 @@ def _check(args: argparse.Namespace) -> LaunchSettings:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if not cuda:  # before DeepSpeed is first imported (by the check below): its CPU accelerator, without a warning
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         settings = _check(args)
     except (ValueError, TypeError) as err:
         print(f"lightning-zero launch: error: {err}", file=sys.stderr)
         return 2
-    import torch
-
-    env = launch_environment(settings, os.environ, os.getpid(), torch.cuda.is_available())
+    env = launch_environment(settings, os.environ, os.getpid(), cuda)
     from lightning_zero.config import load_user_config
 
     implied = config_trainer_flags(load_user_config(settings.config)) if settings.config else {}
