@@ -55,12 +55,13 @@ def _run_copied_script(folder: Path, out: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("stage", [3])
-def test_single_engine_folder_converts_with_lightning_and_deepspeed_tools(tmp_path, stage):
+def test_single_engine_folder_converts_with_lightning_and_deepspeed_tools(tmp_path):
+    """Stage 3 here (one shard file per rank); the LightningCLI test below converts a stage-2 folder."""
     from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
-    weights = fit(tmp_path, ZeroStrategy(stage=stage, start_method="spawn"), HparamRegressor(lr=0.02,
-                  width_note="custom"), 2, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=2)])
+    model = HparamRegressor(lr=0.02, width_note="custom")
+    weights = fit(tmp_path, ZeroStrategy(stage=3, start_method="spawn"), model, 2,
+                  callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=2)])
     folder = tmp_path / "ckpts" / "epoch=0-step=2.ckpt"
     assert (folder / "latest").read_text() == "model/checkpoint"
 

@@ -93,7 +93,8 @@ def test_wrong_values_are_refused(monkeypatch, capsys):
     # a wrong type: jsonargparse refuses it before ZeroStrategy is built, naming the option and the type
     with pytest.raises(SystemExit):
         _cli(monkeypatch, "--trainer.strategy=lightning_zero.ZeroStrategy", "--trainer.strategy.overlap_comm=maybe")
-    assert "Parser key \"overlap_comm\":\n          Expected a <class 'bool'>. Got value: maybe" in capsys.readouterr().err
+    refused = capsys.readouterr().err
+    assert "Parser key \"overlap_comm\":\n          Expected a <class 'bool'>. Got value: maybe" in refused
     # a well-typed value ZeroStrategy refuses: jsonargparse's ValueError quotes ZeroStrategy's own message, the same
     # as from Python (DeepSpeed's schema reworded; an offload setting without its offload)
     for key, value, expected in (
