@@ -454,7 +454,8 @@ def _raise_if_save_failed(strategy: ZeroStrategy, final: Path, partial: Path, fa
 def _write_failure(errors: list[str]) -> tuple[int | None, str]:
     """(errno or 0 when only "a write was cut short" is known, None when it is no write failure; the reason)."""
     text = " ".join(errors)
-    for code, why in ((errno.ENOSPC, " because the drive is full"), (errno.EDQUOT, " because the disk quota is used up"),
+    for code, why in ((errno.ENOSPC, " because the drive is full"),
+                      (errno.EDQUOT, " because the disk quota is used up"),
                       (errno.EFBIG, " because a file-size limit was reached")):
         if f"[Errno {code}]" in text:
             return code, why

@@ -459,7 +459,8 @@ def _load_model(spec: str) -> nn.Module:
         raise TypeError(f"--model {spec!r} made a {type(model).__name__}, not a torch.nn.Module.")
     if model_size(model)[0] == 0:
         raise ValueError(f"--model {spec!r}: {type(model).__name__} has no parameters, even after its"
-                         " configure_model. Name the class that builds the layers, or give --params and --largest-layer.")
+                         " configure_model. Name the class that builds the layers, or give --params and"
+                         " --largest-layer.")
     return model
 
 

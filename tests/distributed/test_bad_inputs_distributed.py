@@ -1,6 +1,7 @@
-"""Issue 20, the cases that need processes: the NVMe folder checks in ranks started by torchrun (every rank refuses
-before zero.Init creates anything under nvme_path), stage="auto" refusing a model that fits nowhere on every rank, and a save that fails on a full drive (every rank gets one error
-saying where, why, how much space it needs and is free; nothing is committed; half-written folders are cleaned)."""
+"""Issue 20, the cases that need processes: in ranks started by torchrun, the NVMe folder checks (every rank refuses
+before zero.Init creates anything under nvme_path) and stage="auto" refusing a model that fits nowhere (every rank
+gets rank 0's refusal); and a save that fails on a full drive (every rank gets one error saying where, why, how much
+space it needs and is free; nothing is committed; half-written folders are cleaned)."""
 
 from __future__ import annotations
 
