@@ -143,3 +143,12 @@ def test_hook_chains_other_sitecustomize_and_warns_when_no_trainer_ran(tmp_path)
     assert ran.stdout.split() == ["True", "False"]  # the other hook ran; nothing heavy was imported at start-up
     assert ran.stderr.strip() == ("lightning-zero launch: s.py built no lightning.pytorch Trainer, so nothing ran with"
                                   " ZeroStrategy.")
+
+
+def test_env_names_why_an_op_cannot_build():
+    from lightning_zero.env import OpStatus, op_status
+
+    line = OpStatus("async I/O (NVMe offload)", "async_io", False, False, False, "libaio not found").line()
+    assert line.endswith("[async_io] NOT compatible: libaio not found")
+    missing = op_status("nothing", "NoSuchBuilder")
+    assert not missing.compatible and missing.reason == "the cpu accelerator has no NoSuchBuilder"
