@@ -217,4 +217,7 @@ def track_unit_inputs(module: nn.Module) -> int:
 
 
 def _input_hook(module: nn.Module, args: tuple) -> tuple | None:
-    return _inputs_requiring_grad(module, args)
+    from deepspeed.utils import z3_leaf_module
+
+    # a no-op once the module is no longer a unit (its engine released, a later run without block fetch)
+    return _inputs_requiring_grad(module, args) if z3_leaf_module(module) else None
