@@ -65,7 +65,8 @@ def consolidate_checkpoint(checkpoint_dir: str | Path, out: str | Path, *, forma
             of the checkpoint are not needed. Both use what the checkpoint recorded of the model when it was saved.
         dtype: floating-point dtype of the output: ``None``/``"fp32"`` (DeepSpeed's fp32 master weights), ``"bf16"``,
             ``"fp16"``. Integer buffers keep their dtype.
-        max_shard_size: safetensors only: the largest shard, in bytes or as ``"5GB"``, ``"500MB"``, ``"2GiB"``.
+        max_shard_size: safetensors and hf: the largest shard, in bytes or as ``"5GB"``, ``"500MB"``, ``"2GiB"`` (a
+            PEFT adapter is one file, as PEFT writes it).
         allow_missing: write what the checkpoint holds even when weights the model needs are absent (frozen
             parameters left out with ``exclude_frozen_parameters=True``, e.g. the base of a LoRA model).
         progress: show a progress bar (tqdm, on stderr).

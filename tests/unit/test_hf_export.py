@@ -118,3 +118,12 @@ def test_export_argument_errors(tmp_path):
         export.pick(records, None, "peft", "ckpt")
     with pytest.raises(ValueError, match="holds no Hugging Face model record"):
         export.read_records(tmp_path, "ckpt")
+
+
+def test_contracts_of_the_transformers_attributes_export_reads():
+    """export.py reads two attributes of transformers 5 models; a rename upstream must fail here, not silently keep
+    tied copies or drop a custom model's code."""
+    model = _gpt2()
+    assert model.all_tied_weights_keys == {"lm_head.weight": "transformer.wte.weight"}  # _tied_copies
+    assert hasattr(transformers.PreTrainedModel, "_auto_class")  # _save_config: save_pretrained's custom-code test
+    from transformers.dynamic_module_utils import custom_object_save  # noqa: F401
