@@ -13,6 +13,7 @@ import argparse
 import copy
 import inspect
 import logging
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +28,10 @@ from lightning_zero.compiling import check_gradients_reduced_by_deepcompile
 __all__ = ["EngineRegistry", "EngineSlot", "ModelAssignment", "assign_models", "clone_optimizer", "leaf_flags"]
 
 log = logging.getLogger(__name__)
+
+# The registry whose engines wrap each LightningModule in this process: another Trainer's strategy may still hold
+# engines on a module that a new Trainer sets up (see EngineRegistry.claim).
+_OWNERS: weakref.WeakKeyDictionary[nn.Module, EngineRegistry] = weakref.WeakKeyDictionary()
 
 
 class _ModelGroup(nn.Module):
@@ -346,6 +351,14 @@ class EngineRegistry:
             self._counter_hooks.append(
                 unit.register_forward_hook(self._counter(f"{slot.name}.{name}" if name else slot.name)))
 
+    def claim(self, root: nn.Module) -> None:
+        """Before building engines on ``root``: release the engines another registry still holds on it (a new
+        Trainer on a module an earlier Trainer of this process trained or evaluated, whose engines it kept)."""
+        previous = _OWNERS.get(root)
+        if previous is not None and previous is not self:
+            previous.release()
+        _OWNERS[root] = self
+
     def release(self) -> None:
         """Destroy every engine, leaving the models free for new ones (the registry is empty afterwards).
 
@@ -380,6 +393,8 @@ class EngineRegistry:
         for handle in self._counter_hooks:
             handle.remove()
         self._counter_hooks.clear()
+        for root in [m for m, owner in _OWNERS.items() if owner is self]:
+            del _OWNERS[root]
         self.slots.clear()
         self._by_face.clear()
         self._unit_calls.clear()

@@ -599,8 +599,11 @@ class ZeroStrategy(ParallelStrategy):
         return slot
 
     def _release_engines(self) -> None:
-        """Destroy the engines of the previous Trainer call (engines.EngineRegistry.release)."""
+        """Destroy the engines of the previous Trainer call, and those another Trainer of this process left on this
+        module (engines.EngineRegistry.release, .claim)."""
+        assert self.lightning_module is not None
         self.engines.release()
+        self.engines.claim(self.lightning_module)
         self._engines_owner = None
 
     def _wrapped_model(self) -> Module:

@@ -4,7 +4,8 @@
     torchrun --nproc-per-node 2 tests/distributed/reuse_script.py OUT_DIR STAGES
 
 For each stage in STAGES (e.g. ``0,1,2,3``), on one Trainer: validate -> fit with a frozen base (phase 1) -> test ->
-predict -> unfreeze -> fit again (phase 2) -> validate -> save a checkpoint -> fit from it (phase 3). With ``gan``,
+predict -> unfreeze -> fit again (phase 2) -> validate -> save a checkpoint -> fit from it (phase 3); then a new
+Trainer fits the same module (phase 4). With ``gan``,
 also a GAN (two engines, manual optimization) on one Trainer: validate -> fit -> fit. With ``blocks``, once, at stage
 3: a model of blocks with CPU offload, fit -> fit; a GAN with a block discriminator, validate -> fit. Rank 0 writes
 OUT_DIR/results.pt: the full weights after each fit, the logged losses, the predictions, how often
@@ -149,8 +150,11 @@ def phased(stage: int, out_dir: Path) -> dict[str, Any]:
     trainer.fit_loop.max_epochs = 3
     trainer.fit(model, ckpt_path=checkpoint)  # phase 3: resumes phase 2's optimizer state
     out["phase3"] = full_weights(trainer)
-    out.update(configured=model.configured, engine_trains=model.engine_trains, global_step=trainer.global_step,
-               hooks=model.hooks, freed=model.freed)
+    out["global_step"] = trainer.global_step
+    trainer = trainer_for(stage)  # a new Trainer on the same module: the old one's engines must leave it
+    trainer.fit(model)  # phase 4: epoch 0 again, a new optimizer
+    out["phase4"] = full_weights(trainer)
+    out.update(configured=model.configured, engine_trains=model.engine_trains, hooks=model.hooks, freed=model.freed)
     return out
 
 

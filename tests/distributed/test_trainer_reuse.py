@@ -45,7 +45,8 @@ def _mse(net: nn.Module, seed: int = 9) -> float:
 def reference_phases(new_trainer: bool = False, world_size: int = 2) -> dict[str, Any]:
     """Phase 1 trains the head (base frozen) with its own AdamW, phase 2 everything with a new AdamW; the data of
     phase 2 is the second epoch (with ``new_trainer``: the first epoch again, as a new Trainer starts at epoch 0).
-    Phase 3 resumes phase 2's checkpoint: the same AdamW, its state included, on the third epoch. Each fit is one
+    Phase 3 resumes phase 2's checkpoint: the same AdamW, its state included, on the third epoch; phase 4 is a new
+    Trainer's fit (a new AdamW, the first epoch's data). Each fit is one
     epoch of RandomDataset(16) in global batches of 4 x ``world_size``."""
     net, steps = make_net(), N // (4 * world_size)
     out: dict[str, Any] = {"val_before": _mse(net)}
@@ -71,6 +72,14 @@ def reference_phases(new_trainer: bool = False, world_size: int = 2) -> dict[str
         opt.step()
         opt.zero_grad()
     out["phase3"] = {f"net.{k}": v.detach().clone() for k, v in net.state_dict().items()}
+    opt = _adamw(net)  # phase 4: a new Trainer, so the data starts at epoch 0 again
+    batches = _global_batches(RandomDataset(N), world_size=world_size, batch_size=4)
+    for _ in range(steps):
+        x, y = next(batches)
+        nn.functional.mse_loss(net(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    out["phase4"] = {f"net.{k}": v.detach().clone() for k, v in net.state_dict().items()}
     return out
 
 
@@ -142,7 +151,7 @@ def reference_block_gan() -> dict[str, Any]:
 
 
 def check_phases(got: dict[str, Any], want: dict[str, Any]) -> dict[str, float]:
-    diffs = {phase: max_diff(got[phase], want[phase]) for phase in ("phase1", "phase2", "phase3")}
+    diffs = {phase: max_diff(got[phase], want[phase]) for phase in ("phase1", "phase2", "phase3", "phase4")}
     assert max(diffs.values()) <= TOL, diffs
     # the second fit really trained, from the first fit's weights
     assert max_diff(got["phase1"], got["phase2"]) > 1e-3
@@ -152,11 +161,11 @@ def check_phases(got: dict[str, Any], want: dict[str, Any]) -> dict[str, float]:
     assert rows.shape == (N // 2, 9)
     with torch.no_grad():
         assert torch.allclose(rows[:, 8:], want["net_after_phase1"](rows[:, :8]), atol=TOL)
-    assert got["configured"] == 3 and got["global_step"] == 3 * STEPS_PER_FIT
+    assert got["configured"] == 4 and got["global_step"] == 3 * STEPS_PER_FIT
     head, every = sum(p.numel() for p in make_net()[4].parameters()), sum(p.numel() for p in make_net().parameters())
-    assert got["engine_trains"] == [head, every, every]
+    assert got["engine_trains"] == [head, every, every, every]
     assert len(set(got["hooks"])) == 1, f"hooks of the previous engines were left on the module: {got['hooks']}"
-    assert got["freed"] == [True] * 3  # at each fit start, the earlier engines (and their optimizer state) are gone
+    assert got["freed"] == [True] * 4  # at each fit start, the earlier engines (and their optimizer state) are gone
     return diffs
 
 
