@@ -27,9 +27,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LaunchSettings", "add_parser", "apply_launch", "launch_environment", "resolve_trainer_kwargs", "run"]
+__all__ = ["SETTINGS_ENV_VAR", "LaunchSettings", "add_parser", "apply_launch", "config_trainer_flags",
+           "launch_environment", "resolve_trainer_kwargs", "run"]
 
-SETTINGS_ENV_VAR = "LIGHTNING_ZERO_LAUNCH"
+SETTINGS_ENV_VAR = "LIGHTNING_ZERO_LAUNCH"  # also named in _launch_site/sitecustomize.py (which imports nothing)
 _SITE_DIR = Path(__file__).resolve().parent / "_launch_site"
 # Trainer arguments whose value here means "the script did not choose" (Trainer's own defaults; LightningCLI passes
 # every argument, so an explicit default cannot be told apart from none).
@@ -62,7 +63,7 @@ class LaunchSettings:
         return "ZeroStrategy(" + ", ".join(f"{k}={v!r}" for k, v in self.strategy_kwargs().items()) + ")"
 
     def flags(self) -> str:
-        """The command-line flags that asked for this, as the user typed them."""
+        """The command-line flags that asked for this (the config as an absolute path)."""
         parts = [f"--config {self.config}" if self.config else "", f"--stage {self.stage}" if self.stage is not None
                  else "", f"--devices {self.devices}" if self.devices else "", f"--nodes {self.nodes}" if self.nodes
                  else "", f"--compile {self.compile}" if self.compile else ""]

@@ -76,6 +76,7 @@ def test_start_up_hook_wraps_trainer_init_keeping_its_signature(monkeypatch):
     import lightning.pytorch.trainer.trainer as trainer_module
 
     site = _load_site()
+    assert site._SETTINGS_VAR == launch.SETTINGS_ENV_VAR
     assert "lightning.pytorch.trainer.trainer" in site._TRAINER_MODULES
     assert trainer_module.Trainer is L.Trainer
     cls = type("Trainer", (L.Trainer,), {})  # wrap a subclass, not the real Trainer
