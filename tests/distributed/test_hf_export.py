@@ -145,6 +145,14 @@ def test_gpt2_stage3_tied_load_parity_and_hf_export(tmp_path):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
     assert max_diff(dict(loaded.state_dict()), weights) == 0.0
+    # bf16, sharded: Hugging Face's index and dtype, which from_pretrained follows
+    files = consolidate_checkpoint(checkpoint, tmp_path / "bf16", format="hf", dtype="bf16", max_shard_size="2KB",
+                                   progress=False)
+    assert len([p for p in files if p.suffix == ".safetensors"]) > 2 and (tmp_path / "bf16" / "model.safetensors"
+                                                                          ".index.json") in files
+    half = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert half.dtype == torch.bfloat16 and half.lm_head.weight is half.transformer.wte.weight
+    assert max_diff(dict(half.state_dict()), {k: v.to(torch.bfloat16) for k, v in weights.items()}) == 0.0
     with pytest.raises(ValueError, match="is a transformers GPT2LMHeadModel without a PEFT adapter: export it with"
                                          r" format='hf' \(--format hf\)"):
         consolidate_checkpoint(checkpoint, tmp_path / "adapter", format="peft")
