@@ -303,7 +303,7 @@ def _write_safetensors(folder: Path, tensors: Iterator[tuple[str, torch.Tensor]]
 
 def _export_hf(root: Path, out: Path, meta: Mapping[str, Any], fmt: str, model: str | None, dtype: torch.dtype,
                shard_bytes: int, progress: bool) -> list[Path]:
-    """format='hf': the transformers model's folder; format='peft': each adapter's folder (see lightning_zero.export)."""
+    """format='hf': the transformers model's folder; format='peft': each adapter's folder (lightning_zero.export)."""
     from lightning_zero import export
 
     prefix, record = export.pick(export.read_records(root, str(root)), model,
