@@ -121,3 +121,20 @@ def test_long_tail_keys_work_from_python_and_config_only(monkeypatch):
     cli = _cli(monkeypatch, "--trainer.strategy=lightning_zero.ZeroStrategy",
                '--trainer.strategy.config={"zero_optimization": {"use_multi_rank_bucket_allreduce": false}}')
     assert cli.trainer.strategy.resolve_config(None)["zero_optimization"]["use_multi_rank_bucket_allreduce"] is False
+
+
+def test_logging_level_by_name_from_the_command_line(monkeypatch):
+    """`--trainer.strategy.logging_level=INFO` reaches ZeroStrategy's own check (the signature takes int | str)."""
+    import logging
+
+    import deepspeed
+
+    logger = deepspeed.utils.logging.logger
+    before = logger.level
+    try:
+        cli = _cli(monkeypatch, "--trainer.strategy=lightning_zero.ZeroStrategy", "--trainer.strategy.stage=2",
+                   "--trainer.strategy.logging_level=INFO")
+        assert isinstance(cli.trainer.strategy, ZeroStrategy)
+        assert logger.level == logging.INFO
+    finally:
+        logger.setLevel(before)
