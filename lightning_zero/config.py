@@ -34,6 +34,7 @@ __all__ = [
     "load_user_config",
     "merge_knobs",
     "offload_device",
+    "offload_ratio",
     "resolve_ds_config",
     "resolve_knobs",
     "resolve_nvme_path",
@@ -97,7 +98,7 @@ _SECTION_KEYS = ("zero_optimization", "fp16", "bf16", "bfloat16", "optimizer", "
                  "activation_checkpointing", "aio")
 _OFFLOAD_SECTIONS = ("offload_optimizer", "offload_param")
 # Top-level sections the constructor keywords write into (merged key by key with the user config).
-_KNOB_SECTIONS = ("zero_optimization", "aio", "activation_checkpointing")
+_KNOB_SECTIONS = ("zero_optimization", "aio", "activation_checkpointing", "bf16")
 # ZeRO++ (https://www.deepspeed.ai/tutorials/zeropp/): each is a stage-3 feature that DeepSpeed ignores at stages 0-2.
 _ZEROPP_KEYS = ("zero_hpz_partition_size", "zero_quantized_weights", "zero_quantized_nontrainable_weights",
                 "zero_quantized_gradients")
@@ -250,6 +251,19 @@ def _check_plain_section(name: str, section: Mapping[str, Any], problems: list[s
                 problems.append(f"'{name}.{key}' must be a positive integer, got {type(value).__name__}: {value!r}")
 
 
+def _without_partial_offload(zero: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``zero`` without ``offload_optimizer.ratio`` when the stage is not 3: DeepSpeed's schema asserts "Partial
+    offloading only supported for ZeRO Stage 3." there; check_zero_features reports it with the fix instead."""
+    section = zero.get("offload_optimizer")
+    try:
+        stage = _as_stage(zero.get("stage"))
+    except ZeroConfigError:
+        return zero  # the schema reports the stage
+    if stage == 3 or not isinstance(section, Mapping) or "ratio" not in section:
+        return zero
+    return {**zero, "offload_optimizer": {k: v for k, v in section.items() if k != "ratio"}}
+
+
 def supported_optimizer_types() -> list[str]:
     """The ``optimizer.type`` names DeepSpeed 0.19 builds: its own (matched case-insensitively) and the optimizer
     classes of ``torch.optim`` (matched by exact name), as ``DeepSpeedEngine._is_supported_optimizer`` decides."""
@@ -309,7 +323,8 @@ def validate_user_config(user: Mapping[str, Any]) -> None:
     for name, model in (("zero_optimization", DeepSpeedZeroConfig), ("fp16", DeepSpeedFP16Config),
                         ("bf16", DeepSpeedBF16Config), ("bfloat16", DeepSpeedBF16Config)):
         if isinstance(user.get(name), Mapping):
-            _check_section(name, model, user[name], problems)
+            section = _without_partial_offload(user[name]) if name == "zero_optimization" else user[name]
+            _check_section(name, model, section, problems)
     for name in ("aio", "activation_checkpointing"):
         if isinstance(user.get(name), Mapping):
             _check_plain_section(name, user[name], problems)
@@ -429,6 +444,9 @@ def resolve_knobs(
     cpu_checkpointing: bool | None = None,
     contiguous_memory_optimization: bool | None = None,
     synchronize_checkpoint_boundary: bool | None = None,
+    offload_optimizer_ratio: float | None = None,
+    bf16_master_weights_and_grads: bool | None = None,
+    bf16_optimizer_states: bool | None = None,
     **zero_keys: Any,
 ) -> dict[str, Any]:
     """Turn ``ZeroStrategy(...)`` keywords into a partial DeepSpeed config. ``None`` means "not given".
@@ -436,7 +454,8 @@ def resolve_knobs(
     Offload keywords go to ``zero_optimization.offload_*``, ``aio`` to the top-level ``aio`` section (NVMe async
     I/O), the activation checkpointing keywords to ``activation_checkpointing``, everything else (ZeRO++'s
     ``zero_hpz_partition_size``, ``zero_quantized_weights``, ``zero_quantized_gradients``, bucket sizes, ...) to
-    ``zero_optimization``.
+    ``zero_optimization``; ``offload_optimizer_ratio`` to ``offload_optimizer.ratio`` and the ``bf16_*`` keywords to
+    the ``bf16`` section (low-precision master weights and optimizer states).
     """
     if stage is not None and (isinstance(stage, bool) or not isinstance(stage, int) or stage not in (0, 1, 2, 3)):
         raise ZeroConfigError(f"ZeroStrategy(stage={stage!r}) is not supported. Use 0, 1, 2 or 3. Or \"auto\""
@@ -450,9 +469,16 @@ def resolve_knobs(
     activation = {"partition_activations": partition_activations, "cpu_checkpointing": cpu_checkpointing,
                   "contiguous_memory_optimization": contiguous_memory_optimization,
                   "synchronize_checkpoint_boundary": synchronize_checkpoint_boundary}
-    for name, value in activation.items():
+    bf16 = {"bf16_master_weights_and_grads": bf16_master_weights_and_grads,
+            "bf16_optimizer_states": bf16_optimizer_states}
+    for name, value in {**activation, **bf16}.items():
         if value is not None and not isinstance(value, bool):
             raise ZeroConfigError(f"ZeroStrategy({name}={value!r}) must be True or False.")
+    _check_ratio_arg(offload_optimizer_ratio)
+    if zero_keys.get("zenflow") is not None and not isinstance(zero_keys["zenflow"], Mapping):
+        raise TypeError(f"ZeroStrategy(zenflow={zero_keys['zenflow']!r}) must be a dict of DeepSpeed's zenflow keys,"
+                        " e.g. zenflow={'topk_ratio': 0.1, 'select_strategy': 'step', 'select_interval': 10,"
+                        " 'update_interval': 1, 'overlap_step': True}.")
     # Keywords that only refine an offload keyword would otherwise be dropped without a word.
     orphans = []
     if nvme_path is not None and "nvme" not in (offload_optimizer, offload_parameters):
@@ -461,8 +487,9 @@ def resolve_knobs(
         orphans.append("aio (needs offload_optimizer='nvme' or offload_parameters='nvme')")
     if pin_memory is not None and not (offload_optimizer or offload_parameters):
         orphans.append("pin_memory (needs offload_optimizer or offload_parameters)")
-    if optimizer_buffer_count is not None and not offload_optimizer:
-        orphans.append("optimizer_buffer_count (needs offload_optimizer)")
+    orphans += [f"{name} (needs offload_optimizer)" for name, value in (
+        ("optimizer_buffer_count", optimizer_buffer_count), ("offload_optimizer_ratio", offload_optimizer_ratio))
+        if value is not None and not offload_optimizer]
     orphans += [f"{name} (needs offload_parameters)" for name, value in (
         ("params_buffer_count", params_buffer_count), ("params_buffer_size", params_buffer_size),
         ("max_in_cpu", max_in_cpu)) if value is not None and not offload_parameters]
@@ -477,7 +504,8 @@ def resolve_knobs(
     if offload_optimizer:
         device = "cpu" if offload_optimizer is True else offload_optimizer
         zero["offload_optimizer"] = _offload_section(device, nvme_path, pin_memory,
-                                                     {"buffer_count": optimizer_buffer_count})
+                                                     {"buffer_count": optimizer_buffer_count,
+                                                      "ratio": offload_optimizer_ratio})
     if offload_parameters:
         device = "cpu" if offload_parameters is True else offload_parameters
         zero["offload_param"] = _offload_section(device, nvme_path, pin_memory, {
@@ -488,7 +516,20 @@ def resolve_knobs(
     activation = {k: v for k, v in activation.items() if v is not None}
     if activation:
         knobs["activation_checkpointing"] = activation
+    bf16 = {k: v for k, v in bf16.items() if v is not None}
+    if bf16:
+        knobs["bf16"] = bf16
     return knobs
+
+
+def _check_ratio_arg(ratio: Any) -> None:
+    if ratio is None:
+        return
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise ZeroConfigError(
+            f"ZeroStrategy(offload_optimizer_ratio={ratio!r}) must be a number in (0, 1]: the share of the optimizer"
+            " states that CPU Adam steps (1.0, the default, offloads them all; the rest stays on the GPU). For no"
+            " offload at all, leave out offload_optimizer.")
 
 
 def _as_stage(stage: Any) -> int:
@@ -723,7 +764,8 @@ def check_auto_stage(user: Mapping[str, Any], keywords: Mapping[str, Any]) -> No
     pinned = [f"{k}={v!r}" for k, v in keywords.items()
               if v is not None and v is not False and (k in _ZEROPP_KEYS or k in (
                   "offload_optimizer", "offload_parameters", "pin_memory", "optimizer_buffer_count",
-                  "params_buffer_count", "params_buffer_size", "max_in_cpu", "aio"))]
+                  "params_buffer_count", "params_buffer_size", "max_in_cpu", "aio", "offload_optimizer_ratio",
+                  "bf16_master_weights_and_grads", "bf16_optimizer_states", "zenflow"))]
     zero = user.get("zero_optimization") if isinstance(user.get("zero_optimization"), Mapping) else {}
 
     def pins(key: str, value: Any) -> bool:
@@ -797,8 +839,113 @@ def check_zero_features(config: Mapping[str, Any], flags: TrainerFlags | None = 
             problems.append("activation_checkpointing.contiguous_memory_optimization=True needs"
                             " activation_checkpointing.number_checkpoints (how many layers you checkpoint) to size its"
                             " buffer. Set it in the config")
+    problems += _offload_mode_problems(config, stage, flags)
     if problems:
         raise ZeroConfigError("These ZeRO settings cannot work:\n  - " + "\n  - ".join(problems))
+
+
+def offload_ratio(config: Mapping[str, Any]) -> float:
+    """The share of the optimizer states CPU Adam steps: ``offload_optimizer.ratio`` (1.0 when offloaded without a
+    ratio, 0.0 when the optimizer is not offloaded)."""
+    if offload_device(config, "offload_optimizer") is None:
+        return 0.0
+    ratio = (config.get("zero_optimization") or {})["offload_optimizer"].get("ratio", 1.0)
+    return float(ratio) if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) else 1.0
+
+
+def _optimizer_type(config: Mapping[str, Any]) -> str | None:
+    section = config.get("optimizer")
+    name = section.get("type") if isinstance(section, Mapping) else None
+    return name if isinstance(name, str) else None
+
+
+def _offload_mode_problems(config: Mapping[str, Any], stage: int, flags: TrainerFlags | None) -> list[str]:
+    """Partial offload, bf16 master weights / optimizer states and ZenFlow: the combinations DeepSpeed 0.19 refuses
+    mid-setup (asserts in runtime/zero/stage3.py, stage_1_and_2.py, base_optimizer.py, config.py) or ignores."""
+    zero = config.get("zero_optimization") or {}
+    device = offload_device(config, "offload_optimizer")
+    optimizer_type = _optimizer_type(config)
+    problems: list[str] = []
+    ratio = offload_ratio(config)
+    if device is not None and ratio < 1.0:
+        where = f"zero_optimization.offload_optimizer.ratio={ratio!r} (partial offload)"
+        if stage != 3:
+            problems.append(f"{where} needs stage 3 (stage is {stage}): DeepSpeed splits the optimizer states between"
+                            " the GPU and CPU Adam at stage 3 only. Use ZeroStrategy(stage=3, ...) or remove the"
+                            " ratio")
+        if device != "cpu":
+            problems.append(f"{where} with offload_optimizer.device={device!r}: the offloaded share is stepped by CPU"
+                            " Adam in CPU memory. Use offload_optimizer=\"cpu\", or leave out the ratio for NVMe")
+        if optimizer_type is not None and optimizer_type.lower() not in ("adam", "adamw"):
+            problems.append(f"{where} with optimizer.type={optimizer_type!r}: DeepSpeed's hybrid step supports"
+                            " DeepSpeedCPUAdam only. Use \"AdamW\"/\"Adam\" or leave out the ratio")
+    bf16 = config.get("bf16") if isinstance(config.get("bf16"), Mapping) else {}
+    master, states = bf16.get("bf16_master_weights_and_grads") is True, bf16.get("bf16_optimizer_states") is True
+    if master or states:
+        keys = " and ".join(k for k, on in (("bf16.bf16_master_weights_and_grads=True", master),
+                                            ("bf16.bf16_optimizer_states=True", states)) if on)
+        if stage == 0:
+            problems.append(f"{keys} needs ZeRO stage 1, 2 or 3 (stage is 0): the ZeRO optimizer keeps the master"
+                            " weights. Use ZeroStrategy(stage=2, ...)")
+        if states and not master:
+            problems.append("bf16.bf16_optimizer_states=True needs bf16_master_weights_and_grads=True too: the Adam"
+                            " moments take the master weights' dtype. Add ZeroStrategy(bf16_master_weights_and_grads="
+                            "True)")
+        if master and not states and device is None:
+            problems.append("bf16.bf16_master_weights_and_grads=True without bf16_optimizer_states keeps fp32 Adam"
+                            " moments next to bf16 master weights, which DeepSpeed does only with the optimizer"
+                            " offloaded to DeepSpeedCPUAdam. Add offload_optimizer=\"cpu\", or"
+                            " bf16_optimizer_states=True to keep all optimizer state on the GPU in bf16")
+        if master and device is not None and optimizer_type is not None and optimizer_type.lower() not in (
+                "adam", "adamw"):
+            problems.append(f"{keys} with the optimizer offloaded and optimizer.type={optimizer_type!r}: DeepSpeed"
+                            " needs DeepSpeedCPUAdam for offloaded low-precision master weights. Use \"AdamW\"/\"Adam\"")
+        if flags is not None and not flags.precision.startswith("bf16-"):
+            problems.append(f"{keys} needs Trainer(precision=\"bf16-mixed\") or \"bf16-true\" (precision is"
+                            f" {flags.precision!r}): the master weights are kept in the model's bf16. Change the"
+                            " precision or remove the bf16_* keys")
+    zenflow = zero.get("zenflow")
+    if isinstance(zenflow, Mapping):
+        problems += _zenflow_problems(zenflow, zero, stage, device, flags)
+    return problems
+
+
+def _zenflow_problems(zenflow: Mapping[str, Any], zero: Mapping[str, Any], stage: int, device: str | None,
+                      flags: TrainerFlags | None) -> list[str]:
+    """ZenFlow (runtime/zenflow/): ZeroStrategy lets the Trainer own the accumulation boundary, so DeepSpeed's
+    ``is_gradient_accumulation_boundary`` is true at every ``step()`` and ZenFlow's own update interval (its
+    "auto" one too) never applies; and its "auto"/"epoch" selection reads the epoch length from DeepSpeed's own
+    dataloader, which ZeroStrategy does not give it (``select_interval`` becomes 0: selected once, never again)."""
+    problems: list[str] = []
+    if stage == 0:
+        problems.append("zero_optimization.zenflow needs ZeRO stage 1, 2 or 3 (stage is 0). Use"
+                        " ZeroStrategy(stage=2, offload_optimizer=\"cpu\", zenflow={...})")
+    if device != "cpu":
+        problems.append("zero_optimization.zenflow needs the optimizer offloaded to the CPU (ZenFlow steps the less"
+                        f" important gradients with CPU Adam; offload_optimizer is {device or 'not set'}). Add"
+                        " ZeroStrategy(offload_optimizer=\"cpu\")")
+    if zero.get("compute_grad_norm") is False:
+        problems.append("zero_optimization.zenflow does not work with compute_grad_norm=False. Remove"
+                        " compute_grad_norm")
+    if zenflow.get("offload") is True and zero.get("overlap_comm") is not True:
+        problems.append("zero_optimization.zenflow.offload=True needs zero_optimization.overlap_comm=True (stage 2"
+                        " or 3). Add ZeroStrategy(overlap_comm=True), or remove zenflow.offload")
+    strategy, select, update = (zenflow.get("select_strategy", AUTO), zenflow.get("select_interval", AUTO),
+                                zenflow.get("update_interval", AUTO))
+    if strategy != "step" or isinstance(select, bool) or not isinstance(select, int) or select < 1:
+        problems.append(f"zero_optimization.zenflow select_strategy={strategy!r}, select_interval={select!r}:"
+                        " under ZeroStrategy ZenFlow re-selects its important columns every select_interval"
+                        " optimizer steps (\"auto\"/\"epoch\" need DeepSpeed's own dataloader and would select once,"
+                        " never again). Set \"select_strategy\": \"step\" and an integer \"select_interval\" >= 1")
+    if update != 1:
+        problems.append(f"zero_optimization.zenflow.update_interval={update!r}: ZeroStrategy lets the Trainer own"
+                        " the accumulation boundary, so every optimizer step is a ZenFlow update and a longer (or"
+                        " \"auto\") interval would not apply. Set \"update_interval\": 1 (Trainer("
+                        "accumulate_grad_batches=...) accumulates instead)")
+    if flags is not None and flags.device_type == "cpu":
+        problems.append("zero_optimization.zenflow needs a CUDA GPU: its selective update and stage-3 buffers live"
+                        " on \"cuda\". Remove zenflow for CPU runs, or train with Trainer(accelerator=\"gpu\")")
+    return problems
 
 
 def inference_config(config: Mapping[str, Any]) -> dict[str, Any]:

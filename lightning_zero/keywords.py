@@ -18,7 +18,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     from typing_extensions import Unpack
 
-__all__ = ["ACTIVATION_CHECKPOINTING_KEYS", "AIO_KEYS", "OFFLOAD_KEYS", "AioKeywords", "Unpack", "ZeroKeywords"]
+__all__ = ["ACTIVATION_CHECKPOINTING_KEYS", "AIO_KEYS", "BF16_KEYS", "OFFLOAD_KEYS", "AioKeywords", "Unpack",
+           "ZenFlowKeywords", "ZeroKeywords"]
 
 
 class AioKeywords(TypedDict, total=False):
@@ -41,6 +42,36 @@ class AioKeywords(TypedDict, total=False):
     use_gds: bool
 
 
+class ZenFlowKeywords(TypedDict, total=False):
+    """DeepSpeed 0.19's ``zero_optimization.zenflow`` section (stall-free optimizer offload, CUDA only).
+
+    Under ZeroStrategy the Trainer owns the accumulation boundary, so every optimizer step is a ZenFlow update:
+    ``select_strategy="step"``, an integer ``select_interval`` and ``update_interval=1`` are required
+    (``config.check_zero_features`` says why for each).
+
+    Attributes:
+        topk_ratio: share of gradient columns (the largest) updated on the GPU every step (0 < r < 1, default 0.1).
+        select_strategy: ``"step"`` (``"auto"``/``"epoch"`` need DeepSpeed's own dataloader).
+        select_interval: optimizer steps between two re-selections of the important columns.
+        update_interval: ``1`` (see above).
+        overlap_step: run the CPU optimizer step of the other columns while the next forward/backward runs.
+        offload: keep the selective optimizer's states on the CPU too (needs ``overlap_comm=True``).
+        auto_ratio: threshold of DeepSpeed's adaptive update interval (unused with ``update_interval=1``).
+        full_warm_up_rounds: first steps that update every column.
+        pt_reserved_cores_perc: share of the CPU cores left to PyTorch; the rest run the CPU optimizer.
+    """
+
+    topk_ratio: float
+    select_strategy: str
+    select_interval: int
+    update_interval: int
+    overlap_step: bool
+    offload: bool
+    auto_ratio: float
+    full_warm_up_rounds: int
+    pt_reserved_cores_perc: float
+
+
 class ZeroKeywords(TypedDict, total=False):
     """ZeroStrategy's DeepSpeed keywords: each goes to the DeepSpeed config key named in its description.
 
@@ -49,6 +80,15 @@ class ZeroKeywords(TypedDict, total=False):
         params_buffer_count: ``zero_optimization.offload_param.buffer_count`` (needs ``offload_parameters``).
         params_buffer_size: ``zero_optimization.offload_param.buffer_size`` (needs ``offload_parameters``).
         max_in_cpu: ``zero_optimization.offload_param.max_in_cpu`` (needs ``offload_parameters``).
+        offload_optimizer_ratio: ``zero_optimization.offload_optimizer.ratio``: the share of the optimizer states
+            stepped by CPU Adam, the rest stays on the GPU (stage 3, ``offload_optimizer="cpu"``, Adam/AdamW).
+        bf16_master_weights_and_grads: ``bf16.bf16_master_weights_and_grads``: bf16 master weights and gradients
+            instead of fp32 (stages 1-3, bf16 precision; needs ``offload_optimizer`` unless
+            ``bf16_optimizer_states``).
+        bf16_optimizer_states: ``bf16.bf16_optimizer_states``: bf16 Adam moments too (needs
+            ``bf16_master_weights_and_grads``).
+        zenflow: ``zero_optimization.zenflow``, ZenFlow's section (:class:`ZenFlowKeywords`; CUDA,
+            ``offload_optimizer="cpu"``).
         aio: the ``aio`` section for NVMe offload, e.g. ``{"block_size": 1048576, "queue_depth": 8}``.
         partition_activations: ``activation_checkpointing.partition_activations``.
         cpu_checkpointing: ``activation_checkpointing.cpu_checkpointing``.
@@ -81,7 +121,12 @@ class ZeroKeywords(TypedDict, total=False):
     params_buffer_count: int
     params_buffer_size: int | float
     max_in_cpu: int | float
+    offload_optimizer_ratio: float
     aio: AioKeywords | dict[str, Any]
+    # low-precision master weights / optimizer states (the bf16 section) and ZenFlow
+    bf16_master_weights_and_grads: bool
+    bf16_optimizer_states: bool
+    zenflow: ZenFlowKeywords | dict[str, Any]
     # activation checkpointing
     partition_activations: bool
     cpu_checkpointing: bool
@@ -108,7 +153,9 @@ class ZeroKeywords(TypedDict, total=False):
     zero_quantized_gradients: bool
 
 
-OFFLOAD_KEYS = ("optimizer_buffer_count", "params_buffer_count", "params_buffer_size", "max_in_cpu")
+OFFLOAD_KEYS = ("optimizer_buffer_count", "params_buffer_count", "params_buffer_size", "max_in_cpu",
+                "offload_optimizer_ratio")
+BF16_KEYS = ("bf16_master_weights_and_grads", "bf16_optimizer_states")
 AIO_KEYS = ("aio",)
 ACTIVATION_CHECKPOINTING_KEYS = ("partition_activations", "cpu_checkpointing", "contiguous_memory_optimization",
                                  "synchronize_checkpoint_boundary")
