@@ -503,6 +503,7 @@ class ZeroStrategy(ParallelStrategy):
         self._release_engines()
         if self.stage == 3:
             _warn_unpartitioned(self.lightning_module)
+            _match_partitioned_dtype(self.lightning_module)
             hf.warn_lost_data_assignments(self.lightning_module)
         self.model = self.precision_plugin.convert_module(self.lightning_module)
         if self.deepcompile and fitting:
@@ -850,6 +851,18 @@ def _warn_unpartitioned(module: Module) -> None:
             " them at setup. Create the layers in `LightningModule.configure_model` (or under"
             " `with trainer.init_module():`) so that each rank only ever holds its shard."
         )
+
+
+def _match_partitioned_dtype(module: Module) -> None:
+    """Parameters created in ``__init__`` next to ones zero.Init created in ``configure_model`` (in the 16-bit compute
+    dtype) get that dtype too: DeepSpeed's stage-3 optimizer flattens all of them into one buffer of one dtype."""
+    dtypes = {p.dtype for p in module.parameters() if hasattr(p, "ds_id")}
+    if len(dtypes) != 1:
+        return  # none created partitioned: DeepSpeed converts them all itself
+    (dtype,) = dtypes
+    for p in module.parameters():
+        if not hasattr(p, "ds_id") and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
 
 
 def _warn_eager_stage3_evaluation(module: Module) -> None:
