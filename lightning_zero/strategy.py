@@ -30,7 +30,7 @@ from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.strategies.strategy import TBroadcast
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_summary.model_summary import get_human_readable_count
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor
 from torch.nn import Module
@@ -56,6 +56,8 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 __all__ = ["ZeroStrategy"]
+
+_warning_cache = WarningCache()
 
 log = logging.getLogger(__name__)
 
@@ -740,6 +742,12 @@ class ZeroStrategy(ParallelStrategy):
                 " as `on_train_end`), or launch with start_method='popen' (the default) or torchrun."
             )
         filepath = self.broadcast(str(filepath))
+        if self.world_size > 1 and any(slot.engine is not None and slot.engine.zero_optimization_stage() == 3
+                                        for slot in self.engines):
+            _warning_cache.warn(
+                f"When saving the DeepSpeed Stage 3 checkpoint, each worker will save a shard of the checkpoint within"
+                f" a directory: {filepath!r} is a folder. For a single file run `lightning-zero consolidate"
+                f" {filepath} model.ckpt` (or `consolidate_checkpoint`); resume and load from the folder as it is.")
         ckpt.save(self, checkpoint, filepath)
 
     @override
