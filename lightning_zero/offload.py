@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
-from lightning_zero.config import ZeroConfigError, offload_device
+from lightning_zero.config import ZeroConfigError, offload_device, offload_ratio
 from lightning_zero.engines import clone_optimizer
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "check_nvme",
     "configure_activation_checkpointing",
     "count_parameters",
+    "effective_offload_ratio",
     "nvme_swap_bytes",
     "partition_for_nvme",
 ]
@@ -37,6 +38,7 @@ __all__ = [
 # Bytes per parameter DeepSpeed swaps to NVMe. Optimizer (ZeRO-Infinity's optimizer swapper): the fp32 master weights,
 # fp32 gradients, exp_avg and exp_avg_sq. Parameters: one copy in the model's dtype.
 _OPTIMIZER_SWAP_BYTES = 16
+_SUB_GROUP_SIZE = 10**9  # DeepSpeed's default zero_optimization.sub_group_size
 # System package that provides libaio's headers, by package manager (as DeepSpeed's AsyncIOBuilder suggests).
 _LIBAIO_PACKAGES = (("dpkg", "apt install libaio-dev"), ("rpm", "yum install libaio-devel"),
                     ("pacman", "pacman -S libaio"))
@@ -59,15 +61,25 @@ def build_stepped_optimizer(face: Optimizer, config: Mapping[str, Any]) -> Optim
     from deepspeed.ops.adam import DeepSpeedCPUAdam
     from deepspeed.ops.lion import DeepSpeedCPULion
 
+    ratio = offload_ratio(config)
+    name = type(face).__name__
+    if ratio < 1.0 and not isinstance(face, (DeepSpeedCPUAdam, torch.optim.Adam, torch.optim.AdamW)):
+        raise ValueError(
+            f"ZeroStrategy(offload_optimizer_ratio={ratio}) (partial offload) steps the offloaded share with"
+            f" DeepSpeedCPUAdam and the rest with torch AdamW; {name} cannot be split that way. Use torch.optim.AdamW"
+            " (or Adam), or leave out the ratio."
+        )
+    if ratio < 1.0:
+        _warn_ratio_granularity(face, config, ratio)
     if isinstance(face, DeepSpeedCPUAdam):
-        groups = _groups(face, tuple(face.defaults))
-        return DeepSpeedCPUAdam(groups, **face.defaults, adamw_mode=face.adam_w_mode,
-                                fp32_optimizer_states=face.fp32_optimizer_states)
+        return _check_partial_decay(_cpu_adam_class(config)(
+            _groups(face, tuple(face.defaults)), **face.defaults, adamw_mode=face.adam_w_mode,
+            fp32_optimizer_states=_fp32_states(config, face.fp32_optimizer_states), **_zenflow_kwargs(config)),
+            ratio)
     if isinstance(face, DeepSpeedCPULion):
         return clone_optimizer(face)
     if type(face) in (torch.optim.Adam, torch.optim.AdamW):
-        return _cpu_adam(face, device)
-    name = type(face).__name__
+        return _check_partial_decay(_cpu_adam(face, device, config), ratio)
     if config.get("zero_force_ds_cpu_optimizer") is False:
         rank_zero_info(f"ZeroStrategy: the optimizer is offloaded to {device}; your {name} steps there as it is"
                        " (\"zero_force_ds_cpu_optimizer\": false). DeepSpeedCPUAdam would be faster.")
@@ -84,11 +96,82 @@ def _groups(face: Optimizer, keys: Iterable[str]) -> list[dict[str, Any]]:
     return [{**{k: v for k, v in g.items() if k in keys}, "params": list(g["params"])} for g in face.param_groups]
 
 
-def _cpu_adam(face: Optimizer, device: str) -> Optimizer:
+def _cpu_adam_class(config: Mapping[str, Any]) -> type:
+    """DeepSpeed's CPU Adam, or its ZenFlow variant (which ZenFlow's optimizer steps need) when ZenFlow is on."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam, ZenFlowCPUAdam
+
+    return ZenFlowCPUAdam if (config.get("zero_optimization") or {}).get("zenflow") is not None else DeepSpeedCPUAdam
+
+
+def _zenflow_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
+    zenflow = (config.get("zero_optimization") or {}).get("zenflow")
+    return {"overlap_step": bool(zenflow.get("overlap_step", False))} if zenflow is not None else {}
+
+
+def _fp32_states(config: Mapping[str, Any], requested: bool = True) -> bool:
+    """``fp32_optimizer_states`` for CPU Adam: False under ``bf16.bf16_optimizer_states`` (DeepSpeed asserts it)."""
+    states = (config.get("bf16") or {}).get("bf16_optimizer_states") is True
+    if states and requested:
+        rank_zero_info("ZeroStrategy: bf16_optimizer_states=True, so DeepSpeedCPUAdam keeps its moments in bf16"
+                       " (fp32_optimizer_states=False).")
+    return requested and not states
+
+
+def _check_partial_decay(optimizer: Optimizer, ratio: float) -> Optimizer:
+    """Partial offload steps the GPU share with ``torch.optim.AdamW`` (DeepSpeed's ``backup_optimizer``, stage3.py),
+    whatever the CPU Adam's mode: Adam's L2 weight decay would become decoupled decay there."""
+    if ratio < 1.0 and not optimizer.adam_w_mode and any(g["weight_decay"] for g in optimizer.param_groups):
+        raise ValueError(
+            f"ZeroStrategy(offload_optimizer_ratio={ratio}) steps the share kept on the GPU with torch AdamW"
+            " (decoupled weight decay), so Adam's L2 weight_decay would apply differently to the two shares. Use"
+            " torch.optim.AdamW, weight_decay=0, or leave out the ratio."
+        )
+    return optimizer
+
+
+def _warn_ratio_granularity(face: Optimizer, config: Mapping[str, Any], ratio: float) -> None:
+    """Say so when DeepSpeed's sub-groups make the offloaded share differ from the ratio asked for."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    numels = [[-(-int(getattr(p, "ds_numel", p.numel())) // world) for p in g["params"] if p.requires_grad]
+              for g in face.param_groups]
+    sub_group_size = int((config.get("zero_optimization") or {}).get("sub_group_size", _SUB_GROUP_SIZE))
+    actual = effective_offload_ratio(ratio, numels, sub_group_size)
+    if abs(actual - ratio) > 0.05:
+        per_rank = sum(map(sum, numels))
+        rank_zero_warn(
+            f"ZeroStrategy(offload_optimizer_ratio={ratio}): DeepSpeed offloads whole sub-groups of"
+            f" sub_group_size={sub_group_size:,} elements, so {actual:.0%} of the optimizer states go to CPU Adam here"
+            f" ({per_rank:,} elements per rank), not {ratio:.0%}. For a closer split pass a smaller"
+            f" ZeroStrategy(sub_group_size=...), e.g. {max(1, per_rank // 20):,} (about 20 sub-groups)."
+        )
+
+
+def effective_offload_ratio(ratio: float, partition_numels: Iterable[Iterable[int]], sub_group_size: int) -> float:
+    """The share of the optimizer states DeepSpeed's stage 3 actually offloads for ``ratio``.
+
+    DeepSpeed splits each param group's partition into sub-groups of about ``sub_group_size`` elements and sends
+    the last ``n - int((1 - ratio) * n)`` of the ``n`` sub-groups to CPU Adam (stage3.py ``_create_fp32_partitions``):
+    the ratio counts sub-groups, not elements. ``partition_numels``: per param group, each parameter's elements on
+    one rank (in order)."""
+    sizes: list[int] = []
+    for group in partition_numels:
+        current, total = 0, [n for n in group if n]
+        for i, numel in enumerate(total):
+            current += numel
+            if current >= sub_group_size or i == len(total) - 1:
+                sizes.append(current)
+                current = 0
+    if not sizes:
+        return ratio
+    first_cpu = int((1 - ratio) * len(sizes))
+    return sum(sizes[first_cpu:]) / sum(sizes)
+
+
+def _cpu_adam(face: Optimizer, device: str, config: Mapping[str, Any] | None = None) -> Optimizer:
     """``DeepSpeedCPUAdam`` with the hyperparameters of a torch Adam/AdamW (AdamW and decoupled weight decay map to
     ``adamw_mode=True``, Adam's L2 penalty to ``adamw_mode=False``)."""
-    from deepspeed.ops.adam import DeepSpeedCPUAdam
-
     name = type(face).__name__
     unsupported = []
     groups = face.param_groups
@@ -109,11 +192,14 @@ def _cpu_adam(face: Optimizer, device: str) -> Optimizer:
     adamw_mode = modes.pop()
     d = face.defaults
     betas = tuple(float(b) for b in d["betas"])
-    optimizer = DeepSpeedCPUAdam(_groups(face, ("lr", "betas", "eps", "weight_decay")), lr=float(d["lr"]),
-                                 betas=betas, eps=float(d["eps"]), weight_decay=float(d["weight_decay"]),
-                                 adamw_mode=adamw_mode)
+    config = config or {}
+    optimizer = _cpu_adam_class(config)(_groups(face, ("lr", "betas", "eps", "weight_decay")), lr=float(d["lr"]),
+                                        betas=betas, eps=float(d["eps"]), weight_decay=float(d["weight_decay"]),
+                                        adamw_mode=adamw_mode, fp32_optimizer_states=_fp32_states(config),
+                                        **_zenflow_kwargs(config))
     rank_zero_info(
-        f"ZeroStrategy: the optimizer is offloaded to {device}, so DeepSpeedCPUAdam(adamw_mode={adamw_mode}) steps in"
+        f"ZeroStrategy: the optimizer is offloaded to {device}, so {type(optimizer).__name__}(adamw_mode={adamw_mode})"
+        " steps in"
         f" place of your {name}, with the same hyperparameters (lr={d['lr']}, betas={betas}, eps={d['eps']},"
         f" weight_decay={d['weight_decay']}); your {name} stays the optimizer Lightning and your schedulers see."
     )
