@@ -836,8 +836,8 @@ def resume_method(saved_world_size: int, saved_stage: int, world_size: int, stag
                   ) -> Literal["native", "weights", "universal"]:
     """How an engine saved at (``saved_world_size``, ``saved_stage``) loads now: DeepSpeed's own load when the layout
     is the same, its full weights when no optimizer state is needed, else through the universal format (stages 1-3)."""
-    # Not at stage 3 without the optimizer state: the weights are only in the optimizer shards there, and DeepSpeed's
-    # own load restores them from the engine's current 16-bit partitions (an evaluation engine has none: it fails).
+    # Not at stage 3 without the optimizer state: DeepSpeed's own load of an optimizer-less stage-3 engine (a new
+    # Trainer's validate/test/predict) fails ('DeepSpeedZeRoOffload' has no '_restore_from_bit16_weights').
     if saved_stage == stage and (saved_world_size == world_size or stage == 0) and (with_optimizer or stage != 3):
         return "native"
     if not with_optimizer:
