@@ -12,8 +12,8 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from lightning_zero import ZeroConfigError, ZeroStrategy
-from lightning_zero.keywords import (ACTIVATION_CHECKPOINTING_KEYS, AIO_KEYS, OFFLOAD_KEYS, AioKeywords,
-                                     ZeroKeywords)
+from lightning_zero.keywords import (ACTIVATION_CHECKPOINTING_KEYS, AIO_KEYS, BF16_KEYS, OFFLOAD_KEYS, AioKeywords,
+                                     ZenFlowKeywords, ZeroKeywords)
 
 KEYS = list(typing.get_type_hints(ZeroKeywords))
 
@@ -26,12 +26,16 @@ def _cli(monkeypatch, *args: str) -> LightningCLI:
 
 def test_every_typed_keyword_is_a_key_deepspeed_knows():
     from deepspeed.runtime.activation_checkpointing.config import DeepSpeedActivationCheckpointingConfig
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config
     from deepspeed.runtime.swap_tensor.aio_config import AIO_DEFAULT_DICT
+    from deepspeed.runtime.zenflow.zenflow_config import ZenFlowConfig
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     zero_keys = {f.alias or name for name, f in DeepSpeedZeroConfig.model_fields.items()}
-    rest = [k for k in KEYS if k not in OFFLOAD_KEYS + AIO_KEYS + ACTIVATION_CHECKPOINTING_KEYS]
+    rest = [k for k in KEYS if k not in OFFLOAD_KEYS + AIO_KEYS + ACTIVATION_CHECKPOINTING_KEYS + BF16_KEYS]
     assert [k for k in rest if k not in zero_keys] == []
+    assert set(BF16_KEYS) <= set(DeepSpeedBF16Config.model_fields)
+    assert set(typing.get_type_hints(ZenFlowKeywords)) <= set(ZenFlowConfig.model_fields)
     assert set(ACTIVATION_CHECKPOINTING_KEYS) <= set(DeepSpeedActivationCheckpointingConfig({}).__dict__)
     assert set(typing.get_type_hints(AioKeywords)) <= set(AIO_DEFAULT_DICT)
 
@@ -44,7 +48,7 @@ def test_every_keyword_resolve_knobs_maps_is_typed():
     named = [p for p in inspect.signature(resolve_knobs).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
     strategy_own = {"stage", "offload_optimizer", "offload_parameters", "nvme_path", "pin_memory"}
     assert sorted(p.name for p in named if p.name not in strategy_own) == sorted(
-        OFFLOAD_KEYS + AIO_KEYS + ACTIVATION_CHECKPOINTING_KEYS)
+        OFFLOAD_KEYS + AIO_KEYS + ACTIVATION_CHECKPOINTING_KEYS + BF16_KEYS)
     assert strategy_own <= set(inspect.signature(ZeroStrategy).parameters)
 
 

@@ -1,0 +1,203 @@
+"""Issue 18's offload modes without processes: partial optimizer offload (``offload_optimizer_ratio``), bf16 master
+weights / optimizer states and ZenFlow. The keywords reach DeepSpeed's keys (Python and LightningCLI), every
+combination DeepSpeed 0.19 refuses mid-setup (or would silently not apply) is one ZeroConfigError up front, the
+optimizer DeepSpeed steps is the one it needs, and the sub-group arithmetic of partial offload."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before anything imports deepspeed
+
+import pytest
+import torch
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.demos.boring_classes import BoringModel
+from torch import nn
+
+from lightning_zero import ZeroConfigError, ZeroStrategy
+from lightning_zero.config import TrainerFlags, offload_ratio, resolve_ds_config
+from lightning_zero.offload import build_stepped_optimizer, effective_offload_ratio
+
+ZENFLOW = {"topk_ratio": 0.1, "select_strategy": "step", "select_interval": 4, "update_interval": 1,
+           "overlap_step": True}
+
+
+def _resolve(precision: str = "32-true", device_type: str | None = None, **kwargs):
+    strategy = ZeroStrategy(**kwargs)
+    flags = TrainerFlags(precision=precision, world_size=2, device_type=device_type)
+    return resolve_ds_config(strategy.user_config, strategy.knobs, flags)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The keywords reach DeepSpeed's keys
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_keywords_reach_deepspeed_keys():
+    ds = _resolve("bf16-mixed", stage=3, offload_optimizer="cpu", offload_optimizer_ratio=0.3,
+                  bf16_master_weights_and_grads=True, bf16_optimizer_states=True)
+    assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "ratio": 0.3}
+    assert ds["bf16"] == {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
+    assert offload_ratio(ds) == 0.3
+    ds = _resolve("bf16-mixed", device_type="cuda", stage=2, offload_optimizer="cpu", zenflow=ZENFLOW)
+    assert ds["zero_optimization"]["zenflow"] == ZENFLOW
+    assert offload_ratio(_resolve(stage=2, offload_optimizer="cpu")) == 1.0 and offload_ratio(_resolve(stage=2)) == 0
+
+
+def test_the_same_keys_in_the_config_are_validated_the_same_way():
+    config = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "ratio": 0.5}}}
+    with pytest.raises(ZeroConfigError, match=r"offload_optimizer.ratio=0.5 \(partial offload\) needs stage 3 \(stage"
+                                              r" is 2\).*Use ZeroStrategy\(stage=3, ...\) or remove the ratio") as err:
+        ZeroStrategy(config=config)
+    assert "Assertion failed" not in str(err.value)  # DeepSpeed's own schema assert is replaced, not added to
+    with pytest.raises(ZeroConfigError, match="bf16_optimizer_states=True needs bf16_master_weights_and_grads"):
+        ZeroStrategy(config={"bf16": {"bf16_optimizer_states": True}})
+
+
+def test_cli_options_reach_the_deepspeed_config(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    cli = LightningCLI(BoringModel, run=False, save_config_callback=None, args=[
+        "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.logger=false",
+        "--trainer.strategy=lightning_zero.ZeroStrategy", "--trainer.strategy.stage=3",
+        "--trainer.strategy.offload_optimizer=cpu", "--trainer.strategy.offload_optimizer_ratio=0.25",
+        "--trainer.strategy.bf16_master_weights_and_grads=true", "--trainer.strategy.bf16_optimizer_states=true",
+        '--trainer.strategy.zenflow={"topk_ratio": 0.2, "select_strategy": "step", "select_interval": 2,'
+        ' "update_interval": 1}'])
+    knobs = cli.trainer.strategy.knobs
+    assert knobs["zero_optimization"]["offload_optimizer"]["ratio"] == 0.25
+    assert knobs["zero_optimization"]["zenflow"]["topk_ratio"] == 0.2
+    assert knobs["bf16"] == {"bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Refused up front, quoting the input and naming the fix
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ratio", [0, -0.1, 1.5, True, "0.5"])
+def test_ratio_outside_0_1_is_refused(ratio):
+    with pytest.raises(ZeroConfigError, match=rf"ZeroStrategy\(offload_optimizer_ratio={ratio!r}\) must be a number in"
+                                              r" \(0, 1\].*leave out offload_optimizer"):
+        ZeroStrategy(stage=3, offload_optimizer="cpu", offload_optimizer_ratio=ratio)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(stage=3, offload_optimizer_ratio=0.5), r"offload_optimizer_ratio \(needs offload_optimizer\)"),
+    (dict(stage=1, offload_optimizer="cpu", offload_optimizer_ratio=0.5), r"needs stage 3 \(stage is 1\)"),
+    (dict(stage=3, offload_optimizer="nvme", nvme_path="/tmp", offload_optimizer_ratio=0.5),
+     r"offload_optimizer.device='nvme'.*Use offload_optimizer=\"cpu\""),
+    (dict(stage=3, offload_optimizer="cpu", offload_optimizer_ratio=0.5, config={"optimizer": {"type": "SGD"}}),
+     r"optimizer.type='SGD': DeepSpeed's hybrid step supports DeepSpeedCPUAdam only"),
+    (dict(stage=0, bf16_master_weights_and_grads=True, bf16_optimizer_states=True),
+     r"needs ZeRO stage 1, 2 or 3 \(stage is 0\)"),
+    (dict(stage=2, bf16_optimizer_states=True), r"Add ZeroStrategy\(bf16_master_weights_and_grads=True\)"),
+    (dict(stage=3, bf16_master_weights_and_grads=True),
+     r"without bf16_optimizer_states keeps fp32 Adam moments.*Add offload_optimizer=\"cpu\", or"
+     r" bf16_optimizer_states=True"),
+    (dict(stage=2, bf16_master_weights_and_grads="yes"), r"bf16_master_weights_and_grads='yes'\) must be True or"),
+    (dict(stage=0, zenflow=ZENFLOW), r"zenflow needs ZeRO stage 1, 2 or 3 \(stage is 0\)"),
+    (dict(stage=2, zenflow=ZENFLOW), r"zenflow needs the optimizer offloaded to the CPU.*offload_optimizer is not"
+                                     r" set\). Add ZeroStrategy\(offload_optimizer=\"cpu\"\)"),
+    (dict(stage=2, offload_optimizer="cpu", zenflow={**ZENFLOW, "select_strategy": "auto"}),
+     r"select_strategy='auto', select_interval=4.*Set \"select_strategy\": \"step\""),
+    (dict(stage=2, offload_optimizer="cpu", zenflow={"topk_ratio": 0.1}),
+     r"(?s)select_interval='auto'.*update_interval='auto'.*Set \"update_interval\": 1"),
+    (dict(stage=2, offload_optimizer="cpu", zenflow={**ZENFLOW, "update_interval": 4}), r"update_interval=4:"),
+    (dict(stage=2, offload_optimizer="cpu", zenflow={**ZENFLOW, "offload": True}),
+     r"zenflow.offload=True needs zero_optimization.overlap_comm=True"),
+    (dict(stage=2, offload_optimizer="cpu", compute_grad_norm=False, zenflow=ZENFLOW),
+     r"zenflow does not work with compute_grad_norm=False"),
+    (dict(stage=2, offload_optimizer="cpu", zenflow={**ZENFLOW, "topk_ratio": 1.0}),
+     r"'zero_optimization.zenflow.topk_ratio' = 1.0: Input should be less than 1"),
+])
+def test_combinations_deepspeed_refuses_fail_at_construction(kwargs, match):
+    with pytest.raises(ZeroConfigError, match=match):
+        ZeroStrategy(**kwargs)
+
+
+def test_all_problems_in_one_error():
+    with pytest.raises(ZeroConfigError) as err:
+        ZeroStrategy(stage=0, bf16_optimizer_states=True, zenflow={"topk_ratio": 0.1})
+    assert str(err.value).count("\n  - ") == 6, str(err.value)
+
+
+@pytest.mark.parametrize("precision, device_type, kwargs, match", [
+    ("32-true", None, dict(stage=2, bf16_master_weights_and_grads=True, bf16_optimizer_states=True),
+     r"needs Trainer\(precision=\"bf16-mixed\"\) or \"bf16-true\" \(precision is '32-true'\)"),
+    ("16-mixed", None, dict(stage=2, offload_optimizer="cpu", bf16_master_weights_and_grads=True),
+     r"\(precision is '16-mixed'\)"),
+    ("bf16-mixed", "cpu", dict(stage=2, offload_optimizer="cpu", zenflow=ZENFLOW), r"zenflow needs a CUDA GPU"),
+])
+def test_combinations_with_the_trainer_fail_at_resolution(precision, device_type, kwargs, match):
+    with pytest.raises(ZeroConfigError, match=match):
+        _resolve(precision, device_type, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(offload_optimizer_ratio=0.5), dict(bf16_optimizer_states=True),
+                                    dict(zenflow=ZENFLOW)])
+def test_stage_auto_refuses_the_modes_it_does_not_plan(kwargs):
+    name = next(iter(kwargs))
+    with pytest.raises(ZeroConfigError, match=rf"stage=\"auto\"\) chooses.*cannot be combined with {name}="):
+        ZeroStrategy(stage="auto", **kwargs)
+
+
+def test_zenflow_of_the_wrong_type_is_a_type_error():
+    with pytest.raises(TypeError, match=r"ZeroStrategy\(zenflow=True\) must be a dict of DeepSpeed's zenflow keys"):
+        ZeroStrategy(stage=2, offload_optimizer="cpu", zenflow=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The optimizer DeepSpeed steps
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _params() -> list[nn.Parameter]:
+    torch.manual_seed(0)
+    return [nn.Parameter(torch.randn(64)) for _ in range(2)]
+
+
+# two sub-groups of 64 elements: ratio 0.5 splits them exactly (no granularity warning)
+PARTIAL = {"zero_optimization": {"stage": 3, "sub_group_size": 64, "offload_optimizer": {"device": "cpu", "ratio": 0.5}}}
+
+
+def test_partial_offload_refuses_optimizers_deepspeed_cannot_split():
+    with pytest.raises(ValueError, match=r"offload_optimizer_ratio=0.5\) \(partial offload\).*SGD cannot be split"):
+        build_stepped_optimizer(torch.optim.SGD(_params(), lr=0.1), {**PARTIAL, "zero_force_ds_cpu_optimizer": False})
+    with pytest.raises(ValueError, match=r"steps the share kept on the GPU with torch AdamW.*Adam's L2 weight_decay"):
+        build_stepped_optimizer(torch.optim.Adam(_params(), lr=0.1, weight_decay=0.1), PARTIAL)
+    stepped = build_stepped_optimizer(torch.optim.Adam(_params(), lr=0.1), PARTIAL)  # no decay: the same update
+    assert type(stepped).__name__ == "DeepSpeedCPUAdam" and not stepped.adam_w_mode
+
+
+def test_bf16_optimizer_states_make_cpu_adam_keep_bf16_moments():
+    config = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+              "bf16": {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}}
+    stepped = build_stepped_optimizer(torch.optim.AdamW(_params(), lr=0.1), config)
+    assert type(stepped).__name__ == "DeepSpeedCPUAdam" and stepped.fp32_optimizer_states is False
+    config["bf16"]["bf16_optimizer_states"] = False
+    assert build_stepped_optimizer(torch.optim.AdamW(_params(), lr=0.1), config).fp32_optimizer_states is True
+
+
+def test_zenflow_steps_zenflow_cpu_adam():
+    config = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}, "zenflow": ZENFLOW}}
+    stepped = build_stepped_optimizer(torch.optim.AdamW(_params(), lr=0.1, weight_decay=0.01), config)
+    assert type(stepped).__name__ == "ZenFlowCPUAdam" and stepped.overlap_step is True
+    assert stepped.param_groups[0]["weight_decay"] == 0.01 and stepped.adam_w_mode
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Partial offload counts sub-groups, not elements (stage3.py _create_fp32_partitions)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ratio, numels, sub_group_size, expected", [
+    (0.5, [[100, 100]], 10**9, 1.0),  # one sub-group: all of it offloaded, whatever the ratio below 1
+    (0.5, [[100, 100]], 100, 0.5),
+    (0.25, [[10] * 8], 10, 0.25),
+    (0.4, [[64, 8, 128, 8, 8, 1]], 50, 153 / 217),  # the distributed test's split: (64), (8, 128), (8, 8, 1)
+    (0.5, [[30, 30], [40]], 30, 70 / 100),  # sub-groups per param group: (30) (30) | (40) -> the last two
+])
+def test_effective_offload_ratio(ratio, numels, sub_group_size, expected):
+    assert effective_offload_ratio(ratio, numels, sub_group_size) == pytest.approx(expected)
