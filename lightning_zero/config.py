@@ -906,12 +906,12 @@ def _offload_mode_problems(config: Mapping[str, Any], stage: int, flags: Trainer
                             " precision or remove the bf16_* keys")
     zenflow = zero.get("zenflow")
     if isinstance(zenflow, Mapping):
-        problems += _zenflow_problems(zenflow, zero, stage, device, flags)
+        problems += _zenflow_problems(zenflow, zero, config.get("optimizer"), stage, device, flags)
     return problems
 
 
-def _zenflow_problems(zenflow: Mapping[str, Any], zero: Mapping[str, Any], stage: int, device: str | None,
-                      flags: TrainerFlags | None) -> list[str]:
+def _zenflow_problems(zenflow: Mapping[str, Any], zero: Mapping[str, Any], optimizer: Any, stage: int,
+                      device: str | None, flags: TrainerFlags | None) -> list[str]:
     """ZenFlow (runtime/zenflow/): ZeroStrategy lets the Trainer own the accumulation boundary, so DeepSpeed's
     ``is_gradient_accumulation_boundary`` is true at every ``step()`` and ZenFlow's own update interval (its
     "auto" one too) never applies; and its "auto"/"epoch" selection reads the epoch length from DeepSpeed's own
@@ -927,6 +927,11 @@ def _zenflow_problems(zenflow: Mapping[str, Any], zero: Mapping[str, Any], stage
     if zero.get("compute_grad_norm") is False:
         problems.append("zero_optimization.zenflow does not work with compute_grad_norm=False. Remove"
                         " compute_grad_norm")
+    if not isinstance(optimizer, Mapping) or not isinstance(optimizer.get("params"), Mapping):
+        problems.append("zero_optimization.zenflow needs the optimizer in the DeepSpeed config (ZenFlow's selective"
+                        " AdamW takes its hyperparameters from optimizer.params, and DeepSpeed builds its ZenFlow CPU"
+                        " Adam from that block). Add config={\"optimizer\": {\"type\": \"AdamW\", \"params\":"
+                        " {\"lr\": ..., \"weight_decay\": ...}}} and return None from configure_optimizers")
     if zenflow.get("offload") is True and zero.get("overlap_comm") is not True:
         problems.append("zero_optimization.zenflow.offload=True needs zero_optimization.overlap_comm=True (stage 2"
                         " or 3). Add ZeroStrategy(overlap_comm=True), or remove zenflow.offload")
@@ -943,8 +948,9 @@ def _zenflow_problems(zenflow: Mapping[str, Any], zero: Mapping[str, Any], stage
                         " \"auto\") interval would not apply. Set \"update_interval\": 1 (Trainer("
                         "accumulate_grad_batches=...) accumulates instead)")
     if flags is not None and flags.device_type == "cpu":
-        problems.append("zero_optimization.zenflow needs a CUDA GPU: its selective update and stage-3 buffers live"
-                        " on \"cuda\". Remove zenflow for CPU runs, or train with Trainer(accelerator=\"gpu\")")
+        problems.append("zero_optimization.zenflow needs a CUDA GPU: its stage-3 buffers live on \"cuda\", and on"
+                        " DeepSpeed's CPU accelerator its selective gradient copy fails at stage 2. Remove zenflow for"
+                        " CPU runs, or train with Trainer(accelerator=\"gpu\")")
     return problems
 
 

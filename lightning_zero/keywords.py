@@ -46,8 +46,8 @@ class ZenFlowKeywords(TypedDict, total=False):
     """DeepSpeed 0.19's ``zero_optimization.zenflow`` section (stall-free optimizer offload, CUDA only).
 
     Under ZeroStrategy the Trainer owns the accumulation boundary, so every optimizer step is a ZenFlow update:
-    ``select_strategy="step"``, an integer ``select_interval`` and ``update_interval=1`` are required
-    (``config.check_zero_features`` says why for each).
+    ``select_strategy="step"``, an integer ``select_interval`` and ``update_interval=1`` are required, and the
+    optimizer must be the config's ``optimizer`` block (``config.check_zero_features`` says why for each).
 
     Attributes:
         topk_ratio: share of gradient columns (the largest) updated on the GPU every step (0 < r < 1, default 0.1).

@@ -72,10 +72,9 @@ def build_stepped_optimizer(face: Optimizer, config: Mapping[str, Any]) -> Optim
     if ratio < 1.0:
         _warn_ratio_granularity(face, config, ratio)
     if isinstance(face, DeepSpeedCPUAdam):
-        return _check_partial_decay(_cpu_adam_class(config)(
+        return _check_partial_decay(DeepSpeedCPUAdam(
             _groups(face, tuple(face.defaults)), **face.defaults, adamw_mode=face.adam_w_mode,
-            fp32_optimizer_states=_fp32_states(config, face.fp32_optimizer_states), **_zenflow_kwargs(config)),
-            ratio)
+            fp32_optimizer_states=_fp32_states(config, face.fp32_optimizer_states)), ratio)
     if isinstance(face, DeepSpeedCPULion):
         return clone_optimizer(face)
     if type(face) in (torch.optim.Adam, torch.optim.AdamW):
@@ -94,18 +93,6 @@ def build_stepped_optimizer(face: Optimizer, config: Mapping[str, Any]) -> Optim
 
 def _groups(face: Optimizer, keys: Iterable[str]) -> list[dict[str, Any]]:
     return [{**{k: v for k, v in g.items() if k in keys}, "params": list(g["params"])} for g in face.param_groups]
-
-
-def _cpu_adam_class(config: Mapping[str, Any]) -> type:
-    """DeepSpeed's CPU Adam, or its ZenFlow variant (which ZenFlow's optimizer steps need) when ZenFlow is on."""
-    from deepspeed.ops.adam import DeepSpeedCPUAdam, ZenFlowCPUAdam
-
-    return ZenFlowCPUAdam if (config.get("zero_optimization") or {}).get("zenflow") is not None else DeepSpeedCPUAdam
-
-
-def _zenflow_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
-    zenflow = (config.get("zero_optimization") or {}).get("zenflow")
-    return {"overlap_step": bool(zenflow.get("overlap_step", False))} if zenflow is not None else {}
 
 
 def _fp32_states(config: Mapping[str, Any], requested: bool = True) -> bool:
@@ -192,14 +179,13 @@ def _cpu_adam(face: Optimizer, device: str, config: Mapping[str, Any] | None = N
     adamw_mode = modes.pop()
     d = face.defaults
     betas = tuple(float(b) for b in d["betas"])
-    config = config or {}
-    optimizer = _cpu_adam_class(config)(_groups(face, ("lr", "betas", "eps", "weight_decay")), lr=float(d["lr"]),
-                                        betas=betas, eps=float(d["eps"]), weight_decay=float(d["weight_decay"]),
-                                        adamw_mode=adamw_mode, fp32_optimizer_states=_fp32_states(config),
-                                        **_zenflow_kwargs(config))
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    optimizer = DeepSpeedCPUAdam(_groups(face, ("lr", "betas", "eps", "weight_decay")), lr=float(d["lr"]),
+                                 betas=betas, eps=float(d["eps"]), weight_decay=float(d["weight_decay"]),
+                                 adamw_mode=adamw_mode, fp32_optimizer_states=_fp32_states(config or {}))
     rank_zero_info(
-        f"ZeroStrategy: the optimizer is offloaded to {device}, so {type(optimizer).__name__}(adamw_mode={adamw_mode})"
-        " steps in"
+        f"ZeroStrategy: the optimizer is offloaded to {device}, so DeepSpeedCPUAdam(adamw_mode={adamw_mode}) steps in"
         f" place of your {name}, with the same hyperparameters (lr={d['lr']}, betas={betas}, eps={d['eps']},"
         f" weight_decay={d['weight_decay']}); your {name} stays the optimizer Lightning and your schedulers see."
     )

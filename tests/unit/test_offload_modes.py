@@ -22,6 +22,7 @@ from lightning_zero.offload import build_stepped_optimizer, effective_offload_ra
 
 ZENFLOW = {"topk_ratio": 0.1, "select_strategy": "step", "select_interval": 4, "update_interval": 1,
            "overlap_step": True}
+ADAMW = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}}}
 
 
 def _resolve(precision: str = "32-true", device_type: str | None = None, **kwargs):
@@ -41,7 +42,7 @@ def test_keywords_reach_deepspeed_keys():
     assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "ratio": 0.3}
     assert ds["bf16"] == {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
     assert offload_ratio(ds) == 0.3
-    ds = _resolve("bf16-mixed", device_type="cuda", stage=2, offload_optimizer="cpu", zenflow=ZENFLOW)
+    ds = _resolve("bf16-mixed", device_type="cuda", stage=2, offload_optimizer="cpu", zenflow=ZENFLOW, config=ADAMW)
     assert ds["zero_optimization"]["zenflow"] == ZENFLOW
     assert offload_ratio(_resolve(stage=2, offload_optimizer="cpu")) == 1.0 and offload_ratio(_resolve(stage=2)) == 0
 
@@ -64,7 +65,8 @@ def test_cli_options_reach_the_deepspeed_config(monkeypatch):
         "--trainer.strategy.offload_optimizer=cpu", "--trainer.strategy.offload_optimizer_ratio=0.25",
         "--trainer.strategy.bf16_master_weights_and_grads=true", "--trainer.strategy.bf16_optimizer_states=true",
         '--trainer.strategy.zenflow={"topk_ratio": 0.2, "select_strategy": "step", "select_interval": 2,'
-        ' "update_interval": 1}'])
+        ' "update_interval": 1}',
+        '--trainer.strategy.config={"optimizer": {"type": "AdamW", "params": {"lr": 0.001}}}'])
     knobs = cli.trainer.strategy.knobs
     assert knobs["zero_optimization"]["offload_optimizer"]["ratio"] == 0.25
     assert knobs["zero_optimization"]["zenflow"]["topk_ratio"] == 0.2
@@ -120,7 +122,7 @@ def test_combinations_deepspeed_refuses_fail_at_construction(kwargs, match):
 def test_all_problems_in_one_error():
     with pytest.raises(ZeroConfigError) as err:
         ZeroStrategy(stage=0, bf16_optimizer_states=True, zenflow={"topk_ratio": 0.1})
-    assert str(err.value).count("\n  - ") == 6, str(err.value)
+    assert str(err.value).count("\n  - ") == 7, str(err.value)
 
 
 @pytest.mark.parametrize("precision, device_type, kwargs, match", [
@@ -128,7 +130,8 @@ def test_all_problems_in_one_error():
      r"needs Trainer\(precision=\"bf16-mixed\"\) or \"bf16-true\" \(precision is '32-true'\)"),
     ("16-mixed", None, dict(stage=2, offload_optimizer="cpu", bf16_master_weights_and_grads=True),
      r"\(precision is '16-mixed'\)"),
-    ("bf16-mixed", "cpu", dict(stage=2, offload_optimizer="cpu", zenflow=ZENFLOW), r"zenflow needs a CUDA GPU"),
+    ("bf16-mixed", "cpu", dict(stage=2, offload_optimizer="cpu", zenflow=ZENFLOW, config=ADAMW),
+     r"zenflow needs a CUDA GPU"),
 ])
 def test_combinations_with_the_trainer_fail_at_resolution(precision, device_type, kwargs, match):
     with pytest.raises(ZeroConfigError, match=match):
@@ -180,11 +183,12 @@ def test_bf16_optimizer_states_make_cpu_adam_keep_bf16_moments():
     assert build_stepped_optimizer(torch.optim.AdamW(_params(), lr=0.1), config).fp32_optimizer_states is True
 
 
-def test_zenflow_steps_zenflow_cpu_adam():
-    config = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}, "zenflow": ZENFLOW}}
-    stepped = build_stepped_optimizer(torch.optim.AdamW(_params(), lr=0.1, weight_decay=0.01), config)
-    assert type(stepped).__name__ == "ZenFlowCPUAdam" and stepped.overlap_step is True
-    assert stepped.param_groups[0]["weight_decay"] == 0.01 and stepped.adam_w_mode
+def test_zenflow_needs_the_optimizer_in_the_config():
+    # ZenFlow's selective AdamW reads optimizer.params; DeepSpeed builds its ZenFlowCPUAdam from that block
+    with pytest.raises(ZeroConfigError, match=r"zenflow needs the optimizer in the DeepSpeed config.*return None from"
+                                              r" configure_optimizers"):
+        ZeroStrategy(stage=2, offload_optimizer="cpu", zenflow=ZENFLOW)
+    ZeroStrategy(stage=2, offload_optimizer="cpu", zenflow=ZENFLOW, config=ADAMW)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
