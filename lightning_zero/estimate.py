@@ -28,8 +28,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-__all__ = ["CHOICES", "MemoryPlan", "MemoryRow", "add_parser", "auto_choice", "count_with_configure_model",
-           "detect_free_memory", "estimate_memory", "model_size", "plan_auto", "transformer_activation_bytes"]
+__all__ = ["CHOICES", "MemoryPlan", "MemoryRow", "ModeRow", "add_parser", "auto_choice", "count_with_configure_model",
+           "detect_free_memory", "estimate_memory", "estimate_offload_mode", "model_size", "optimizer_state_bytes",
+           "plan_auto", "transformer_activation_bytes"]
 
 GiB = 2**30
 Offload = Literal["none", "cpu", "nvme"]
@@ -270,6 +271,71 @@ def estimate_memory(
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Offload modes (issue 18): partial optimizer offload, bf16 master weights / optimizer states
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def optimizer_state_bytes(bf16_master_weights_and_grads: bool = False, bf16_optimizer_states: bool = False) -> int:
+    """Bytes per parameter of the ZeRO optimizer's state (DeepSpeed's estimators count 16: fp32 master weights,
+    fp32 gradient partition, Adam's two fp32 moments). ``bf16_master_weights_and_grads`` makes the master weights
+    and the gradient partition bf16 (``master_weights_and_grads_dtype``, base_optimizer.py): 2 + 2 + 8 = 12;
+    ``bf16_optimizer_states`` the moments too (``fp32_optimizer_states=False`` for CPU Adam): 8."""
+    if bf16_optimizer_states and not bf16_master_weights_and_grads:
+        raise ValueError("bf16_optimizer_states needs bf16_master_weights_and_grads (DeepSpeed asserts it).")
+    return 8 if bf16_optimizer_states else 12 if bf16_master_weights_and_grads else 16
+
+
+@dataclass(frozen=True)
+class ModeRow:
+    """Model-state memory of one offload mode: bytes per GPU and per node of host RAM."""
+
+    stage: int
+    offload_ratio: float  # the share of the optimizer state on the host, as DeepSpeed's sub-groups make it
+    state_bytes: int  # optimizer bytes per parameter (16, 12 or 8)
+    gpu_bytes: int
+    cpu_bytes: int
+
+    def line(self) -> str:
+        states = {16: "fp32", 12: "bf16 master", 8: "bf16 master+states"}[self.state_bytes]
+        return (f"{self.stage:>5}  {self.offload_ratio:>13.0%}  {states:<18}  {_gib(self.gpu_bytes):>10}"
+                f"  {_gib(self.cpu_bytes):>10}")
+
+
+def estimate_offload_mode(num_params: int | float, largest_layer_params: int | float, *, stage: int = 3,
+                          offload_ratio: float = 1.0, bf16_master_weights_and_grads: bool = False,
+                          bf16_optimizer_states: bool = False, num_nodes: int = 1, gpus_per_node: int = 1,
+                          sub_group_size: int = _SUB_GROUP_SIZE, buffer_factor: float = _BUFFER_FACTOR) -> ModeRow:
+    """Model states of an offload mode, from the same DeepSpeed estimators as :func:`estimate_memory` (bf16 weights):
+    the optimizer's 16 bytes per parameter become :func:`optimizer_state_bytes`, and with ``offload_ratio`` r
+    (stage 3; 0 = no offload, 1 = ZeRO-Offload) a share r of them sits in host RAM and the rest on the GPU. DeepSpeed
+    offloads whole sub-groups of ``sub_group_size`` elements (stage3.py), so r is first rounded as it does, for
+    equal sub-groups of a rank's partition (``ModeRow.offload_ratio`` is the share it really offloads).
+
+    Derived from DeepSpeed's dtypes and sub-group split, not measured on a GPU (docs/benchmarks.md has no such row
+    yet); ``stage="auto"`` does not consider these modes."""
+    if not 0 <= offload_ratio <= 1:
+        raise ValueError(f"offload_ratio={offload_ratio!r} must be between 0 and 1.")
+    if stage not in (1, 2, 3) or (stage < 3 and offload_ratio not in (0, 1)):
+        raise ValueError(f"stage={stage!r} with offload_ratio={offload_ratio!r}: partial offload is stage 3 only,"
+                         " low-precision states need stage 1, 2 or 3.")
+    p, layer = int(num_params), int(largest_layer_params)
+    gpus = num_nodes * gpus_per_node
+    state = optimizer_state_bytes(bf16_master_weights_and_grads, bf16_optimizer_states)
+    ratio = float(offload_ratio)
+    if 0 < ratio < 1:
+        groups = max(1, -(-(-(-p // gpus)) // sub_group_size))
+        ratio = (groups - int((1 - ratio) * groups)) / groups
+    on_gpu = _model_states(stage, "none", "none", p, layer, num_nodes, gpus_per_node, 2, buffer_factor)
+    offloaded = _model_states(stage, "cpu", "none", p, layer, num_nodes, gpus_per_node, 2, buffer_factor)
+    # the 16 optimizer bytes per parameter move between the GPU figure and the host figure (at stages 1-2 the GPU
+    # difference also holds the 16-bit gradient partition: 18 bytes, of which 16 change with the state dtype)
+    moved = 16 if stage == 3 else 18
+    gpu = offloaded[0] + (1 - ratio) * (on_gpu[0] - offloaded[0]) * (state + moved - 16) / moved
+    cpu = on_gpu[1] + ratio * (offloaded[1] - on_gpu[1]) * state / 16
+    return ModeRow(stage, ratio, state, int(gpu), int(cpu))
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # ZeroStrategy(stage="auto")
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -484,6 +550,13 @@ def _check_args(args: argparse.Namespace) -> str | None:
             return f"{flag} {value}: must be at least 1."
     if args.vocab < 0:
         return f"--vocab {args.vocab}: must be at least 0."
+    for ratio in getattr(args, "offload_ratio", None) or []:
+        if not 0 <= ratio <= 1:
+            return f"--offload-ratio {ratio:g}: the share of the optimizer state on the host, between 0 and 1."
+    if getattr(args, "bf16_optimizer_states", False) and not getattr(args, "bf16_master_weights", False):
+        return "--bf16-optimizer-states needs --bf16-master-weights too (DeepSpeed keeps the moments in its dtype)."
+    if getattr(args, "sub_group_size", 1) < 1:
+        return f"--sub-group-size {args.sub_group_size:g}: must be at least 1."
     return None
 
 
@@ -514,6 +587,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     shape.add_argument("--micro-batch", type=int, help="sequences per GPU per forward")
     shape.add_argument("--vocab", type=int, default=0, help="vocabulary size (the loss's logits)")
     shape.add_argument("--activation-checkpointing", action="store_true", help="blocks recompute their activations")
+    modes = parser.add_argument_group("offload modes (printed after the table; not planned by stage=\"auto\")")
+    modes.add_argument("--offload-ratio", type=float, action="append",
+                       help="stage 3 partial optimizer offload: the share stepped by CPU Adam (repeat for several)")
+    modes.add_argument("--sub-group-size", type=float, default=_SUB_GROUP_SIZE,
+                       help="zero_optimization.sub_group_size (partial offload moves whole sub-groups)")
+    modes.add_argument("--bf16-master-weights", action="store_true", help="bf16.bf16_master_weights_and_grads")
+    modes.add_argument("--bf16-optimizer-states", action="store_true",
+                       help="bf16.bf16_optimizer_states (with --bf16-master-weights)")
     parser.set_defaults(func=run)
     return parser
 
@@ -528,6 +609,22 @@ def run(args: argparse.Namespace) -> int:
         return _run(args)
     except (ValueError, TypeError) as err:  # bad input, named by the message: one line, no traceback
         return _error(str(err))
+
+
+def _print_modes(args: argparse.Namespace, plan: MemoryPlan) -> None:
+    """The offload-mode rows asked for on the command line (--offload-ratio, --bf16-*)."""
+    ratios = getattr(args, "offload_ratio", None) or []
+    bf16 = dict(bf16_master_weights_and_grads=getattr(args, "bf16_master_weights", False),
+                bf16_optimizer_states=getattr(args, "bf16_optimizer_states", False))
+    if not ratios and not any(bf16.values()):
+        return
+    stages = [(3, r) for r in ratios] or [(2, 0.0), (2, 1.0), (3, 0.0), (3, 1.0)]
+    rows = [estimate_offload_mode(plan.num_params, plan.largest_layer_params, stage=stage, offload_ratio=ratio,
+                                  num_nodes=plan.num_nodes, gpus_per_node=plan.gpus_per_node,
+                                  sub_group_size=int(args.sub_group_size), **bf16) for stage, ratio in stages]
+    print(f"\nOffload modes (model states, bf16 weights; derived from DeepSpeed's dtypes, not measured):\n"
+          f"{'stage':>5}  {'on the host':>13}  {'optimizer state':<18}  {'per GPU':>10}  {'CPU/node':>10}")
+    print("\n".join(r.line() for r in rows))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -556,6 +653,7 @@ def _run(args: argparse.Namespace) -> int:
                            cpu_memory_gb=args.cpu_memory, nvme_gb=args.nvme, precision=args.precision,
                            activation_memory_gb=activations)
     print(plan.table())
+    _print_modes(args, plan)
     if plan.recommended is not None:
         print(f"\nRecommended (fastest that fits): {plan.recommended.strategy()}")
         return 0

@@ -205,3 +205,44 @@ def test_zenflow_needs_the_optimizer_in_the_config():
 ])
 def test_effective_offload_ratio(ratio, numels, sub_group_size, expected):
     assert effective_offload_ratio(ratio, numels, sub_group_size) == pytest.approx(expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The estimator's figures for the modes (hand-computed from DeepSpeed's estimators' terms)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_estimate_of_partial_offload_and_low_precision_states():
+    from lightning_zero.estimate import estimate_memory, estimate_offload_mode, optimizer_state_bytes
+
+    p, layer = 8 * 10**8, 10**7
+    rows = {(r.stage, r.offload_optimizer): r for r in estimate_memory(p, layer).rows if r.offload_parameters == "none"}
+    host_none, host_all = rows[(3, "none")].cpu_bytes, p * 16 * 1.2  # DeepSpeed's zero_init figure x buffer 1.2
+    assert [optimizer_state_bytes(*f) for f in ((False, False), (True, False), (True, True))] == [16, 12, 8]
+    # ratio 0.5 over 4 equal sub-groups: exactly half of the 16 optimizer bytes per parameter on each side
+    half = estimate_offload_mode(p, layer, offload_ratio=0.5, sub_group_size=p // 4)
+    assert half.offload_ratio == 0.5
+    assert half.gpu_bytes == 4 * layer + 2 * p + 8 * p
+    assert half.cpu_bytes == pytest.approx(host_none + 0.5 * (host_all - host_none), rel=1e-9)
+    # the same ratio with DeepSpeed's default sub_group_size (1e9): one sub-group, all of it on the host
+    assert estimate_offload_mode(p, layer, offload_ratio=0.5).offload_ratio == 1.0
+    # bf16 master weights + states: 8 of 16 bytes on the host; no offload: 8 on the GPU
+    full = estimate_offload_mode(p, layer, bf16_master_weights_and_grads=True, bf16_optimizer_states=True)
+    assert full.gpu_bytes == 4 * layer + 2 * p
+    assert full.cpu_bytes == pytest.approx(host_none + (host_all - host_none) * 8 / 16, rel=1e-9)
+    assert estimate_offload_mode(p, layer, offload_ratio=0, bf16_master_weights_and_grads=True,
+                                 bf16_optimizer_states=True).gpu_bytes == 4 * layer + 2 * p + 8 * p
+    with pytest.raises(ValueError, match="partial offload is stage 3 only"):
+        estimate_offload_mode(p, layer, stage=2, offload_ratio=0.5)
+
+
+def test_estimate_command_prints_the_modes(capsys):
+    from lightning_zero.cli import main
+
+    assert main(["estimate", "--params", "8e8", "--largest-layer", "1e7", "--offload-ratio", "0.25",
+                 "--sub-group-size", "8e7"]) == 0
+    out = capsys.readouterr().out
+    # 10 sub-groups: int(0.75 x 10) = 7 stay on the GPU, 3 of 10 go to the host
+    assert "Offload modes" in out and "    3            30%  fp32" in out
+    assert main(["estimate", "--params", "8e8", "--largest-layer", "1e7", "--bf16-optimizer-states"]) == 2
+    assert "--bf16-optimizer-states needs --bf16-master-weights too" in capsys.readouterr().err
