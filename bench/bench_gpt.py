@@ -15,6 +15,13 @@ Rows:
     builtin_z3_offload   DeepSpeedStrategy(stage=3, offload_optimizer=True, pin_memory=True), DeepSpeedCPUAdam
     zero_z{1,2,3}        lightning_zero.ZeroStrategy(stage=N), bf16-mixed
     zero_z3_offload      ZeroStrategy(stage=3, offload_optimizer="cpu"), DeepSpeedCPUAdam
+    zero_z3_offload_r{25,50,75}   (issue 18, not in the default set) ZeroStrategy(stage=3, offload_optimizer="cpu",
+                         offload_optimizer_ratio=0.25/0.5/0.75, sub_group_size=5e7): partial optimizer offload
+    zero_z3_offload_bf16m, zero_z3_offload_bf16ms   the offload row with bf16 master weights (and bf16 states)
+    zero_z2_bf16ms       ZeroStrategy(stage=2) with bf16 master weights + bf16 optimizer states, nothing offloaded
+    zero_z2_offload_zenflow   ZeroStrategy(stage=2, offload_optimizer="cpu", zenflow={topk_ratio 0.1, step
+                         selection every 10 steps, update_interval 1, overlap_step}); the optimizer (AdamW, same
+                         hyperparameters) comes from the config's "optimizer" block, as ZenFlow needs
     cpu_smoke            (not in the default set) the Lightning path on CPU with strategy="auto": a check of the
                          module/data/timer code for machines without a GPU; use a tiny model
 
@@ -59,7 +66,20 @@ ROWS = [
     "builtin_z1", "builtin_z2", "builtin_z3", "builtin_z3_offload",
     "zero_z1", "zero_z2", "zero_z3", "zero_z3_offload",
 ]
-EXTRA_ROWS = ["cpu_smoke"]
+# Issue 18's offload modes: row -> (stage, ZeroStrategy keywords, config). Not in the default set.
+_ADAMW_CONFIG = {"optimizer": {"type": "AdamW", "params": {"betas": [0.9, 0.95], "weight_decay": 0.1}}}
+MODE_ROWS = {
+    **{f"zero_z3_offload_r{int(r * 100)}": (3, {"offload_optimizer": "cpu", "offload_optimizer_ratio": r,
+                                                "sub_group_size": 5e7}, None) for r in (0.25, 0.5, 0.75)},
+    "zero_z3_offload_bf16m": (3, {"offload_optimizer": "cpu", "bf16_master_weights_and_grads": True}, None),
+    "zero_z3_offload_bf16ms": (3, {"offload_optimizer": "cpu", "bf16_master_weights_and_grads": True,
+                                   "bf16_optimizer_states": True}, None),
+    "zero_z2_bf16ms": (2, {"bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}, None),
+    "zero_z2_offload_zenflow": (2, {"offload_optimizer": "cpu", "zenflow": {
+        "topk_ratio": 0.1, "select_strategy": "step", "select_interval": 10, "update_interval": 1,
+        "overlap_step": True}}, _ADAMW_CONFIG),
+}
+EXTRA_ROWS = ["cpu_smoke", *MODE_ROWS]
 
 # Options the parent forwards unchanged to each child.
 FORWARDED = [
@@ -79,6 +99,10 @@ def parse_row(row: str) -> dict:
         return {"family": "fsdp", "stage": None, "offload": False}
     if row == "cpu_smoke":
         return {"family": "cpu_smoke", "stage": None, "offload": False}
+    if row in MODE_ROWS:
+        stage, kwargs, config = MODE_ROWS[row]
+        return {"family": "zero", "stage": stage, "offload": "offload_optimizer" in kwargs, "mode": row,
+                "kwargs": kwargs, "config": config}
     family, _, rest = row.partition("_z")
     offload = rest.endswith("_offload")
     stage = int(rest.removesuffix("_offload"))
@@ -399,8 +423,12 @@ def run_lightning(args, spec) -> dict:
         kw = {"stage": stage}
         if offload:
             kw["offload_optimizer"] = "cpu"
+        kw.update(spec.get("kwargs") or {})
+        if spec.get("config"):  # ZenFlow: the optimizer from the config (lr filled below), none from the module
+            kw["config"] = json.loads(json.dumps(spec["config"]))
+            kw["config"]["optimizer"]["params"]["lr"] = args.lr
         if args.zero_config:
-            kw["config"] = json.loads(args.zero_config)
+            kw["config"] = {**kw.get("config", {}), **json.loads(args.zero_config)}
         if args.zero_kwargs:
             kw.update(json.loads(args.zero_kwargs))
         if args.compile:
@@ -439,6 +467,8 @@ def run_lightning(args, spec) -> dict:
             return self.model(x, y)
 
         def configure_optimizers(self):
+            if spec.get("config"):  # the config's "optimizer" block (ZenFlow)
+                return None
             return make_optimizer(self.parameters(), opt_kind, args.lr)
 
     class StepTimer(Callback):
