@@ -13,7 +13,7 @@ from lightning.fabric.plugins.precision.utils import _convert_fp_tensor, _DtypeC
 from lightning.fabric.utilities.types import Steppable
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import WarningCache
 from lightning_utilities.core.apply_func import apply_to_collection
@@ -132,7 +132,13 @@ def requested_precision(plugin: Precision) -> str:
     frame = sys._getframe(1)
     while frame is not None and frame.f_code is not _AcceleratorConnector.__init__.__code__:
         frame = frame.f_back
-    written = frame.f_locals.get("precision") if frame is not None else None
+    if frame is None:  # Lightning no longer builds the plugin there: say so rather than guess
+        rank_zero_warn("ZeroStrategy could not read the precision given to the Trainer (Lightning's"
+                       " _AcceleratorConnector.__init__ no longer sets the precision plugin; see"
+                       " lightning_zero/precision.py): on CPU it trains with the plugin's 'bf16-mixed', which Lightning"
+                       " substitutes for '16-mixed'. Pass precision='bf16-mixed' explicitly to silence this.")
+        return precision
+    written = frame.f_locals.get("precision")
     if written is None:
         return precision
     with warnings.catch_warnings():  # the connector already warned about legacy spellings (16, "16")
