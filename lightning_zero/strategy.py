@@ -187,7 +187,7 @@ class ZeroStrategy(ParallelStrategy):
         pin_memory: bool | None = None,
         remote_device: str | None = None,
         start_method: Literal["popen", "spawn", "fork"] = "popen",
-        logging_level: int = logging.WARNING,
+        logging_level: int | str = logging.WARNING,
         exclude_frozen_parameters: bool = False,
         compile: bool | str | Mapping[str, Any] = False,
         timeout: timedelta | None = default_pg_timeout,
