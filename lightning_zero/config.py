@@ -899,7 +899,8 @@ def _offload_mode_problems(config: Mapping[str, Any], stage: int, flags: Trainer
         if master and device is not None and optimizer_type is not None and optimizer_type.lower() not in (
                 "adam", "adamw"):
             problems.append(f"{keys} with the optimizer offloaded and optimizer.type={optimizer_type!r}: DeepSpeed"
-                            " needs DeepSpeedCPUAdam for offloaded low-precision master weights. Use \"AdamW\"/\"Adam\"")
+                            " needs DeepSpeedCPUAdam for offloaded low-precision master weights. Use"
+                            " \"AdamW\"/\"Adam\"")
         if flags is not None and not flags.precision.startswith("bf16-"):
             problems.append(f"{keys} needs Trainer(precision=\"bf16-mixed\") or \"bf16-true\" (precision is"
                             f" {flags.precision!r}): the master weights are kept in the model's bf16. Change the"

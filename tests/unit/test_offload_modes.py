@@ -162,7 +162,8 @@ def _params() -> list[nn.Parameter]:
 
 
 # two sub-groups of 64 elements: ratio 0.5 splits them exactly (no granularity warning)
-PARTIAL = {"zero_optimization": {"stage": 3, "sub_group_size": 64, "offload_optimizer": {"device": "cpu", "ratio": 0.5}}}
+PARTIAL = {"zero_optimization": {"stage": 3, "sub_group_size": 64,
+                                 "offload_optimizer": {"device": "cpu", "ratio": 0.5}}}
 
 
 def test_partial_offload_refuses_optimizers_deepspeed_cannot_split():
