@@ -961,4 +961,5 @@ def inference_config(config: Mapping[str, Any]) -> dict[str, Any]:
     out = {k: copy.deepcopy(v) for k, v in config.items() if k not in ("optimizer", "scheduler", "compile")}
     zero = out.get("zero_optimization", {})
     zero.pop("offload_optimizer", None)
+    zero.pop("zenflow", None)  # ZenFlow configures the optimizer step (its stage-3 hooks expect one)
     return out

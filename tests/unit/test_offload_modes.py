@@ -184,6 +184,14 @@ def test_bf16_optimizer_states_make_cpu_adam_keep_bf16_moments():
     assert build_stepped_optimizer(torch.optim.AdamW(_params(), lr=0.1), config).fp32_optimizer_states is True
 
 
+def test_models_without_optimizer_get_neither_zenflow_nor_offloaded_optimizer():
+    from lightning_zero.config import inference_config
+
+    ds = _resolve("bf16-mixed", device_type="cuda", stage=3, offload_optimizer="cpu", zenflow=ZENFLOW, config=ADAMW)
+    zero = inference_config(ds)["zero_optimization"]
+    assert "zenflow" not in zero and "offload_optimizer" not in zero and zero["stage"] == 3
+
+
 def test_zenflow_needs_the_optimizer_in_the_config():
     # ZenFlow's selective AdamW reads optimizer.params; DeepSpeed builds its ZenFlowCPUAdam from that block
     with pytest.raises(ZeroConfigError, match=r"zenflow needs the optimizer in the DeepSpeed config.*return None from"
