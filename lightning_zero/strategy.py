@@ -159,7 +159,9 @@ class ZeroStrategy(ParallelStrategy):
             ``stage3_prefetch_bucket_size``, ``stage3_param_persistence_threshold``, ``stage3_max_live_parameters``,
             ``stage3_max_reuse_distance``, ``stage3_module_granularity_threshold``, ``compute_grad_norm``,
             ``zero_quantized_nontrainable_weights``, plus the offload, ``aio``, ZeRO++ and activation checkpointing
-            keywords above. Any other key of that section is accepted too, in Python only (LightningCLI cannot see
+            keywords above and the offload modes: ``offload_optimizer_ratio`` (partial optimizer offload),
+            ``bf16_master_weights_and_grads``, ``bf16_optimizer_states`` (the ``bf16`` section) and ``zenflow``.
+            Any other key of that section is accepted too, in Python only (LightningCLI cannot see
             it: put it in ``config=``).
     """
 
