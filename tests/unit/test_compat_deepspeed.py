@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import socket
 
 import pytest
 import torch
@@ -18,31 +17,6 @@ from torch import nn
 
 STAGE3 = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "managed_gradient_accumulation": False,
           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def one_rank(monkeypatch):
-    import deepspeed
-
-    port = _free_port()
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(port))
-    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
-        monkeypatch.setenv(k, v)
-    deepspeed.init_distributed("gloo", distributed_port=port)
-    try:
-        yield deepspeed
-    finally:
-        torch.distributed.destroy_process_group()
-        import deepspeed.comm.comm as ds_comm
-
-        ds_comm.cdb = None
 
 
 class Block(nn.Module):

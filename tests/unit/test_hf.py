@@ -3,7 +3,6 @@ parameters (one real process group of one rank, real zero.Init) and the transfor
 
 from __future__ import annotations
 
-import socket
 import warnings
 
 import pytest
@@ -131,30 +130,6 @@ class Writes(nn.Module):
         with torch.no_grad():
             self.c.weight.data.copy_(torch.full((4, 16), 0.25))
             self.c.weight.mul_(2.0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def one_rank(monkeypatch):
-    import deepspeed
-
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
-    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
-        monkeypatch.setenv(k, v)
-    deepspeed.init_distributed("gloo", distributed_port=int(__import__("os").environ["MASTER_PORT"]))
-    try:
-        yield deepspeed
-    finally:
-        torch.distributed.destroy_process_group()
-        import deepspeed.comm.comm as ds_comm
-
-        ds_comm.cdb = None
 
 
 def test_writes_to_partitioned_parameters_take_effect(one_rank):
