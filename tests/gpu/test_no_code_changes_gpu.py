@@ -13,7 +13,9 @@ from gpu_tier import MARKS  # also puts tests/ on sys.path
 
 pytestmark = MARKS
 
-CLI = Path(sys.executable).with_name("lightning-zero")
+_SCRIPT = Path(sys.executable).with_name("lightning-zero")
+# the console script where the package is installed; the module where it is only on PYTHONPATH (the GPU machine)
+CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "lightning_zero.cli"]
 SCRIPT = Path(__file__).resolve().parents[1] / "distributed" / "launch_script.py"
 
 
@@ -27,19 +29,19 @@ def _run(cmd, cwd, **env):
 def test_config_launch_and_env_on_gpu(tmp_path):
     import torch
 
-    printed = _run([CLI, "config", "--yes", "--stage", "3", "--accumulate-grad-batches", "2"], tmp_path).stdout
+    printed = _run([*CLI, "config", "--yes", "--stage", "3", "--accumulate-grad-batches", "2"], tmp_path).stdout
     config = json.loads((tmp_path / "ds_config.json").read_text())
     bf16 = torch.cuda.is_bf16_supported()
     assert config["bf16"]["enabled"] is bf16 and config["fp16"]["enabled"] is not bf16
     assert f"--devices {torch.cuda.device_count()} train.py" in printed
-    _run([CLI, "launch", "--config", "ds_config.json", "--devices", "1", SCRIPT, "out"], tmp_path,
+    _run([*CLI, "launch", "--config", "ds_config.json", "--devices", "1", SCRIPT, "out"], tmp_path,
          LAUNCH_SCRIPT_ACCELERATOR="gpu")
     report = json.loads((tmp_path / "out" / "rank0.json").read_text())
     want_precision = "bf16-mixed" if bf16 else "16-mixed"
     print(f"launch on GPU: {report}")
     assert (report["strategy"], report["stage"], report["precision"], report["accumulate"]) == (
         "ZeroStrategy", 3, want_precision, 2)
-    env = _run([CLI, "env"], tmp_path).stdout
+    env = _run([*CLI, "env"], tmp_path).stdout
     print(env)
     assert "cuda:0: " in env and ("[fused_adam] compatible" in env or "[fused_adam] installed" in env)
 
