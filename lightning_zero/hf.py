@@ -149,6 +149,26 @@ class _WritesToPartitions(TorchFunctionMode):
         return target
 
 
+def _half_precision(config: Mapping[str, Any]) -> bool:
+    return any(isinstance(config.get(k), Mapping) and config[k].get("enabled") is True for k in ("bf16", "fp16"))
+
+
+_warned_arange = False
+
+
+def _warn_no_arange_guard() -> None:
+    global _warned_arange
+    if not _warned_arange:
+        _warned_arange = True
+        import transformers
+        from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+        rank_zero_warn(f"transformers {transformers.__version__} has no `prevent_arange_dtype_change`: under a 16-bit"
+                       " zero.Init, `torch.arange` in rotary embeddings runs in that dtype, so their frequencies lose"
+                       " precision. Upgrade transformers (`pip install -U 'transformers>=5.24'`) or build the model at"
+                       " 32-bit precision.")
+
+
 @contextmanager
 def init_context(link: HfZero3Link, config: Mapping[str, Any], zero_init: Any) -> Iterator[None]:
     """Enter ``zero_init`` (ZeroStrategy's ``deepspeed.zero.Init``) so that writes to partitioned parameters take
@@ -159,11 +179,15 @@ def init_context(link: HfZero3Link, config: Mapping[str, Any], zero_init: Any) -
             link.activate(config)
             if link.active:
                 from transformers import modeling_utils
-                from transformers.integrations.deepspeed import prevent_arange_dtype_change
+                from transformers.integrations import deepspeed as hf_ds
 
                 # zero.Init casts torch.arange to the model dtype; rotary embeddings need their explicit dtype
-                # (entered before zero.Init, as transformers does)
-                stack.enter_context(prevent_arange_dtype_change())
+                # (entered before zero.Init, as transformers does). Older transformers (5.17) have no such guard.
+                guard = getattr(hf_ds, "prevent_arange_dtype_change", None)
+                if guard is not None:
+                    stack.enter_context(guard())
+                elif _half_precision(config):
+                    _warn_no_arange_guard()
                 stack.enter_context(modeling_utils.set_zero3_state())
                 stack.enter_context(_hf_init_gathers_each_module(modeling_utils.PreTrainedModel))
         stack.enter_context(zero_init)

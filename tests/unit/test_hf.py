@@ -183,3 +183,23 @@ def test_rotary_buffers_keep_float32_under_a_bf16_zero_init(one_rank):
         link.deactivate()
     assert rope.inv_freq.dtype == torch.float32
     assert torch.equal(rope.inv_freq, plain.inv_freq)
+
+
+def test_a_transformers_without_the_arange_guard_warns_under_a_16_bit_zero_init(one_rank, monkeypatch):
+    """transformers 5.17 (the GPU machine's) has no prevent_arange_dtype_change: stage-3 creation still works, and a
+    16-bit zero.Init says what is lost and how to get it back."""
+    pytest.importorskip("transformers")
+    from transformers.integrations import deepspeed as hf_ds
+
+    monkeypatch.delattr(hf_ds, "prevent_arange_dtype_change", raising=False)
+    monkeypatch.setattr(hf, "_warned_arange", False)
+    deepspeed = one_rank
+    bf16 = {**STAGE3, "bf16": {"enabled": True}}
+    link = hf.HfZero3Link()
+    try:
+        with pytest.warns(UserWarning, match="prevent_arange_dtype_change.*transformers>=5.24"):
+            with hf.init_context(link, bf16, deepspeed.zero.Init(config_dict_or_path=bf16)):
+                layer = torch.nn.Linear(4, 4)
+    finally:
+        link.deactivate()
+    assert hasattr(layer.weight, "ds_id")
