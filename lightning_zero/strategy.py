@@ -38,7 +38,7 @@ from typing_extensions import override
 
 from lightning_zero import checkpoint as ckpt
 from lightning_zero import config as cfg
-from lightning_zero._compat.lightning import route_checkpoint_state_dict
+from lightning_zero._compat.lightning import evaluate_under_no_grad, route_checkpoint_state_dict
 from lightning_zero._imports import require_deepspeed, use_cpu_accelerator
 from lightning_zero import offload
 from lightning_zero.keywords import Unpack, ZeroKeywords
@@ -493,6 +493,7 @@ class ZeroStrategy(ParallelStrategy):
         self._plan_auto_stage()
         self._ensure_config()
         if self.stage == 3:
+            evaluate_under_no_grad(trainer)  # DeepSpeed's gathers would leave inference tensors behind
             self._hf.activate(self.ds_config)  # from_pretrained, generate and resizing see ZeRO-3 (hf.py)
             install_summary(trainer)  # true parameter counts in the summary printed at fit start
         fitting = trainer.state.fn == TrainerFn.FITTING

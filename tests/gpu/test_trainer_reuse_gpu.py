@@ -4,6 +4,7 @@ precision="16-mixed" training a float16 model at stage 3 (Lightning's test_deeps
 Run on the device machine: `python tests/gpu/test_trainer_reuse_gpu.py` (or pytest; skipped without CUDA).
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -107,7 +108,11 @@ def test_deepcompile_fit_twice_on_one_trainer(stage):
     """In a fresh process: DeepCompile's runtime and pass schedule are global to the process."""
     import subprocess
 
-    run = subprocess.run([sys.executable, __file__, "deepcompile", str(stage)], capture_output=True, text=True)
+    # a fresh rendezvous: this pytest process may hold a process group (and its port) from the tests above
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK")}
+    run = subprocess.run([sys.executable, __file__, "deepcompile", str(stage)], capture_output=True, text=True,
+                         env=env)
     print(run.stdout[-2000:])
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
 

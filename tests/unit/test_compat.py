@@ -161,3 +161,37 @@ def test_a_lightning_without_the_checkpoint_hook_fails_loudly():
 
     with pytest.raises(RuntimeError, match="_get_lightning_module_state_dict.*_compat/lightning.py"):
         route_checkpoint_state_dict(Trainer(), dict)
+
+
+def test_stage3_evaluation_runs_under_no_grad_not_inference_mode(tmp_path):
+    """Lightning's loops pick inference_mode from their `inference_mode` attribute; the route sets it off, and
+    predict_step then runs under no_grad (DeepSpeed's stage-3 gathers would leave inference tensors otherwise)."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from lightning_zero._compat.lightning import evaluate_under_no_grad
+
+    seen = []
+
+    class Model(BoringModel):
+        def predict_step(self, batch, batch_idx):
+            seen.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+            return super().predict_step(batch, batch_idx)
+
+    def trainer():
+        return L.Trainer(accelerator="cpu", devices=1, limit_predict_batches=1, default_root_dir=tmp_path,
+                         logger=False, enable_progress_bar=False, enable_model_summary=False)
+
+    trainer().predict(Model())
+    assert seen == [(True, False)]  # Lightning's default: inference mode
+    routed = trainer()
+    evaluate_under_no_grad(routed)
+    routed.predict(Model())
+    assert seen[1] == (False, False)
+
+    class Trainer:
+        validate_loop = test_loop = predict_loop = object()
+
+    with pytest.raises(RuntimeError, match="inference_mode.*_compat/lightning.py"):
+        evaluate_under_no_grad(Trainer())
