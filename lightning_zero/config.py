@@ -952,6 +952,12 @@ def _zenflow_problems(zenflow: Mapping[str, Any], zero: Mapping[str, Any], optim
         problems.append("zero_optimization.zenflow needs a CUDA GPU: its stage-3 buffers live on \"cuda\", and on"
                         " DeepSpeed's CPU accelerator its selective gradient copy fails at stage 2. Remove zenflow for"
                         " CPU runs, or train with Trainer(accelerator=\"gpu\")")
+    elif flags is not None and not problems:  # on a GPU, once the Trainer is known (the rest is checked earlier)
+        problems.append("zero_optimization.zenflow is not supported by ZeroStrategy yet: on one H200 (DeepSpeed 0.19.8,"
+                        " stage 2, CPU Adam, the config's AdamW) DeepSpeed stopped inside its selective gradient copy"
+                        " ('The size of tensor a (8) must match the size of tensor b (16)',"
+                        " zenflow_stage_1_and_2.py). Remove zenflow; for offload that keeps part of the optimizer on"
+                        " the GPU use ZeroStrategy(stage=3, offload_optimizer=\"cpu\", offload_optimizer_ratio=...)")
     return problems
 
 

@@ -83,7 +83,7 @@ def test_bf16_master_weights_and_states_train(stage, offload, states):
     assert last < 0.5 * first
 
 
-def test_zenflow_trains():
+def test_zenflow_is_refused_until_it_runs():
     from helpers import Regressor
     from lightning_zero import ZeroStrategy
 
@@ -93,10 +93,12 @@ def test_zenflow_trains():
 
     zenflow = {"topk_ratio": 0.5, "select_strategy": "step", "select_interval": 4, "update_interval": 1}
     config = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01}}}
-    first, last, _ = _losses_fall(ZeroStrategy(stage=2, offload_optimizer="cpu", zenflow=zenflow, config=config),
-                                  ConfigOptimizer(lr=1e-2, n=64, learnable=True))
-    print(f"ZenFlow stage 2: loss {first:.4f} -> {last:.4f}")
-    assert last < 0.5 * first
+    # DeepSpeed 0.19.8's ZenFlow failed here on an H200 (selective gradient copy, size 8 vs 16): refused until it runs
+    from lightning_zero import ZeroConfigError
+
+    with pytest.raises(ZeroConfigError, match="zenflow is not supported by ZeroStrategy yet"):
+        _losses_fall(ZeroStrategy(stage=2, offload_optimizer="cpu", zenflow=zenflow, config=config),
+                     ConfigOptimizer(lr=1e-2, n=64, learnable=True))
 
 
 if __name__ == "__main__":
