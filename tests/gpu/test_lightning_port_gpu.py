@@ -11,10 +11,7 @@ launcher; the cases Lightning runs on 2 GPUs are skipped on a machine with one.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,11 +20,11 @@ import torch
 from gpu_tier import MARKS  # also puts tests/ on sys.path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lightning_port"))
-from lightning_cases import CASES  # noqa: E402
+from lightning_cases import CASES, launch  # noqa: E402
+from lightning_cases import failures as read_failures  # noqa: E402
 
 pytestmark = MARKS
 
-SCRIPT = Path(__file__).resolve().parents[1] / "lightning_port" / "lightning_cases.py"
 # Lightning's RunIf(min_cuda_gpus=2) tests
 TWO_GPUS = ("test_deepspeed_multigpu", "test_deepspeed_stage_3_save_warning", "test_deepspeed_multigpu_stage_3",
             "test_deepspeed_multigpu_stage_3_manual_optimization", "test_deepspeed_multigpu_stage_3_checkpointing",
@@ -50,28 +47,7 @@ def _runnable(devices: int) -> list[str]:
 def run_cases(out: Path, names: list[str], devices: int) -> str:
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}  # DeepSpeed's CUDA accelerator
     env.update(PORT_ACCELERATOR="gpu", PORT_DEVICES=str(devices))
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(out), *names], env=env, cwd=out,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        log += f"\n[killed after {TIMEOUT_S} s]"
-    return log
-
-
-def outcome(out: Path, name: str, devices: int, log: str) -> list[str]:
-    failures = []
-    for rank in range(devices):
-        path = out / f"{name}.rank{rank}.json"
-        if not path.exists():
-            failures.append(f"rank {rank}: the case did not run to its end. Launch output (tail):\n{log[-4000:]}")
-            continue
-        result = json.loads(path.read_text())
-        if not result["ok"]:
-            failures.append(f"rank {rank}:\n{result['error']}")
-    return failures
+    return launch(out, names, env, TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +62,7 @@ def test_lightning_deepspeed_test_on_gpu(outcomes, name):
     out, log, devices = outcomes
     if name not in _runnable(devices):
         pytest.skip("Lightning runs this test on 2 GPUs")
-    failures = outcome(out, name, devices, log)
+    failures = read_failures(out, name, devices, log)
     assert not failures, "\n".join(failures)
 
 
@@ -101,7 +77,7 @@ if __name__ == "__main__":
     log = run_cases(out, names, devices)
     failed = 0
     for name in names:
-        failures = outcome(out, name, devices, log)
+        failures = read_failures(out, name, devices, log)
         failed += bool(failures)
         print(("FAILED " if failures else "passed ") + name)
         for f in failures:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
+import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -1015,6 +1017,33 @@ def _(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def launch(out: Path, names: list[str], env: dict[str, str], timeout_s: float) -> str:
+    """Run ``names`` in one launch of this script (the popen launcher starts the other ranks); its output."""
+    proc = subprocess.Popen([sys.executable, __file__, str(out), *names], env=env, cwd=out,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher's other ranks are in the same session
+        log, _ = proc.communicate()
+        log += f"\n[killed after {timeout_s} s]"
+    return log
+
+
+def failures(out: Path, name: str, ranks: int, log: str) -> list[str]:
+    """What went wrong in case ``name`` on each rank of a launch (empty: it passed everywhere)."""
+    found = []
+    for r in range(ranks):
+        path = out / f"{name}.rank{r}.json"
+        if not path.exists():
+            found.append(f"rank {r}: the case did not run to its end. Launch output (tail):\n{log[-4000:]}")
+            continue
+        result = json.loads(path.read_text())
+        if not result["ok"]:
+            found.append(f"rank {r}:\n{result['error']}")
+    return found
 
 
 def main(out_dir: str, names: list[str]) -> None:
