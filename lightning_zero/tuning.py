@@ -32,8 +32,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_zero._compat.deepspeed import zero_config_accepts
-
 __all__ = ["apply_block_fetch", "apply_speed_defaults", "block_fetch_threshold", "track_unit_inputs"]
 
 STAGE3_REDUCE_BUCKET = 200_000_000
@@ -59,8 +57,8 @@ def apply_speed_defaults(config: dict[str, Any]) -> dict[str, Any]:
     grad_accum = (config.get("data_types") or {}).get("grad_accum_dtype")
     bf16_fp32_stage1 = stage == 1 and bf16_key is not None and grad_accum in ("fp32", "float32", "torch.float32")
     if stage in (1, 2) and not float(config.get("gradient_clipping") or 0.0) and not offloaded \
-            and not bf16_fp32_stage1 and zero_config_accepts("compute_grad_norm"):
-        zero.setdefault("compute_grad_norm", False)  # DeepSpeed >= 0.19.7; older ones always compute the norm
+            and not bf16_fp32_stage1:
+        zero.setdefault("compute_grad_norm", False)
     if stage == 3:
         zero.setdefault("reduce_bucket_size", STAGE3_REDUCE_BUCKET)
     return config

@@ -77,15 +77,9 @@ def _stage12_optimizer_starts_a_micro_batch_with_clear_backward_seen_flag(one_ra
     config = {**STAGE3, "zero_optimization": {"stage": 2}}
     engine, _ = _engine(one_rank, config)
     assert callable(getattr(engine.optimizer, "clear_backward_seen_flag", None))
-    assert "compute_grad_norm" in dir(engine.optimizer) or not _has_zero_key("compute_grad_norm"), \
+    assert "compute_grad_norm" in dir(engine.optimizer), \
         "DeepSpeed's stage-1/2 optimizer lost the `compute_grad_norm` switch EngineSlot.set_clip turns back on"
     engine.destroy()
-
-
-def _has_zero_key(key):
-    from lightning_zero._compat.deepspeed import zero_config_accepts
-
-    return zero_config_accepts(key)
 
 
 def _leaf_module_hooks_are_the_handles_the_registry_gates(one_rank):

@@ -4,11 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_zero._compat.deepspeed import zero_config_accepts
 from lightning_zero.tuning import apply_block_fetch, apply_speed_defaults, block_fetch_threshold
-
-# DeepSpeed >= 0.19.7 has zero_optimization.compute_grad_norm; on older proven releases the default is left out
-NORM_SKIP = False if zero_config_accepts("compute_grad_norm") else None
 
 
 def cfg(stage=2, clip=0.0, bf16=True, fp16=False, **zero):
@@ -29,7 +25,6 @@ def test_legacy_bfloat16_section_too():
     assert out["bfloat16"]["check_grad_overflow"] is False
 
 
-@pytest.mark.skipif(NORM_SKIP is None, reason="this DeepSpeed has no zero_optimization.compute_grad_norm")
 def test_explicit_user_values_win():
     config = cfg(compute_grad_norm=True)
     config["bf16"]["check_grad_overflow"] = True
@@ -46,8 +41,8 @@ def test_fp16_keeps_its_overflow_check():
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_norm_skipped_at_stages_1_2_when_nothing_clips(stage):
-    assert apply_speed_defaults(cfg(stage=stage))["zero_optimization"].get("compute_grad_norm") is NORM_SKIP
-    assert apply_speed_defaults(cfg(stage=stage, bf16=False))["zero_optimization"].get("compute_grad_norm") is NORM_SKIP
+    assert apply_speed_defaults(cfg(stage=stage))["zero_optimization"]["compute_grad_norm"] is False
+    assert apply_speed_defaults(cfg(stage=stage, bf16=False))["zero_optimization"]["compute_grad_norm"] is False
 
 
 @pytest.mark.parametrize("config", [
@@ -63,7 +58,7 @@ def test_norm_kept_where_it_is_needed_or_unsupported(config):
 
 def test_offload_device_none_is_not_offload():
     out = apply_speed_defaults(cfg(stage=2, offload_optimizer={"device": "none"}))
-    assert out["zero_optimization"].get("compute_grad_norm") is NORM_SKIP
+    assert out["zero_optimization"]["compute_grad_norm"] is False
 
 
 def test_resolved_configs_are_accepted_by_deepspeed():
