@@ -19,6 +19,8 @@ Rows:
                          offload_optimizer_ratio=0.25/0.5/0.75, sub_group_size=5e7): partial optimizer offload
     zero_z3_offload_bf16m, zero_z3_offload_bf16ms   the offload row with bf16 master weights (and bf16 states)
     zero_z2_bf16ms       ZeroStrategy(stage=2) with bf16 master weights + bf16 optimizer states, nothing offloaded
+    zero_z3_nvme, zero_z3_nvme_all   ZeRO-Infinity: ZeroStrategy(stage=3, offload_optimizer="nvme"[, offload_parameters=
+                         "nvme"], nvme_path=$LZ_BENCH_NVME or /tmp/lz_nvme); needs libaio (../shared/gpu/debs.sh)
     zero_z2_offload_zenflow   ZeroStrategy(stage=2, offload_optimizer="cpu", zenflow={topk_ratio 0.1, step
                          selection every 10 steps, update_interval 1, overlap_step}); the optimizer (AdamW, same
                          hyperparameters) comes from the config's "optimizer" block, as ZenFlow needs
@@ -67,6 +69,7 @@ ROWS = [
     "zero_z1", "zero_z2", "zero_z3", "zero_z3_offload",
 ]
 # Issue 18's offload modes: row -> (stage, ZeroStrategy keywords, config). Not in the default set.
+_NVME = os.environ.get("LZ_BENCH_NVME", "/tmp/lz_nvme")
 _ADAMW_CONFIG = {"optimizer": {"type": "AdamW", "params": {"betas": [0.9, 0.95], "weight_decay": 0.1}}}
 MODE_ROWS = {
     **{f"zero_z3_offload_r{int(r * 100)}": (3, {"offload_optimizer": "cpu", "offload_optimizer_ratio": r,
@@ -75,6 +78,9 @@ MODE_ROWS = {
     "zero_z3_offload_bf16ms": (3, {"offload_optimizer": "cpu", "bf16_master_weights_and_grads": True,
                                    "bf16_optimizer_states": True}, None),
     "zero_z2_bf16ms": (2, {"bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}, None),
+    # ZeRO-Infinity: the optimizer (and the parameters) on the disk at $LZ_BENCH_NVME (default /tmp/lz_nvme)
+    "zero_z3_nvme": (3, {"offload_optimizer": "nvme", "nvme_path": _NVME}, None),
+    "zero_z3_nvme_all": (3, {"offload_optimizer": "nvme", "offload_parameters": "nvme", "nvme_path": _NVME}, None),
     "zero_z2_offload_zenflow": (2, {"offload_optimizer": "cpu", "zenflow": {
         "topk_ratio": 0.1, "select_strategy": "step", "select_interval": 10, "update_interval": 1,
         "overlap_step": True}}, _ADAMW_CONFIG),
@@ -85,6 +91,7 @@ EXTRA_ROWS = ["cpu_smoke", *MODE_ROWS]
 FORWARDED = [
     "d_model", "n_layer", "n_head", "vocab", "seq_len", "micro_batch", "gpus", "warmup", "steps", "seed", "lr",
     "optimizer", "init_device", "zero_config", "zero_kwargs", "profile", "compile", "grad_ckpt", "mem_trace", "raw_config",
+    "data",
 ]
 
 
@@ -311,7 +318,7 @@ def run_raw(args, spec) -> dict:
     total = args.warmup + args.steps
     probe = StepProbe(total, args.profile, device)
     tokens = make_tokens((total + probe.total_extra) * args.micro_batch * args.gpus, args.seq_len, args.vocab,
-                         args.seed, device)
+                         args.seed, device, getattr(args, "data", "random"))
 
     model = _build_model(args, device).to(device)
     n_params = count_params(model)
@@ -442,7 +449,7 @@ def run_lightning(args, spec) -> dict:
     total = args.warmup + args.steps
     probe = StepProbe(total, args.profile, device)
     tokens = make_tokens((total + probe.total_extra) * args.micro_batch * args.gpus, args.seq_len, args.vocab,
-                         args.seed, device)
+                         args.seed, device, getattr(args, "data", "random"))
     opt_kind = "torch_adamw" if on_cpu else _optimizer_kind(args, spec)
 
     class TokenRows(Dataset):
@@ -789,6 +796,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     p.add_argument("--steps", type=int, default=50, help="timed steps (default 50)")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--data", choices=["random", "markov"], default="random",
+                   help="random token ids (throughput) or a learnable 4-successor Markov chain (convergence curves)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--optimizer", choices=["torch", "deepspeed"], default="torch",
                    help="GPU optimizer of the DeepSpeed rows: torch AdamW(fused=True) or deepspeed FusedAdam "

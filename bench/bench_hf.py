@@ -41,7 +41,7 @@ ROWS = ["fsdp", "fsdp_compile", "zero_z1", "zero_z2", "zero_z3", "zero_z1_compil
         "zero_z3_compile", "zero_z3_deepcompile", "builtin_z3"]
 EXTRA_ROWS = ["cpu_zero_z1", "cpu_zero_z2", "cpu_zero_z3"]
 FORWARDED = ["micro_batch", "seq_len", "warmup", "steps", "seed", "lr", "tiny", "hidden", "layers", "intermediate",
-             "heads", "vocab"]
+             "heads", "vocab", "zero_kwargs", "zero_config", "profile"]
 
 
 def llama_config(args):
@@ -71,6 +71,7 @@ def run_row(args, spec) -> dict:
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import Callback
+    from probe import StepProbe
     from torch.utils.data import DataLoader, Dataset
     from transformers import LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -90,13 +91,16 @@ def run_row(args, spec) -> dict:
     else:
         from lightning_zero import ZeroStrategy
 
-        strategy = ZeroStrategy(stage=stage, compile=spec["compile"])
+        strategy = ZeroStrategy(stage=stage, compile=spec["compile"], config=json.loads(args.zero_config or "null"),
+                                **json.loads(args.zero_kwargs or "{}"))
     if not cpu:
         torch.cuda.set_device(device)
     total = args.warmup + args.steps
+    probe = StepProbe(total, args.profile, device)
     config = llama_config(args)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    tokens = torch.randint(0, config.vocab_size, (total * args.micro_batch, args.seq_len), generator=g, device=device)
+    rows = (total + probe.total_extra) * args.micro_batch
+    tokens = torch.randint(0, config.vocab_size, (rows, args.seq_len), generator=g, device=device)
 
     class Rows(Dataset):
         def __len__(self):
@@ -129,7 +133,17 @@ def run_row(args, spec) -> dict:
 
             self.units = dict(Counter(type(m).__name__ for m in pl_module.modules() if z3_leaf_module(m)))
 
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            probe.step_start(trainer.global_step)
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            probe.mark("fwd")
+
+        def on_after_backward(self, trainer, pl_module):
+            probe.mark("bwd")
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            probe.step_end(trainer.global_step - 1)
             if len(self.times) >= total:
                 return
             bg._sync(device)
@@ -146,7 +160,8 @@ def run_row(args, spec) -> dict:
     n_params = sum(p.numel() for p in module.model.parameters())
     timer = StepTimer()
     trainer = L.Trainer(accelerator="cpu" if cpu else "gpu", devices=1, precision="32-true" if cpu else "bf16-mixed",
-                        strategy=strategy, max_steps=total, max_epochs=1, logger=False, enable_checkpointing=False,
+                        strategy=strategy, max_steps=total + probe.total_extra, max_epochs=1, logger=False,
+                        enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, use_distributed_sampler=False, callbacks=[timer])
     fit_module = torch.compile(module) if family == "fsdp" and spec["compile"] else module
@@ -157,6 +172,7 @@ def run_row(args, spec) -> dict:
     peak_timed = None if cpu else timer.peak_timed
     peak_total = None if cpu else max(timer.peak_before or 0, timer.peak_timed)
     out = bg._summarize(args, spec, timer.times, timer.losses, n_params, peak_total, peak_timed)
+    out.update(probe.result)
     out.update(strategy=type(strategy).__name__, fetch_units=timer.units, model_config=config.to_diff_dict())
     return out
 
@@ -238,6 +254,12 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--zero-kwargs", dest="zero_kwargs", default=None,
+                   help='JSON dict of extra ZeroStrategy keywords in the zero_* rows, e.g. \'{"pin_memory": true}\'')
+    p.add_argument("--zero-config", dest="zero_config", default=None,
+                   help="JSON dict passed as ZeroStrategy(config=...) in the zero_* rows")
+    p.add_argument("--profile", type=int, default=0,
+                   help="after the timed steps, profile K steps and time K more by phase (bench_gpt.py, probe.py)")
     p.add_argument("--row-timeout", dest="row_timeout", type=float, default=900.0)
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--row", default=None, help=argparse.SUPPRESS)
