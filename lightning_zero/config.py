@@ -711,11 +711,13 @@ def _resolve_batch(config: dict[str, Any], flags: TrainerFlags, conflicts: list[
           f" ({flags.world_size}); remove it from the config or set it to \"auto\"")
 
 
-def resolve_ds_config(user: Mapping[str, Any], knobs: Mapping[str, Any], flags: TrainerFlags) -> dict[str, Any]:
+def resolve_ds_config(user: Mapping[str, Any], knobs: Mapping[str, Any], flags: TrainerFlags, *,
+                      deepcompile: bool = False) -> dict[str, Any]:
     """Return the DeepSpeed config to run with. ``user`` and ``knobs`` are not modified.
 
     Trainer ``flags`` fill every key the user left out or set to ``"auto"``. Explicit user values that agree are
-    kept; every disagreement is collected and raised once, each with both values and the fix.
+    kept; every disagreement is collected and raised once, each with both values and the fix. ``deepcompile``: the
+    engine runs DeepSpeed's DeepCompile (``ZeroStrategy(compile="deepcompile")``), which needs managed accumulation.
     """
     config = merge_knobs(user, knobs)
     config["zero_optimization"]["stage"] = _as_stage(config["zero_optimization"].get("stage"))
@@ -735,8 +737,10 @@ def resolve_ds_config(user: Mapping[str, Any], knobs: Mapping[str, Any], flags: 
         if isinstance(config.get(section), Mapping):
             config[section] = {k: v for k, v in config[section].items() if v != AUTO}
     check_zero_features(config, flags)
-    # The Trainer owns the accumulation boundary: each optimizer step is one DeepSpeed step (see engines.py).
-    config["managed_gradient_accumulation"] = False
+    # The one place that decides it (a user value is refused, _OWNED_KEYS). The Trainer owns the accumulation boundary:
+    # each optimizer step is one DeepSpeed step (see engines.py). DeepSpeed refuses its unmanaged accumulation with
+    # DeepCompile; the registry sets the boundary per backward instead (EngineRegistry._deepcompile_boundary).
+    config["managed_gradient_accumulation"] = deepcompile
     config.setdefault("steps_per_print", 2**31 - 1)  # no per-step prints; Lightning's progress bar reports
     config.setdefault("zero_allow_untested_optimizer", True)
     stage = config["zero_optimization"]["stage"]

@@ -330,7 +330,7 @@ class EngineRegistry:
 
     def _gate_leaf_hooks(self, slot: EngineSlot) -> None:
         """Make the ZeRO-3 hooks that reduce a fetch unit's gradients (DeepSpeed's leaf modules, see
-        ``tuning.apply_block_fetch``) fire only in their own engine's backward.
+        ``tuning.resolve_block_fetch``) fire only in their own engine's backward.
 
         They are full backward hooks on the module, so they fire whenever a backward goes through it, including
         another engine's backward that only goes through on its way to that engine's parameters (a decoder's blocks

@@ -42,13 +42,12 @@ from lightning_zero._compat.lightning import evaluate_under_no_grad, route_check
 from lightning_zero._imports import require_deepspeed, use_cpu_accelerator
 from lightning_zero import offload
 from lightning_zero.keywords import Unpack, ZeroKeywords
-from lightning_zero.engines import (EngineRegistry, EngineSlot, ModelAssignment, _ModelGroup, assign_models,
-                                   build_engine, leaf_flags)
+from lightning_zero.engines import EngineRegistry, _ModelGroup
 from lightning_zero.compiling import (check_deepcompile, check_deepcompile_runtime, compile_models, deepcompile_engine,
                                       evaluating_eagerly, refuse_compiled_lightning_module, resolve_compile,
                                       resume_deepcompile_schedule)
 from lightning_zero.precision import ZeroPrecision, check_cpu_precision, requested_precision
-from lightning_zero.tuning import apply_block_fetch, apply_speed_defaults, track_unit_inputs
+from lightning_zero.plan import build_engines, plan_engines, resolve_model_config
 from lightning_zero import hf
 from lightning_zero.summary import install_summary
 
@@ -410,14 +409,9 @@ class ZeroStrategy(ParallelStrategy):
     def resolve_config(self, trainer: pl.Trainer | None) -> dict[str, Any]:
         flags = self.trainer_flags(trainer) if trainer is not None else cfg.TrainerFlags(
             precision=self.precision_plugin.precision, world_size=self.world_size)
-        config = apply_speed_defaults(cfg.resolve_ds_config(self.user_config, self.knobs, flags))
+        config = resolve_model_config(self.user_config, self.knobs, flags, deepcompile=self.deepcompile)
         # in every process, before zero.Init creates <nvme_path>/zero_stage_3 (torchrun/SLURM have no precheck)
         offload.check_nvme(config)
-        if self.deepcompile:
-            config["compile"] = {**(config.get("compile") or {}), "deepcompile": True}
-            # DeepSpeed refuses its unmanaged accumulation with DeepCompile; the registry sets the boundary per
-            # backward instead (EngineRegistry._deepcompile_boundary)
-            config["managed_gradient_accumulation"] = True
         return config
 
     @contextmanager
@@ -523,7 +517,8 @@ class ZeroStrategy(ParallelStrategy):
             self._setup_training_engines()
         else:
             self.optimizers, self.lr_scheduler_configs = [], []
-            self._add_slot("model", self.lightning_module, None)
+            plans = plan_engines(self.ds_config, self.lightning_module, [], fitting=False)
+            build_engines(plans, self.engines, self.root_device)
         self.precision_plugin.engines = self.engines
         self._engines_owner = id(self.lightning_module)
         if self.deepcompile and fitting:
@@ -542,67 +537,18 @@ class ZeroStrategy(ParallelStrategy):
         assert self.lightning_module is not None and self.ds_config is not None
         optimizers, schedulers = _init_optimizers_and_lr_schedulers(self.lightning_module)
         optimizers = [o for o in optimizers if not isinstance(o, _MockOptimizer)]
-        if optimizers and "optimizer" in self.ds_config:
-            raise ValueError("Both `configure_optimizers` and the DeepSpeed config's 'optimizer' block define an"
-                             " optimizer. Keep one: return None from configure_optimizers, or remove 'optimizer' (and"
-                             " 'scheduler') from the config.")
-        if not optimizers:
-            if "optimizer" not in self.ds_config:
-                raise ValueError("No optimizer: `configure_optimizers` returned none and the DeepSpeed config has no"
-                                 " 'optimizer' block. Define one of them.")
-            slot = self._add_slot("model", self.lightning_module, None, trainable=True,
-                                  block_fetch=not self.deepcompile)
-            slot.face = slot.basic_optimizer
-            self.engines.add(slot)
-            self.optimizers = [slot.face]
-            self.lr_scheduler_configs = []
-            if slot.engine.lr_scheduler is not None:  # Lightning steps it, once per optimizer step
-                self.lr_scheduler_configs = [LRSchedulerConfig(slot.engine.lr_scheduler, interval="step")]
-                slot.engine.lr_scheduler = None
+        plans = plan_engines(self.ds_config, self.lightning_module, optimizers, deepcompile=self.deepcompile)
+        slots = build_engines(plans, self.engines, self.root_device)
+        if not optimizers:  # the DeepSpeed config's optimizer (and scheduler) steps the one engine
+            engine = slots[0].engine
+            self.optimizers, self.lr_scheduler_configs = [slots[0].face], []
+            if engine.lr_scheduler is not None:  # Lightning steps it, once per optimizer step
+                self.lr_scheduler_configs = [LRSchedulerConfig(engine.lr_scheduler, interval="step")]
+                engine.lr_scheduler = None
             return
-        assignments = list(assign_models(self.lightning_module, optimizers))
-        # Several models with their own optimizers (GANs, distillation of several students) keep DeepSpeed's
-        # per-layer fetching at stage 3: they often call a network twice per step (a discriminator on real and on
-        # generated data), which one-unit blocks do not support (see EngineRegistry._counter).
-        block_fetch = sum(a.optimizer_index is not None for a in assignments) <= 1
-        if self.deepcompile:
-            _check_deepcompile_layout(assignments, self.lightning_module)
-            block_fetch = False  # DeepCompile removes ZeRO's module hooks and schedules the gathers itself
-        for assignment in assignments:
-            module = assignment.as_module(self.lightning_module)
-            face = None if assignment.optimizer_index is None else optimizers[assignment.optimizer_index]
-            self._add_slot(assignment.name, module, face, block_fetch=block_fetch)
         self.optimizers, self.lr_scheduler_configs = optimizers, schedulers
         for lightning_optimizer in self._lightning_optimizers:
             self.engines.guard_zero_grad(lightning_optimizer)
-
-    def _add_slot(self, name: str, module: Module, face: torch.optim.Optimizer | None, trainable: bool = False,
-                  block_fetch: bool = True) -> EngineSlot:
-        assert self.ds_config is not None
-        train = face is not None or trainable
-        config = self.ds_config if train else cfg.inference_config(self.ds_config)
-        if not train and self.stage < 3:
-            # DeepSpeed refuses ZeRO-1/2 without an optimizer; below stage 3 such a model stays a plain module anyway.
-            config["zero_optimization"] = {"stage": 0}
-        if self.stage < 3:
-            module.to(self.root_device)
-        device_index = self.root_device.index if self.root_device.type == "cuda" else -1
-        if self.stage == 3:
-            offload.partition_for_nvme(module, config, self.root_device.type)
-            if block_fetch:
-                config, note = apply_block_fetch(config, module)
-                if note:
-                    rank_zero_info(note)
-        # the optimizer DeepSpeed steps: a clone of the face, or DeepSpeedCPUAdam when the optimizer is offloaded
-        optimizer = offload.build_stepped_optimizer(face, config) if face is not None else None
-        units_before = leaf_flags(module)  # restored when the engine is released
-        engine = build_engine(module, config, optimizer, device_index, train=train)
-        if self.stage == 3 and block_fetch and train:
-            track_unit_inputs(module)  # a frozen base's blocks (LoRA): see tuning.track_unit_inputs
-        slot = EngineSlot(name, module, engine, face, config_clip=float(config.get("gradient_clipping", 0.0)),
-                          leaf_flags=units_before)
-        self.engines.add(slot)
-        return slot
 
     def _release_engines(self) -> None:
         """Destroy the engines of the previous Trainer call, and those another Trainer of this process left on this
@@ -835,21 +781,6 @@ class ZeroStrategy(ParallelStrategy):
 
 
 _SHAPE_ERROR = re.compile(r"matrix|shape|size|dimension", re.IGNORECASE)
-
-
-def _check_deepcompile_layout(assignments: list[ModelAssignment], root: Module) -> None:
-    """DeepCompile drives one engine per process (its runtime and pass schedule are process-global), and that engine
-    must wrap the whole LightningModule: its forward, which Lightning's training_step goes through, advances the
-    schedule."""
-    if len(assignments) == 1 and list(assignments[0].modules.values()) == [root]:
-        return
-    layout = "; ".join(f"{a.name}: {', '.join(a.modules)} "
-                       + ("(frozen)" if a.optimizer_index is None else f"(optimizer {a.optimizer_index})")
-                       for a in assignments)
-    raise ValueError("ZeroStrategy(compile='deepcompile') needs one optimizer that trains every parameter of the"
-                     " LightningModule, so that one DeepSpeed engine wraps it; DeepCompile's runtime serves one engine"
-                     f" per process. This module needs {len(assignments)} engines ({layout}). Use compile=True"
-                     " (torch.compile), which compiles each engine's networks.")
 
 
 def _warn_unpartitioned(module: Module) -> None:

@@ -15,15 +15,19 @@ GPU's idle time per step from 28 ms to 8 ms.
 * ``zero_optimization.reduce_bucket_size = 2e8`` at stage 3 (Lightning's value): ZeRO-3 allocates one 16-bit
   gradient bucket of that many elements up front, and DeepSpeed's default (5e8) costs 0.56 GiB more GPU memory than
   Lightning's built-in strategy for no measured speed gain.
-* Stage 3 fetches each repeated block (a transformer layer) as one unit (:func:`apply_block_fetch`): DeepSpeed's
+* Stage 3 fetches each repeated block (a transformer layer) as one unit (:func:`resolve_block_fetch`): DeepSpeed's
   ``stage3_module_granularity_threshold`` at the blocks' granularity, or the blocks named in ``leaf_module``.
   DeepSpeed otherwise gathers and releases every ``nn.Linear`` / ``nn.LayerNorm`` separately, each with its own hooks
   and stream syncs: on one H100 with a 0.9B GPT this took ZeRO-3 from 37k to 54-56k tokens/s. Applied when one
-  model is trained (the strategy decides; a unit supports one call per forward, see ``EngineRegistry._counter``).
+  model is trained (``plan.plan_engines`` decides; a unit supports one call per forward, see
+  ``EngineRegistry._counter``).
+
+Both are pure (``resolve_*``): they return new dicts and only read the module; ``lightning_zero.plan`` applies them.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections import Counter
 from collections.abc import Mapping
@@ -32,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["apply_block_fetch", "apply_speed_defaults", "block_fetch_threshold", "track_unit_inputs"]
+__all__ = ["block_fetch_threshold", "resolve_block_fetch", "resolve_speed_defaults", "track_unit_inputs"]
 
 STAGE3_REDUCE_BUCKET = 200_000_000
 
@@ -41,8 +45,10 @@ def _enabled(section: Any) -> bool:
     return isinstance(section, Mapping) and section.get("enabled") is True
 
 
-def apply_speed_defaults(config: dict[str, Any]) -> dict[str, Any]:
-    """Fill the speed defaults into a resolved DeepSpeed config (in place; also returned). Pure."""
+def resolve_speed_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A resolved DeepSpeed config with the speed defaults filled in where it is silent (a copy; the input is
+    unchanged)."""
+    config = copy.deepcopy(dict(config))
     zero = config.setdefault("zero_optimization", {})
     stage = int(zero.get("stage", 0))
     bf16_key = next((k for k in ("bf16", "bfloat16") if _enabled(config.get(k))), None)
@@ -153,7 +159,7 @@ def _threshold(module: nn.Module, granularity: dict[int, int], blocks: list[nn.M
     return threshold, units
 
 
-def apply_block_fetch(config: dict[str, Any], module: nn.Module) -> tuple[dict[str, Any], str | None]:
+def resolve_block_fetch(config: Mapping[str, Any], module: nn.Module) -> tuple[dict[str, Any], str | None]:
     """``config`` with ZeRO-3's fetch unit set to ``module``'s repeated blocks (a copy; the input is unchanged), and
     the log line that says so. Unchanged below stage 3, when the config names ``stage3_module_granularity_threshold``
     or ``leaf_module`` itself, or when no block structure is found.
@@ -163,11 +169,11 @@ def apply_block_fetch(config: dict[str, Any], module: nn.Module) -> tuple[dict[s
     parameters per layer as its blocks), the blocks are named in ``zero_optimization.leaf_module.names`` instead."""
     zero = config.get("zero_optimization") or {}
     if int(zero.get("stage", 0)) != 3 or "stage3_module_granularity_threshold" in zero or "leaf_module" in zero:
-        return config, None
+        return dict(config), None
     granularity = _granularities(module)
     named = _repeated_blocks(module, granularity)
     if not named:
-        return config, None
+        return dict(config), None
     found = _threshold(module, granularity, [b for _, b in named])
     if found is not None:
         threshold, units = found

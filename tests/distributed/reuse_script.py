@@ -172,7 +172,7 @@ def gan(stage: int) -> dict[str, Any]:
 
 
 def blocks() -> dict[str, Any]:
-    """Stage 3 with each Block gathered as one unit (tuning.apply_block_fetch) and parameters and optimizer offloaded
+    """Stage 3 with each Block gathered as one unit (tuning.resolve_block_fetch) and parameters and optimizer offloaded
     to CPU (DeepSpeedCPUAdam): fit -> fit."""
     from test_block_fetch import BlockRegressor
 

@@ -1,4 +1,4 @@
-"""Stage 3 fetches repeated blocks as one unit (tuning.apply_block_fetch) and still trains exactly like plain PyTorch."""
+"""Stage 3 fetches repeated blocks as one unit (tuning.resolve_block_fetch) and still trains exactly like plain PyTorch."""
 
 from __future__ import annotations
 

@@ -101,7 +101,7 @@ def test_deepspeed_has_unmanaged_gradient_accumulation():
 
 
 def test_deepspeeds_zero_schema_has_the_keys_the_speed_defaults_set():
-    """tuning.apply_speed_defaults sets zero_optimization.compute_grad_norm (DeepSpeed 0.19.7+, inside the range)."""
+    """tuning.resolve_speed_defaults sets zero_optimization.compute_grad_norm (DeepSpeed 0.19.7+, inside the range)."""
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     assert DeepSpeedZeroConfig(stage=2, compute_grad_norm=False).compute_grad_norm is False

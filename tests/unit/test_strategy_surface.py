@@ -95,7 +95,7 @@ def test_deepcompile_needs_one_engine_over_the_whole_module():
     from torch import nn
 
     from lightning_zero.engines import assign_models
-    from lightning_zero.strategy import _check_deepcompile_layout
+    from lightning_zero.plan import _check_deepcompile_layout
 
     class GAN(nn.Module):
         def __init__(self):

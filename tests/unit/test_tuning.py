@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_zero.tuning import apply_block_fetch, apply_speed_defaults, block_fetch_threshold
+from lightning_zero.tuning import block_fetch_threshold, resolve_block_fetch, resolve_speed_defaults
 
 
 def cfg(stage=2, clip=0.0, bf16=True, fp16=False, **zero):
@@ -17,32 +17,32 @@ def cfg(stage=2, clip=0.0, bf16=True, fp16=False, **zero):
 
 
 def test_bf16_skips_the_overflow_check():
-    assert apply_speed_defaults(cfg())["bf16"] == {"enabled": True, "check_grad_overflow": False}
+    assert resolve_speed_defaults(cfg())["bf16"] == {"enabled": True, "check_grad_overflow": False}
 
 
 def test_legacy_bfloat16_section_too():
-    out = apply_speed_defaults({"zero_optimization": {"stage": 3}, "bfloat16": {"enabled": True}})
+    out = resolve_speed_defaults({"zero_optimization": {"stage": 3}, "bfloat16": {"enabled": True}})
     assert out["bfloat16"]["check_grad_overflow"] is False
 
 
 def test_explicit_user_values_win():
     config = cfg(compute_grad_norm=True)
     config["bf16"]["check_grad_overflow"] = True
-    out = apply_speed_defaults(config)
+    out = resolve_speed_defaults(config)
     assert out["bf16"]["check_grad_overflow"] is True
     assert out["zero_optimization"]["compute_grad_norm"] is True
 
 
 def test_fp16_keeps_its_overflow_check():
-    out = apply_speed_defaults(cfg(bf16=False, fp16=True))
+    out = resolve_speed_defaults(cfg(bf16=False, fp16=True))
     assert out["fp16"] == {"enabled": True}
     assert "bf16" not in out
 
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_norm_skipped_at_stages_1_2_when_nothing_clips(stage):
-    assert apply_speed_defaults(cfg(stage=stage))["zero_optimization"]["compute_grad_norm"] is False
-    assert apply_speed_defaults(cfg(stage=stage, bf16=False))["zero_optimization"]["compute_grad_norm"] is False
+    assert resolve_speed_defaults(cfg(stage=stage))["zero_optimization"]["compute_grad_norm"] is False
+    assert resolve_speed_defaults(cfg(stage=stage, bf16=False))["zero_optimization"]["compute_grad_norm"] is False
 
 
 @pytest.mark.parametrize("config", [
@@ -53,11 +53,11 @@ def test_norm_skipped_at_stages_1_2_when_nothing_clips(stage):
     {**cfg(stage=1), "data_types": {"grad_accum_dtype": "fp32"}},  # DeepSpeed's BF16_Optimizer path needs it
 ], ids=["stage0", "stage3", "clipping", "offload", "stage1-bf16-fp32-accumulation"])
 def test_norm_kept_where_it_is_needed_or_unsupported(config):
-    assert "compute_grad_norm" not in apply_speed_defaults(config)["zero_optimization"]
+    assert "compute_grad_norm" not in resolve_speed_defaults(config)["zero_optimization"]
 
 
 def test_offload_device_none_is_not_offload():
-    out = apply_speed_defaults(cfg(stage=2, offload_optimizer={"device": "none"}))
+    out = resolve_speed_defaults(cfg(stage=2, offload_optimizer={"device": "none"}))
     assert out["zero_optimization"]["compute_grad_norm"] is False
 
 
@@ -66,20 +66,20 @@ def test_resolved_configs_are_accepted_by_deepspeed():
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     for stage in (1, 2):
-        out = apply_speed_defaults(cfg(stage=stage))
+        out = resolve_speed_defaults(cfg(stage=stage))
         DeepSpeedZeroConfig(**out["zero_optimization"])
         DeepSpeedBF16Config(**out["bf16"])
 
 
 def test_stage3_reduce_bucket_matches_lightnings_and_the_config_wins():
-    assert apply_speed_defaults(cfg(stage=3))["zero_optimization"]["reduce_bucket_size"] == 200_000_000
-    assert "reduce_bucket_size" not in apply_speed_defaults(cfg(stage=2))["zero_optimization"]
+    assert resolve_speed_defaults(cfg(stage=3))["zero_optimization"]["reduce_bucket_size"] == 200_000_000
+    assert "reduce_bucket_size" not in resolve_speed_defaults(cfg(stage=2))["zero_optimization"]
     mine = cfg(stage=3)
     mine["zero_optimization"]["reduce_bucket_size"] = 5e8
-    assert apply_speed_defaults(mine)["zero_optimization"]["reduce_bucket_size"] == 5e8
+    assert resolve_speed_defaults(mine)["zero_optimization"]["reduce_bucket_size"] == 5e8
 
 
-# --- stage 3 fetch units (apply_block_fetch) -------------------------------------------------------------------------
+# --- stage 3 fetch units (resolve_block_fetch) -------------------------------------------------------------------------
 
 class Block(nn.Module):
     def __init__(self, width: int = 16) -> None:
@@ -110,7 +110,7 @@ def test_block_granularity_as_deepspeed_computes_it():
     assert threshold == 1104 // 4
     assert units == list(net.blocks)
     # the parent: 3 * 1104 + 144 + 16000 parameters over 12 + 2 + 1 layers = 1299 > 276, so only the blocks are units
-    config, note = apply_block_fetch(stage3(), net)
+    config, note = resolve_block_fetch(stage3(), net)
     assert config["zero_optimization"]["stage3_module_granularity_threshold"] == 276
     assert "Block x3" in note and "stage3_module_granularity_threshold=276" in note
 
@@ -119,7 +119,7 @@ def test_blocks_are_named_when_no_threshold_singles_them_out():
     with torch.device("meta"):
         net = Net()  # parent: 3456 / 14 = 246 <= 276, a threshold would make the whole model one unit
     assert block_fetch_threshold(net) is None
-    config, note = apply_block_fetch(stage3(), net)
+    config, note = resolve_block_fetch(stage3(), net)
     assert config["zero_optimization"]["leaf_module"] == {"names": ["blocks.0", "blocks.1", "blocks.2"]}
     assert "stage3_module_granularity_threshold" not in config["zero_optimization"]
     assert "leaf_module" in note
@@ -142,13 +142,22 @@ def test_partitioned_parameters_count_with_their_full_size():
 def test_block_fetch_leaves_other_stages_and_explicit_settings_alone(config):
     with torch.device("meta"):
         net = Net(embedding=1000)
-    assert apply_block_fetch(config, net) == (config, None)
+    assert resolve_block_fetch(config, net) == (config, None)
 
 
 def test_no_blocks_no_change():
     with torch.device("meta"):
         plain = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))  # repeated, but torch leaves
         huge = nn.ModuleList(nn.Sequential(nn.Linear(40_000, 30_000)) for _ in range(2))  # 1.2e9 > DeepSpeed's cap
-    assert apply_block_fetch(stage3(), plain) == (stage3(), None)
-    assert apply_block_fetch(stage3(), huge) == (stage3(), None)
+    assert resolve_block_fetch(stage3(), plain) == (stage3(), None)
+    assert resolve_block_fetch(stage3(), huge) == (stage3(), None)
     assert block_fetch_threshold(huge) is None
+
+
+def test_speed_defaults_return_a_new_config():
+    config = cfg(stage=2)
+    before = {**config, "zero_optimization": dict(config["zero_optimization"]), "bf16": dict(config["bf16"])}
+    out = resolve_speed_defaults(config)
+    assert config == before  # the input is unchanged
+    assert out is not config and out["zero_optimization"] is not config["zero_optimization"]
+    assert out["zero_optimization"]["compute_grad_norm"] is False
