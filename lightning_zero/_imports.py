@@ -31,10 +31,11 @@ def use_cpu_accelerator() -> None:
     Must run before DeepSpeed resolves its accelerator (its first `get_accelerator()` call).
     """
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from deepspeed.accelerator import get_accelerator, real_accelerator
+    from lightning_zero._compat.deepspeed import accelerator_chosen
 
-    if real_accelerator.ds_accelerator is not None and get_accelerator()._name != "cpu":
+    chosen = accelerator_chosen()
+    if chosen is not None and chosen != "cpu":
         raise RuntimeError(
-            f"Lightning runs on CPU but DeepSpeed already chose the {get_accelerator()._name!r} accelerator in this"
+            f"Lightning runs on CPU but DeepSpeed already chose the {chosen!r} accelerator in this"
             " process. Set DS_ACCELERATOR=cpu before importing DeepSpeed, or use Trainer(accelerator='gpu')."
         )

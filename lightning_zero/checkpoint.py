@@ -31,7 +31,6 @@ share weights as safetensors (``lightning-zero consolidate``).
 
 from __future__ import annotations
 
-import argparse
 import codecs
 import ctypes
 import errno
@@ -684,9 +683,9 @@ def remove(path: Any) -> None:
 
 
 def _save_rng(folder: Path, rank: int) -> None:
-    from lightning.fabric.utilities.seed import _collect_rng_states
+    from lightning_zero._compat.lightning import collect_rng_states
 
-    state = _collect_rng_states(include_cuda=torch.cuda.is_available())
+    state = collect_rng_states(include_cuda=torch.cuda.is_available())
     if "numpy" in state:  # stored as tensors, so the file loads with weights_only=True
         name, keys, pos, has_gauss, cached = state["numpy"]
         state["numpy"] = (name, torch.from_numpy(keys.copy()), pos, has_gauss, cached)
@@ -695,7 +694,7 @@ def _save_rng(folder: Path, rank: int) -> None:
 
 
 def _load_rng(folder: Path, rank: int) -> None:
-    from lightning.fabric.utilities.seed import _set_rng_states
+    from lightning_zero._compat.lightning import set_rng_states
 
     file = folder / RNG_DIR / f"rank_{rank:05d}.pt"
     if not file.is_file():
@@ -706,7 +705,7 @@ def _load_rng(folder: Path, rank: int) -> None:
         state["numpy"] = (name, keys.numpy(), pos, has_gauss, cached)
     if not torch.cuda.is_available():
         state.pop("torch.cuda", None)
-    _set_rng_states(state)
+    set_rng_states(state)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -820,13 +819,11 @@ def _load_engine(strategy: ZeroStrategy, slot: Any, root: Path, meta: Mapping[st
     rank_zero_info(f"Checkpoint {str(root)!r}: {change}. Resuming engine {slot.name!r} through DeepSpeed's universal"
                    f" checkpoint format (converted once, cached in {str(folder / UNIVERSAL_TAG)!r}).")
     _ensure_universal(strategy, folder)
-    engine = slot.engine
-    engine._config.load_universal_checkpoint = True  # read by DeepSpeed at load time only
-    try:
-        loaded, _ = engine.load_checkpoint(str(folder), tag=UNIVERSAL_TAG, load_optimizer_states=True,
-                                           load_lr_scheduler_states=False, load_module_strict=False)
-    finally:
-        engine._config.load_universal_checkpoint = False
+    from lightning_zero._compat.deepspeed import loading_universal_checkpoint
+
+    with loading_universal_checkpoint(slot.engine):
+        loaded, _ = slot.engine.load_checkpoint(str(folder), tag=UNIVERSAL_TAG, load_optimizer_states=True,
+                                                load_lr_scheduler_states=False, load_module_strict=False)
     if loaded is None:
         raise ValueError(f"DeepSpeed could not load the universal checkpoint of engine {slot.name!r} from"
                          f" {str(folder / UNIVERSAL_TAG)!r}.")
@@ -884,16 +881,14 @@ def _ensure_universal(strategy: ZeroStrategy, folder: Path) -> None:
 
 
 def _convert_to_universal(folder: Path) -> None:
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+    from lightning_zero._compat.deepspeed import convert_to_universal
 
     target = folder / UNIVERSAL_TAG
     work = _sibling(target, PARTIAL_SUFFIX)
     _remove_path(work)
-    args = argparse.Namespace(input_folder=str(folder / TAG), output_folder=str(work), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
     started = time.monotonic()
     with redirect_stdout(io.StringIO()) as printed:
-        ds_to_universal(args)
+        convert_to_universal(str(folder / TAG), str(work))
     log.debug("ds_to_universal output:\n%s", printed.getvalue())
     _serve_every_stage(work)
     os.replace(work, target)

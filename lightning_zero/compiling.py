@@ -135,11 +135,10 @@ def deepcompile_engine(engine: Any, module: nn.Module, kwargs: Mapping[str, Any]
     def compile_networks(**torch_kwargs: Any) -> None:
         done.extend(compile_models([(module, True)], torch_kwargs))
 
-    module.__dict__["compile"] = compile_networks  # the engine calls self.module.compile(**kwargs, backend=...)
-    try:
+    from lightning_zero._compat.deepspeed import redirect_module_compile
+
+    with redirect_module_compile(module, compile_networks):  # the engine calls self.module.compile(backend=...)
         engine.compile(backend=backend, compile_kwargs=kwargs)
-    finally:
-        del module.__dict__["compile"]
     if not done:
         raise ValueError(f"ZeroStrategy(compile='deepcompile'): {type(module).__name__} has no child module with"
                          " parameters to compile. Keep the networks in submodules (self.net = ...).")
@@ -155,12 +154,9 @@ def resume_deepcompile_schedule(global_steps: int) -> None:
     inside DeepSpeed ("'NoneType' object is not iterable", measured on an H100). Counting the schedule from the
     restored step gives the resumed run the same passes, and the same warm-up, as a fresh one. Call it after the
     checkpoint is loaded and before the first forward."""
-    from collections import deque
+    from lightning_zero._compat.deepspeed import shift_deepcompile_schedule
 
-    from deepspeed.compile import backend
-
-    if global_steps > 0 and backend.remaining_schedule:
-        backend.remaining_schedule = deque((step + global_steps, passes) for step, passes in backend.remaining_schedule)
+    shift_deepcompile_schedule(global_steps)
 
 
 def evaluating_eagerly(deepcompile: bool) -> Any:
@@ -230,7 +226,9 @@ def refuse_compiled_lightning_module(model: Any) -> None:
     Lightning unwraps the compiled module (setting ``_compiler_ctx``) and then refuses it for any strategy but DDP and
     FSDP, with a message that names only those; ZeroStrategy's ``_lightning_module`` setter calls this first.
     """
-    if getattr(model, "_compiler_ctx", None) is not None:
+    from lightning_zero._compat.lightning import compiled_by_lightning
+
+    if compiled_by_lightning(model):
         raise ValueError("The model passed to the Trainer is compiled (torch.compile). Lightning accepts compiled"
                          " modules only for DDP and FSDP: pass the LightningModule itself and use"
                          " ZeroStrategy(compile=True), which compiles its networks.")

@@ -23,6 +23,10 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_zero._compat.deepspeed import (backward_reaches_only, leaf_module_hooks, remove_engine_module_hooks,
+                                              set_gradient_clipping, start_micro_batch, untag_leaf_parameters,
+                                              zero3_backward_counters)
+from lightning_zero._compat.lightning import guard_zero_grad, unwrap_optimizer
 from lightning_zero.compiling import check_gradients_reduced_by_deepcompile
 
 __all__ = ["EngineRegistry", "EngineSlot", "ModelAssignment", "assign_models", "clone_optimizer", "leaf_flags"]
@@ -218,12 +222,7 @@ class EngineSlot:
 
     def set_clip(self, value: float) -> None:
         """Clip the next step at ``value`` (global norm); DeepSpeed reads it at step time."""
-        opt = self.engine.optimizer
-        if hasattr(opt, "clip_grad"):
-            opt.clip_grad = value
-        if value and getattr(opt, "compute_grad_norm", True) is False:
-            opt.compute_grad_norm = True  # the speed default skipped the norm while nothing clipped (tuning.py)
-        self.engine._config.gradient_clipping = value
+        set_gradient_clipping(self.engine, value)
 
 
 def _accumulate_grad_params(loss: Tensor) -> Iterator[Tensor]:
@@ -245,37 +244,12 @@ def _engine_backward(engine: Any, loss: Tensor, *args: Any, **kwargs: Any) -> No
     """``engine.backward`` after the bookkeeping ``DeepSpeedEngine.forward`` does first.
 
     With several engines the user calls the submodules directly, so no engine's forward runs. ZeRO's optimizers count
-    micro-batches in ``clear_backward_seen_flag()`` (called at the start of ``engine.forward``): without it, ZeRO-3
-    overwrites the gradient partitions accumulated by the previous backward instead of adding to them. Calling it again
-    after a forward that already did is a no-op.
+    micro-batches in ``clear_backward_seen_flag()`` (called at the start of ``engine.forward``, see
+    ``_compat.deepspeed.start_micro_batch``): without it, ZeRO-3 overwrites the gradient partitions accumulated by the
+    previous backward instead of adding to them. Calling it again after a forward that already did is a no-op.
     """
-    start_micro_batch = getattr(engine.optimizer, "clear_backward_seen_flag", None)
-    if start_micro_batch is not None:
-        start_micro_batch()
+    start_micro_batch(engine)
     engine.backward(loss, *args, scale_wrt_gas=False, **kwargs)
-
-
-@contextmanager
-def _backward_reaches_only(params: list[Tensor]) -> Iterator[None]:
-    """Inside, ``tensor.backward()`` accumulates into ``params`` only (as with ``inputs=params``).
-
-    ``DeepSpeedEngine.backward`` calls ``loss.backward(retain_graph=...)`` without ``inputs``. A backward that also
-    reached another engine's parameters would fire that engine's ZeRO gradient hooks outside its own backward (its
-    reduction and epilogue then run half-prepared). With ``inputs`` autograd does not run the other parameters'
-    accumulation nodes at all, so their hooks stay silent; ``requires_grad_(False)`` after the forward would not do:
-    the gradient is dropped but the post-accumulate hook still fires.
-    """
-    original = torch.Tensor.backward
-
-    def backward(self: Tensor, gradient: Tensor | None = None, retain_graph: bool | None = None,
-                 create_graph: bool = False, inputs: Any = None) -> None:
-        original(self, gradient, retain_graph, create_graph, inputs=params if inputs is None else inputs)
-
-    torch.Tensor.backward = backward  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        torch.Tensor.backward = original  # type: ignore[method-assign]
 
 
 class _Zero3BackwardCounters:
@@ -287,10 +261,8 @@ class _Zero3BackwardCounters:
     keeps the counts of a pass that went through it (the lowest), as after one ordinary backward.
     """
 
-    _NAMES = ("applied_pre_backward_ref_cnt", "ds_grads_remaining")
-
     def __init__(self, modules: Iterator[nn.Module]) -> None:
-        self.saved = [(m, name, m.__dict__[name]) for m in modules for name in self._NAMES if name in m.__dict__]
+        self.saved = zero3_backward_counters(modules)
         self.lowest = [value for _, _, value in self.saved]
 
     def after_pass(self, last: bool) -> None:
@@ -336,10 +308,9 @@ class EngineRegistry:
         another engine's backward that only goes through on its way to that engine's parameters (a decoder's blocks
         in the encoder's pass of a shared loss, a toggled discriminator in the generator's step); DeepSpeed would
         then reduce the unit's gradients (as zeros where there are none) outside its own backward. Per-parameter hooks need no
-        gate: ``_backward_reaches_only`` keeps other engines' gradients from accumulating at all. Wrapped in place
+        gate: ``backward_reaches_only`` keeps other engines' gradients from accumulating at all. Wrapped in place
         in the module's hook dict, before any forward captures the hooks."""
-        optimizer = getattr(slot.engine, "optimizer", None)
-        for handle in getattr(optimizer, "_leaf_module_hooks", ()):
+        for handle in leaf_module_hooks(slot.engine):
             hooks = handle.hooks_dict_ref()
             if hooks is None or handle.id not in hooks:
                 continue
@@ -377,19 +348,14 @@ class EngineRegistry:
 
         for slot in reversed(self.slots.values()):
             slot.engine.destroy()
-            for name in ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check"):
-                handle = getattr(slot.engine, name, None)
-                if handle is not None:
-                    handle.remove()
+            remove_engine_module_hooks(slot.engine)
             # destroy() leaves the fetch units the engine's config marked (leaf_module, the granularity threshold)
             # marked, and their parameters tagged with their unit (``ds_z3_leaf_module``, which the ZeRO-3 optimizer
             # reads to delay their reduction to the unit's backward hook); the next engines decide their own units
             # (several trained models fetch layer by layer), and DeepSpeed tags the parameters of those again.
             for module, flag in slot.leaf_flags:
                 set_z3_leaf_module(module, flag)
-            for param in slot.module.parameters():
-                if hasattr(param, "ds_z3_leaf_module"):
-                    del param.ds_z3_leaf_module
+            untag_leaf_parameters(slot.module)
         for handle in self._counter_hooks:
             handle.remove()
         self._counter_hooks.clear()
@@ -438,7 +404,7 @@ class EngineRegistry:
         self._unit_calls.clear()
 
     def for_optimizer(self, optimizer: Any) -> EngineSlot:
-        optimizer = getattr(optimizer, "_optimizer", optimizer)  # unwrap LightningOptimizer
+        optimizer = unwrap_optimizer(optimizer)  # the LightningOptimizer of self.optimizers() -> the user's optimizer
         slot = self._by_face.get(id(optimizer))
         if slot is None:
             raise ValueError(f"{type(optimizer).__name__} is not one of the optimizers ZeroStrategy set up. Use the"
@@ -508,7 +474,7 @@ class EngineRegistry:
                 last = i == len(hit) - 1
                 own = [p for p in slot.module.parameters() if id(p) in reached and p.requires_grad]
                 self._pass_owner = slot
-                with _backward_reaches_only(own):
+                with backward_reaches_only(own):
                     _engine_backward(slot.engine, loss, *args, retain_graph=retain_graph or not last, **kwargs)
                 counters.after_pass(last)
         finally:
@@ -517,14 +483,7 @@ class EngineRegistry:
     def guard_zero_grad(self, lightning_optimizer: Any) -> None:
         """Make ``opt.zero_grad()`` (the ``LightningOptimizer`` of ``self.optimizers()``) refuse to drop gradients
         that DeepSpeed already took in (see ``EngineSlot.check_discard``)."""
-        slot = self.for_optimizer(lightning_optimizer)
-        original = lightning_optimizer.zero_grad
-
-        def zero_grad(*args: Any, **kwargs: Any) -> None:
-            slot.check_discard()
-            original(*args, **kwargs)
-
-        lightning_optimizer.zero_grad = zero_grad
+        guard_zero_grad(lightning_optimizer, self.for_optimizer(lightning_optimizer).check_discard)
 
     def step(self, optimizer: Any) -> None:
         slot = self.for_optimizer(optimizer)

@@ -102,7 +102,9 @@ def _save_config(model: nn.Module, where: Path) -> None:
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
     config.dtype = str(model.dtype).split(".")[1]  # the training dtype; an export writes the one it exports
-    if getattr(model, "_auto_class", None) is not None:
+    from lightning_zero._compat.transformers import registered_for_auto_class
+
+    if registered_for_auto_class(model):
         from transformers.dynamic_module_utils import custom_object_save
 
         custom_object_save(model, str(where), config=config)

@@ -76,8 +76,9 @@ class HfZero3Link:
                         " cannot be told that ZeRO-3 is on (`from_pretrained` would not load into the partitions and"
                         " `generate` would not synchronise the ranks). Install it: `pip install accelerate`.")
             return
-        ref = hf_ds._hf_deepspeed_config_weak_ref  # what was set before (a user's own HfDeepSpeedConfig)
-        self._previous = ref() if ref is not None else None
+        from lightning_zero._compat.transformers import current_hf_deepspeed_config
+
+        self._previous = current_hf_deepspeed_config()  # what was set before (a user's own HfDeepSpeedConfig)
         import copy
 
         self._config = HfDeepSpeedConfig(copy.deepcopy(dict(config)))  # registers itself as transformers' config
@@ -87,8 +88,9 @@ class HfZero3Link:
             return
         from transformers.integrations import deepspeed as hf_ds
 
-        ref = hf_ds._hf_deepspeed_config_weak_ref
-        if ref is not None and ref() is self._config:
+        from lightning_zero._compat.transformers import current_hf_deepspeed_config
+
+        if current_hf_deepspeed_config() is self._config:
             if self._previous is not None:
                 hf_ds.set_hf_deepspeed_config(self._previous)
             else:
@@ -201,24 +203,24 @@ def _hf_init_gathers_each_module(pretrained_cls: type) -> Iterator[None]:
     """Hugging Face's ``_initialize_weights(module)`` (called per module by ``post_init``) runs with that module's
     parameters and its direct children's gathered, as transformers' own ``initialize_weights_zero3`` does: one gather
     per module rather than per write, and ``_init_weights`` may index a weight (``weight[padding_idx]``)."""
-    original = pretrained_cls.__dict__["_initialize_weights"]
+    from lightning_zero._compat.transformers import initialize_weights_through
 
-    def initialize_gathered(self: Any, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        params = [p for p in module.parameters(recurse=False)]
-        params += [p for child in module.children() for p in child.parameters(recurse=False)]
-        params = [p for p in params if _partitioned(p) is not None]
-        if not params:
-            return original(self, module, *args, **kwargs)
-        import deepspeed
+    def gathering(original: Any) -> Any:
+        def initialize_gathered(self: Any, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            params = [p for p in module.parameters(recurse=False)]
+            params += [p for child in module.children() for p in child.parameters(recurse=False)]
+            params = [p for p in params if _partitioned(p) is not None]
+            if not params:
+                return original(self, module, *args, **kwargs)
+            import deepspeed
 
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-            return original(self, module, *args, **kwargs)
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                return original(self, module, *args, **kwargs)
 
-    pretrained_cls._initialize_weights = initialize_gathered
-    try:
+        return initialize_gathered
+
+    with initialize_weights_through(pretrained_cls, gathering):
         yield
-    finally:
-        pretrained_cls._initialize_weights = original
 
 
 def _gathering(init_fn: Any) -> Any:

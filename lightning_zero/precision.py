@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, get_args
 
 import torch
-from lightning.fabric.plugins.precision.utils import _convert_fp_tensor, _DtypeContextManager
 from lightning.fabric.utilities.types import Steppable
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
@@ -22,6 +20,8 @@ from torch.nn import Module
 from torch.optim import LBFGS, Optimizer
 from typing_extensions import override
 
+from lightning_zero._compat.lightning import (convert_fp_tensor, convert_precision_flag, default_dtype,
+                                              trainer_precision_argument)
 from lightning_zero.config import SUPPORTED_PRECISION, PrecisionInput
 
 if TYPE_CHECKING:
@@ -68,11 +68,11 @@ class ZeroPrecision(Precision):
 
     @override
     def convert_input(self, data: Any) -> Any:
-        return apply_to_collection(data, function=_convert_fp_tensor, dtype=Tensor, dst_type=self.dtype)
+        return apply_to_collection(data, function=convert_fp_tensor, dtype=Tensor, dst_type=self.dtype)
 
     @override
     def tensor_init_context(self) -> AbstractContextManager:
-        return _DtypeContextManager(self.dtype) if self.precision.endswith("-true") else nullcontext()
+        return default_dtype(self.dtype) if self.precision.endswith("-true") else nullcontext()
 
     @override
     def module_init_context(self) -> AbstractContextManager:
@@ -122,28 +122,23 @@ def requested_precision(plugin: Precision) -> str:
     lets it do on CPU. So ZeroStrategy takes the flag as written, and CPU and CUDA processes train the same fp16 model
     (``check_cpu_precision`` says when the CPU cannot). The flag is the ``precision`` argument of
     ``_AcceleratorConnector.__init__`` (Lightning 2.6), the frame that sets the plugin on the strategy; the rewritten
-    value is all the plugin and the connector keep (``tests/unit/test_precision.py`` pins this)."""
+    value is all the plugin and the connector keep (``tests/unit/test_precision.py`` pins this; the frame is read in
+    ``_compat.lightning.trainer_precision_argument``)."""
     precision = str(getattr(plugin, "precision", "32-true"))
     if precision != "bf16-mixed" or getattr(plugin, "device", None) != "cpu":
         return precision
-    from lightning.fabric.connector import _convert_precision_to_unified_args
-    from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
-
-    frame = sys._getframe(1)
-    while frame is not None and frame.f_code is not _AcceleratorConnector.__init__.__code__:
-        frame = frame.f_back
-    if frame is None:  # Lightning no longer builds the plugin there: say so rather than guess
+    found, written = trainer_precision_argument()
+    if not found:  # Lightning no longer builds the plugin there: say so rather than guess
         rank_zero_warn("ZeroStrategy could not read the precision given to the Trainer (Lightning's"
                        " _AcceleratorConnector.__init__ no longer sets the precision plugin; see"
-                       " lightning_zero/precision.py): on CPU it trains with the plugin's 'bf16-mixed', which Lightning"
-                       " substitutes for '16-mixed'. Pass precision='bf16-mixed' explicitly to silence this.")
+                       " lightning_zero/_compat/lightning.py): on CPU it trains with the plugin's 'bf16-mixed', which"
+                       " Lightning substitutes for '16-mixed'. Pass precision='bf16-mixed' explicitly to silence this.")
         return precision
-    written = frame.f_locals.get("precision")
     if written is None:
         return precision
     with warnings.catch_warnings():  # the connector already warned about legacy spellings (16, "16")
         warnings.simplefilter("ignore")
-        written = str(_convert_precision_to_unified_args(written))
+        written = convert_precision_flag(written)
     if written != precision:
         rank_zero_info(f"ZeroStrategy trains with precision={written!r} as given: DeepSpeed casts the model and scales"
                        f" the loss itself, without torch's autocast, so Lightning's 'Using precision={precision!r}"

@@ -17,15 +17,10 @@ import torch
 import torch.distributed
 from lightning.fabric.plugins import ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.strategies import _StrategyRegistry
-from lightning.fabric.utilities.distributed import _distributed_is_initialized, _get_default_process_group_backend_for_device
-from lightning.fabric.utilities.distributed import group as _group
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import ReduceOp
 from lightning.pytorch.accelerators import Accelerator
-from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers, _MockOptimizer
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.strategies.strategy import TBroadcast
 from lightning.pytorch.trainer.states import TrainerFn
@@ -33,12 +28,19 @@ from lightning.pytorch.utilities.model_summary.model_summary import get_human_re
 from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor
+from torch.distributed import group as _group
 from torch.nn import Module
 from typing_extensions import override
 
 from lightning_zero import checkpoint as ckpt
 from lightning_zero import config as cfg
-from lightning_zero._compat.lightning import evaluate_under_no_grad, route_checkpoint_state_dict
+from lightning_zero._compat.lightning import (MultiProcessingLauncher, StrategyRegistry, SubprocessScriptLauncher,
+                                              check_overrides, configured_optimizers, evaluate_under_no_grad,
+                                              route_checkpoint_state_dict, start_children, state_dict_for_results,
+                                              sync_ddp_if_available, train_dataloader)
+from lightning_zero._compat.lightning import (
+    default_process_group_backend as _get_default_process_group_backend_for_device)
+from lightning_zero._compat.lightning import distributed_is_initialized as _distributed_is_initialized
 from lightning_zero._imports import require_deepspeed, use_cpu_accelerator
 from lightning_zero import offload
 from lightning_zero.keywords import Unpack, ZeroKeywords
@@ -73,7 +75,7 @@ class _Precheck:
         return super().launch(function, *args, trainer=trainer, **kwargs)  # type: ignore[misc]
 
 
-class _ScriptLauncher(_Precheck, _SubprocessScriptLauncher):
+class _ScriptLauncher(_Precheck, SubprocessScriptLauncher):
     def __init__(self, strategy: ZeroStrategy, *args: Any) -> None:
         super().__init__(*args)
         self._strategy = strategy
@@ -81,15 +83,16 @@ class _ScriptLauncher(_Precheck, _SubprocessScriptLauncher):
     def start_processes(self) -> None:
         """Start the other ranks now (for ``trainer.init_module()`` at stage 3); ``launch`` then finds them started:
         starting sets ``LOCAL_RANK``, after which the cluster environment reports the processes as created."""
-        from lightning.pytorch.strategies.launchers.subprocess_script import _launch_process_observer
-
         self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
-        self._call_children_scripts()
-        _launch_process_observer(self.procs)
+        start_children(self)
 
 
-class _Launcher(_Precheck, _MultiProcessingLauncher):
+class _Launcher(_Precheck, MultiProcessingLauncher):
     """Spawn launcher that hands the *full* (gathered) weights back to the main process, at every stage."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        check_overrides(MultiProcessingLauncher)  # the two private methods below must still be Lightning's hooks
+        super().__init__(*args, **kwargs)
 
     @override
     def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
@@ -106,12 +109,8 @@ class _Launcher(_Precheck, _MultiProcessingLauncher):
         strategy = self._strategy
         lightning_module = trainer.lightning_module
         full = strategy.lightning_module_state_dict()  # collective at stage 3: every rank takes part
-        original = lightning_module.state_dict
-        lightning_module.state_dict = lambda *a, **k: full  # type: ignore[method-assign]
-        try:
+        with state_dict_for_results(lightning_module, full):
             return super()._collect_rank_zero_results(trainer, results)
-        finally:
-            lightning_module.state_dict = original  # type: ignore[method-assign]
 
 
 class ZeroStrategy(ParallelStrategy):
@@ -535,8 +534,7 @@ class ZeroStrategy(ParallelStrategy):
 
     def _setup_training_engines(self) -> None:
         assert self.lightning_module is not None and self.ds_config is not None
-        optimizers, schedulers = _init_optimizers_and_lr_schedulers(self.lightning_module)
-        optimizers = [o for o in optimizers if not isinstance(o, _MockOptimizer)]
+        optimizers, schedulers = configured_optimizers(self.lightning_module)
         plans = plan_engines(self.ds_config, self.lightning_module, optimizers, deepcompile=self.deepcompile)
         slots = build_engines(plans, self.engines, self.root_device)
         if not optimizers:  # the DeepSpeed config's optimizer (and scheduler) steps the one engine
@@ -603,10 +601,8 @@ class ZeroStrategy(ParallelStrategy):
     @override
     def reduce(self, tensor: Tensor | Any, group: Any | None = None, reduce_op: ReduceOp | str | None = "mean"
                ) -> Tensor | Any:
-        from lightning.fabric.utilities.distributed import _sync_ddp_if_available
-
         if isinstance(tensor, Tensor):
-            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+            return sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
         return tensor
 
     def _evaluation(self) -> Any:
@@ -765,7 +761,7 @@ class ZeroStrategy(ParallelStrategy):
 
     @classmethod
     @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+    def register_strategies(cls, strategy_registry: StrategyRegistry) -> None:
         register = strategy_registry.register
         register("zero", cls, description="DeepSpeed ZeRO (stage 2) with one engine per model")
         register("zero_stage_1", cls, description="DeepSpeed ZeRO stage 1", stage=1)
@@ -853,10 +849,9 @@ def _train_micro_batch_size(trainer: pl.Trainer) -> int | None:
     """The train DataLoader's batch size, or None when there is none (validate/predict, iterable batches)."""
     if trainer.state.fn != TrainerFn.FITTING:
         return None
-    source = trainer.fit_loop._data_source
-    if not source.is_defined():
+    loader = train_dataloader(trainer)
+    if loader is None:
         return None
-    loader = source.dataloader()
     batch_sampler = getattr(loader, "batch_sampler", None)
     size = getattr(batch_sampler, "batch_size", None) or getattr(loader, "batch_size", None)
     return int(size) if isinstance(size, int) else None

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lightning.pytorch.callbacks import ModelSummary as ModelSummaryCallback
-from lightning.pytorch.utilities.model_summary.model_summary import (
-    LayerSummary,
-    ModelSummary,
-    _tensor_has_shape,
-    get_human_readable_count,
-)
+from lightning.pytorch.utilities.model_summary.model_summary import LayerSummary, ModelSummary, get_human_readable_count
 from torch import nn
 from typing_extensions import override
+
+from lightning_zero._compat.lightning import route_model_summary, tensor_shape_unknown
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -46,7 +43,7 @@ class _ZeroLayerSummary(LayerSummary):
     @property
     @override
     def num_parameters(self) -> int:
-        return sum(full_numel(p) for p in self._module.parameters() if not _tensor_has_shape(p))
+        return sum(full_numel(p) for p in self._module.parameters() if not tensor_shape_unknown(p))
 
 
 class ZeroSummary(ModelSummary):
@@ -77,17 +74,17 @@ class ZeroSummary(ModelSummary):
     @property
     @override
     def total_parameters(self) -> int:
-        return sum(full_numel(p) for p in self._model.parameters() if not _tensor_has_shape(p))
+        return sum(full_numel(p) for p in self._model.parameters() if not tensor_shape_unknown(p))
 
     @property
     @override
     def trainable_parameters(self) -> int:
-        return sum(full_numel(p) for p in self._model.parameters() if p.requires_grad and not _tensor_has_shape(p))
+        return sum(full_numel(p) for p in self._model.parameters() if p.requires_grad and not tensor_shape_unknown(p))
 
     @property
     def params_per_rank(self) -> int:
         """Parameter elements this rank stores (ZeRO pads each shard, so every rank holds the same number)."""
-        return sum(local_numel(p) for p in self._model.parameters() if not _tensor_has_shape(p))
+        return sum(local_numel(p) for p in self._model.parameters() if not tensor_shape_unknown(p))
 
     def per_rank_line(self) -> str:
         ranks = f" ({self._world_size} ranks)" if self._world_size else ""
@@ -112,17 +109,14 @@ def install_summary(trainer: pl.Trainer) -> None:
 
 def _patch(callback: ModelSummaryCallback, world_size: int) -> None:
     built: list[ZeroSummary] = []
-    print_table = callback.summarize
 
-    def _summary(trainer: pl.Trainer, pl_module: pl.LightningModule) -> ZeroSummary:
-        summary = ZeroSummary(pl_module, max_depth=callback._max_depth, world_size=world_size)
+    def build(pl_module: pl.LightningModule, max_depth: int) -> ZeroSummary:
+        summary = ZeroSummary(pl_module, max_depth=max_depth, world_size=world_size)
         built[:] = [summary]
         return summary
 
-    def summarize(*args: Any, **kwargs: Any) -> None:
-        print_table(*args, **kwargs)
+    def after_print() -> None:
         if built:
             _CALLBACK_LOG.info(built[0].per_rank_line())
 
-    callback._summary = _summary  # type: ignore[method-assign]
-    callback.summarize = summarize  # type: ignore[method-assign]
+    route_model_summary(callback, build, after_print)

@@ -1,0 +1,287 @@
+"""DeepSpeed internals ZeroStrategy relies on, each in one function with the reason and the versions it was verified
+on; ``tests/unit/test_compat_deepspeed.py`` exercises each against the installed DeepSpeed (a real one-rank engine).
+
+Verified on DeepSpeed 0.19.8 (the whole proven range, ``versions.py``). Where DeepSpeed's attribute is optional by
+design (the ZeRO-3 counters exist only on modules a ZeRO-3 forward went through, ``clip_grad`` only on DeepSpeed's
+own optimizer wrappers), the function checks the case in which it must exist and raises a ``RuntimeError`` naming the
+symbol, the installed version and the fix, instead of silently skipping.
+
+The one process-wide patch that must stay, :func:`backward_reaches_only` (``torch.Tensor.backward`` swapped during a
+multi-engine backward), is here too, with the reason it cannot go.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["BACKWARD_COUNTERS", "ENGINE_MODULE_HOOKS", "accelerator_chosen", "backward_reaches_only",
+           "convert_to_universal", "leaf_module_hooks", "loading_universal_checkpoint", "redirect_module_compile",
+           "release_comm_backend", "remove_engine_module_hooks", "set_gradient_clipping",
+           "shift_deepcompile_schedule", "start_micro_batch", "untag_leaf_parameters", "zero3_backward_counters"]
+
+# ZeRO-3's per-module backward counters (deepspeed/runtime/zero/parameter_offload.py, DeepSpeed 0.19.8).
+BACKWARD_COUNTERS = ("applied_pre_backward_ref_cnt", "ds_grads_remaining")
+# Hook handles DeepSpeedEngine.__init__ puts on the model and destroy() leaves there (0.19.8); the second group only
+# exists with tensor parallelism (``_configure_tensor_parallel_states``).
+ENGINE_MODULE_HOOKS = ("module_forward_pre_hook", "module_forward_post_hook")
+_OPTIONAL_ENGINE_MODULE_HOOKS = ("first_dataloader_check",)
+
+
+def _missing(symbol: str, used_for: str) -> RuntimeError:
+    import deepspeed
+
+    from lightning_zero._compat.versions import specifier
+
+    return RuntimeError(f"DeepSpeed {deepspeed.__version__} has no `{symbol}`, which lightning_zero uses {used_for}"
+                        " (see lightning_zero/_compat/deepspeed.py). Install a DeepSpeed version in the range"
+                        f" lightning_zero supports (`pip install 'deepspeed{specifier('deepspeed')}'`).")
+
+
+def _is_deepspeed_wrapper(optimizer: Any) -> bool:
+    from deepspeed.runtime.base_optimizer import DeepSpeedOptimizer
+
+    return isinstance(optimizer, DeepSpeedOptimizer)
+
+
+def set_gradient_clipping(engine: Any, value: float) -> None:
+    """Clip the engine's next step at ``value`` (global norm).
+
+    Why: DeepSpeed reads the clip value at step time from its optimizer wrapper (``clip_grad``: ZeRO 1-3, the bf16 and
+    fp16 wrappers) and from ``engine._config.gradient_clipping`` (stage 0 with a plain torch optimizer); Lightning's
+    ``clip_gradients`` changes it per step. The stage-1/2 optimizer also has ``compute_grad_norm``, which the speed
+    default turns off while nothing clips (``tuning.py``) and which must be on again when a step clips.
+    Verified: DeepSpeed 0.19.8.
+    """
+    optimizer = engine.optimizer
+    if _is_deepspeed_wrapper(optimizer) and not hasattr(optimizer, "clip_grad"):
+        raise _missing(f"{type(optimizer).__name__}.clip_grad", "to clip gradients at the value Lightning asks for")
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if isinstance(optimizer, DeepSpeedZeroOptimizer) and not hasattr(optimizer, "compute_grad_norm"):
+        raise _missing("DeepSpeedZeroOptimizer.compute_grad_norm",
+                       "to turn the gradient norm back on when a step clips")
+    config = getattr(engine, "_config", None)
+    if not hasattr(config, "gradient_clipping"):
+        raise _missing("DeepSpeedEngine._config.gradient_clipping", "to clip gradients at the value Lightning asks for")
+    if hasattr(optimizer, "clip_grad"):
+        optimizer.clip_grad = value
+    if value and getattr(optimizer, "compute_grad_norm", True) is False:
+        optimizer.compute_grad_norm = True  # the speed default skipped the norm while nothing clipped (tuning.py)
+    config.gradient_clipping = value
+
+
+def start_micro_batch(engine: Any) -> None:
+    """The micro-batch bookkeeping ``DeepSpeedEngine.forward`` does first: ``optimizer.clear_backward_seen_flag()``.
+
+    Why: with several engines the user calls the submodules directly, so no engine's forward runs; without it ZeRO-3
+    overwrites the gradient partitions accumulated by the previous backward instead of adding to them. Mirrors
+    ``DeepSpeedEngine.forward`` (engine.py 0.19.8: ``if isinstance(self.optimizer, ZeROOptimizer)``).
+    Verified: DeepSpeed 0.19.8.
+    """
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+    optimizer = engine.optimizer
+    if not isinstance(optimizer, ZeROOptimizer):
+        return
+    clear = getattr(optimizer, "clear_backward_seen_flag", None)
+    if not callable(clear):
+        raise _missing(f"{type(optimizer).__name__}.clear_backward_seen_flag",
+                       "to start each micro-batch of a multi-engine backward")
+    clear()
+
+
+def zero3_backward_counters(modules: Iterable[nn.Module]) -> list[tuple[nn.Module, str, int]]:
+    """``(module, counter, value)`` for each of ZeRO-3's backward counters (:data:`BACKWARD_COUNTERS`) set on
+    ``modules``.
+
+    Why: ZeRO-3 gathers a module's parameters before its backward only while ``applied_pre_backward_ref_cnt`` is
+    positive and releases them when ``ds_grads_remaining`` reaches 0; both count down during a backward, so a second
+    backward over the same graph (one per engine) must start from the counts the forward left. DeepSpeed sets them on
+    the modules its ZeRO-3 forward went through; if modules with partitioned parameters carry none, DeepSpeed renamed
+    them, and this raises instead of letting the second pass run on spent counters.
+    Verified: DeepSpeed 0.19.8.
+    """
+    modules = list(modules)
+    saved = [(m, name, m.__dict__[name]) for m in modules for name in BACKWARD_COUNTERS if name in m.__dict__]
+    partitioned = any(hasattr(p, "ds_id") for m in modules for p in m.parameters(recurse=False))
+    if partitioned and not saved:
+        raise _missing(" / ".join(f"module.{n}" for n in BACKWARD_COUNTERS),
+                       "to run one backward per engine over a shared ZeRO-3 graph")
+    return saved
+
+
+def leaf_module_hooks(engine: Any) -> list[Any]:
+    """The ZeRO-3 optimizer's backward-hook handles of its leaf modules (fetch units), ``[]`` below stage 3.
+
+    Why: ``EngineRegistry`` wraps these hooks in place so that a unit's gradients are reduced only in its own
+    engine's backward. Verified: DeepSpeed 0.19.8 (``DeepSpeedZeroOptimizer_Stage3._leaf_module_hooks``).
+    """
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    optimizer = getattr(engine, "optimizer", None)
+    if not isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3):
+        return []
+    if not hasattr(optimizer, "_leaf_module_hooks"):
+        raise _missing("DeepSpeedZeroOptimizer_Stage3._leaf_module_hooks",
+                       "to keep a fetch unit's gradient reduction inside its own engine's backward")
+    return list(optimizer._leaf_module_hooks)
+
+
+def remove_engine_module_hooks(engine: Any) -> None:
+    """Remove the hooks the engine put on its model that ``engine.destroy()`` leaves (:data:`ENGINE_MODULE_HOOKS`).
+
+    Why: ``destroy()`` leaves the engine's ``_forward_prologue``/``_forward_epilogue`` hooks (and its data-loader
+    check) on the model; every later forward would run the old engine's bookkeeping and keep it alive.
+    Verified: DeepSpeed 0.19.8 (``first_dataloader_check`` exists with tensor parallelism only).
+    """
+    for name in ENGINE_MODULE_HOOKS:
+        if name not in vars(engine):
+            raise _missing(f"DeepSpeedEngine.{name}", "to take a released engine's forward hooks off the model")
+    for name in ENGINE_MODULE_HOOKS + _OPTIONAL_ENGINE_MODULE_HOOKS:
+        handle = getattr(engine, name, None)
+        if handle is not None:
+            handle.remove()
+
+
+def untag_leaf_parameters(module: nn.Module) -> None:
+    """Delete ``param.ds_z3_leaf_module`` (the fetch unit DeepSpeed tagged each parameter with) under ``module``.
+
+    Why: the ZeRO-3 optimizer reads the tag to delay a parameter's reduction to its unit's backward hook; a released
+    engine's tags would make the next engine treat the parameters as in units it did not choose. The attribute is
+    optional (only parameters of fetch units have it). Verified: DeepSpeed 0.19.8 (``parameter_offload.py``).
+    """
+    for param in module.parameters():
+        if hasattr(param, "ds_z3_leaf_module"):
+            del param.ds_z3_leaf_module
+
+
+def release_comm_backend() -> None:
+    """Drop DeepSpeed's communication backend (``deepspeed.comm.comm.cdb``), if DeepSpeed was imported.
+
+    Why: it keeps the process groups (and the TCP store's server thread) alive until the interpreter's final
+    teardown, where destroying them aborts the process. Verified: DeepSpeed 0.19.8.
+    """
+    import sys
+
+    comm = sys.modules.get("deepspeed.comm.comm")
+    if comm is None:
+        return
+    if "cdb" not in vars(comm):
+        raise _missing("deepspeed.comm.comm.cdb", "to release the process groups before the interpreter exits")
+    comm.cdb = None
+
+
+def shift_deepcompile_schedule(global_steps: int) -> None:
+    """Count DeepCompile's pass schedule (``deepspeed.compile.backend.remaining_schedule``) from ``global_steps``.
+
+    Why: DeepCompile keys its passes on absolute engine steps and launches an entry only when ``global_steps`` equals
+    its step, so an engine resumed past step 0 never installed its passes (see
+    ``compiling.resume_deepcompile_schedule``). Verified: DeepSpeed 0.19.8.
+    """
+    from collections import deque
+
+    from deepspeed.compile import backend
+
+    if "remaining_schedule" not in vars(backend):
+        raise _missing("deepspeed.compile.backend.remaining_schedule", "to resume a DeepCompile run from a checkpoint")
+    if global_steps > 0 and backend.remaining_schedule:
+        backend.remaining_schedule = deque((step + global_steps, passes) for step, passes in backend.remaining_schedule)
+
+
+def convert_to_universal(input_folder: str, output_folder: str) -> None:
+    """DeepSpeed's ``ds_to_universal`` conversion of one checkpoint folder, in this process.
+
+    Why: DeepSpeed offers it only as a script; its ``main(args)`` reads an ``argparse.Namespace``, whose fields are
+    passed here (the contract test checks that ``main`` reads no others). Verified: DeepSpeed 0.19.8.
+    """
+    from deepspeed.checkpoint import ds_to_universal
+
+    if not callable(getattr(ds_to_universal, "main", None)):
+        raise _missing("deepspeed.checkpoint.ds_to_universal.main", "to resume on another number of processes")
+    args = argparse.Namespace(input_folder=input_folder, output_folder=output_folder, num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    ds_to_universal.main(args)
+
+
+@contextmanager
+def loading_universal_checkpoint(engine: Any) -> Iterator[None]:
+    """Inside, ``engine.load_checkpoint`` reads DeepSpeed's universal format.
+
+    Why: the engine reads the switch from ``engine._config.load_universal_checkpoint`` at load time only; it is set
+    for the one load rather than in the config (the same engine saves native checkpoints afterwards).
+    Verified: DeepSpeed 0.19.8.
+    """
+    config = getattr(engine, "_config", None)
+    if not hasattr(config, "load_universal_checkpoint"):
+        raise _missing("DeepSpeedEngine._config.load_universal_checkpoint", "to resume on another number of processes")
+    config.load_universal_checkpoint = True
+    try:
+        yield
+    finally:
+        config.load_universal_checkpoint = False
+
+
+@contextmanager
+def redirect_module_compile(module: nn.Module, compile_fn: Any) -> Iterator[None]:
+    """Inside, ``module.compile(**kwargs)`` calls ``compile_fn(**kwargs)`` (this instance only).
+
+    Why: ``DeepSpeedEngine.compile`` builds DeepCompile's backend, then calls ``self.module.compile(backend=...)``;
+    ZeroStrategy compiles the LightningModule's networks instead of the module itself (``compiling.deepcompile_engine``
+    says why). Verified: DeepSpeed 0.19.8 (engine.py, ``DeepSpeedEngine.compile``); the contract test checks that
+    ``compile`` still calls ``self.module.compile``.
+    """
+    module.__dict__["compile"] = compile_fn
+    try:
+        yield
+    finally:
+        del module.__dict__["compile"]
+
+
+def accelerator_chosen() -> str | None:
+    """The name of the accelerator DeepSpeed already chose in this process (``"cpu"``, ``"cuda"``, ...), or None.
+
+    Why: DeepSpeed resolves its accelerator once (``real_accelerator.ds_accelerator``); a CPU run must find it unset
+    or CPU. Verified: DeepSpeed 0.19.8 (``real_accelerator.ds_accelerator``, ``DeepSpeedAccelerator._name``).
+    """
+    from deepspeed.accelerator import get_accelerator, real_accelerator
+
+    if "ds_accelerator" not in vars(real_accelerator):
+        raise _missing("deepspeed.accelerator.real_accelerator.ds_accelerator", "to run DeepSpeed on CPU processes")
+    if real_accelerator.ds_accelerator is None:
+        return None
+    accelerator = get_accelerator()
+    if not hasattr(accelerator, "_name"):
+        raise _missing(f"{type(accelerator).__name__}._name", "to run DeepSpeed on CPU processes")
+    return accelerator._name
+
+
+@contextmanager
+def backward_reaches_only(params: list[Tensor]) -> Iterator[None]:
+    """Inside, ``tensor.backward()`` accumulates into ``params`` only (as with ``inputs=params``).
+
+    Why (a process-wide patch that cannot go): ``DeepSpeedEngine.backward`` scales the loss into a new tensor and
+    calls ``loss.backward(retain_graph=...)`` on it without ``inputs`` (engine.py 0.19.8, l.3415-3428), and offers no
+    argument to pass them. A backward that also reached another engine's parameters would fire that engine's ZeRO
+    gradient hooks outside its own backward (its reduction and epilogue then run half-prepared). With ``inputs``
+    autograd does not run the other parameters' accumulation nodes at all, so their hooks stay silent;
+    ``requires_grad_(False)`` after the forward would not do: the gradient is dropped but the post-accumulate hook
+    still fires. Calling ``torch.autograd.backward(inputs=...)`` ourselves would skip the engine's loss scaling and
+    its backward prologue/epilogue. Verified: DeepSpeed 0.19.8, torch 2.11 and 2.13.
+    """
+    original = torch.Tensor.backward
+
+    def backward(self: Tensor, gradient: Tensor | None = None, retain_graph: bool | None = None,
+                 create_graph: bool = False, inputs: Any = None) -> None:
+        original(self, gradient, retain_graph, create_graph, inputs=params if inputs is None else inputs)
+
+    torch.Tensor.backward = backward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.backward = original  # type: ignore[method-assign]
