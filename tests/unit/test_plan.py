@@ -1,5 +1,5 @@
 """The engine plan (lightning_zero/plan.py): every engine's model, optimizer and final DeepSpeed config, decided
-without DeepSpeed (no engine, no process group)."""
+without DeepSpeed (no engine, no process group); the last test builds a planned engine (build_engines) on one rank."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from lightning_zero.config import TrainerFlags, resolve_knobs
-from lightning_zero.plan import plan_engines, resolve_model_config
+from lightning_zero.engines import EngineRegistry
+from lightning_zero.plan import build_engines, plan_engines, resolve_model_config
 
 
 class Block(nn.Module):
@@ -23,6 +24,9 @@ class Block(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.up = nn.Linear(width, 2 * width)
         self.down = nn.Linear(2 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(self.norm(x))))
 
 
 class Net(nn.Module):
@@ -34,6 +38,12 @@ class Net(nn.Module):
         self.blocks = nn.ModuleList(Block() for _ in range(3))
         self.table = nn.Embedding(1000, 16)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        for block in self.blocks:
+            x = block(x)
+        return x.square().mean()
+
 
 class Gan(nn.Module):
     def __init__(self, teacher: bool = False) -> None:
@@ -43,9 +53,10 @@ class Gan(nn.Module):
             self.teacher = Net().requires_grad_(False)
 
 
-def model_config(stage: int = 2, user: dict | None = None, deepcompile: bool = False, **knobs) -> dict:
-    flags = TrainerFlags(precision="bf16-mixed", accumulate_grad_batches=2, gradient_clip_val=0.5,
-                         gradient_clip_algorithm="norm", micro_batch_size=4, world_size=2)
+def model_config(stage: int = 2, user: dict | None = None, deepcompile: bool = False, precision: str = "bf16-mixed",
+                 world_size: int = 2, **knobs) -> dict:
+    flags = TrainerFlags(precision=precision, accumulate_grad_batches=2, gradient_clip_val=0.5,
+                         gradient_clip_algorithm="norm", micro_batch_size=4, world_size=world_size)
     return resolve_model_config(user or {}, resolve_knobs(stage, **knobs), flags, deepcompile=deepcompile)
 
 
@@ -202,3 +213,22 @@ def test_planning_does_not_import_deepspeed():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [2, []]
+
+
+def test_build_registers_the_config_optimizers_engine_once(one_rank):
+    """build_engines on a real one-rank stage-3 engine: the optimizer DeepSpeed built from the config is the face,
+    indexed once, and each block (fetch unit) has one call counter: a forward and a step run."""
+    config = model_config(stage=3, precision="32-true", world_size=1,
+                          user={"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}})
+    net, registry = Net(), EngineRegistry()
+    (slot,) = build_engines(plan_engines(config, net, []), registry, torch.device("cpu"))
+    try:
+        assert slot.face is not None and slot.face is slot.basic_optimizer
+        assert registry.trained == [slot] and registry.for_optimizer(slot.face) is slot
+        assert len(registry._counter_hooks) == 3  # one per Block
+        loss = slot.engine(torch.randn(4, 8))  # a second counter per unit would refuse this first call
+        registry.backward(loss)
+        registry.step(slot.face)
+        assert slot.engine.global_steps == 1
+    finally:
+        registry.release()
