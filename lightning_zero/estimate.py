@@ -11,7 +11,9 @@ The model-state figures are DeepSpeed's own estimators (``estimate_zero2_model_s
 instead of DeepSpeed's 1.5; see :func:`estimate_memory` for what is derived from them. With a transformer's shape,
 :func:`transformer_activation_bytes` adds the activations, and the per-GPU figure becomes the peak to expect
 (docs/benchmarks.md compares it with measured peaks). ``ZeroStrategy(stage="auto")`` runs the same planner at setup
-(:func:`auto_choice`).
+(:func:`auto_choice`), with issue 18's offload modes when no stage fits without offload (:func:`fastest_fit`: stage 3
+partial optimizer offload, then with bf16 precision bf16 master weights / optimizer states); the command prints those
+modes after the table (:func:`estimate_offload_mode`).
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ import torch
 from torch import nn
 
 __all__ = ["CHOICES", "MemoryPlan", "MemoryRow", "ModeRow", "add_parser", "auto_choice", "count_with_configure_model",
-           "detect_free_memory", "estimate_memory", "estimate_offload_mode", "model_size", "optimizer_state_bytes",
-           "plan_auto", "transformer_activation_bytes"]
+           "detect_free_memory", "estimate_memory", "estimate_offload_mode", "fastest_fit", "model_size",
+           "optimizer_state_bytes", "partial_offload_fit", "plan_auto", "transformer_activation_bytes"]
 
 GiB = 2**30
 Offload = Literal["none", "cpu", "nvme"]
@@ -67,6 +69,23 @@ class MemoryRow:
     nvme_bytes: int
     fits: bool | None = None  # None: no capacity given to check against
     why_not: str = ""
+    # the offload modes (fastest_fit): the ratio passed as offload_optimizer_ratio (below 1: partial offload, stage 3),
+    # the optimizer bytes per parameter (optimizer_state_bytes: 16 fp32, 12 bf16 master, 8 bf16 master + states) and
+    # the sub_group_size the ratio was rounded for (None: DeepSpeed's default or the user's own)
+    offload_ratio: float = 1.0
+    state_bytes: int = 16
+    sub_group_size: int | None = None
+
+    def keywords(self) -> dict[str, Any]:
+        """The offload-mode keywords of ``ZeroStrategy`` for this choice (empty for plain fp32-state rows)."""
+        modes: dict[str, Any] = {}
+        if self.offload_optimizer != "none" and self.offload_ratio < 1:
+            modes["offload_optimizer_ratio"] = self.offload_ratio
+        if self.state_bytes <= 12:
+            modes["bf16_master_weights_and_grads"] = True
+        if self.state_bytes <= 8:
+            modes["bf16_optimizer_states"] = True
+        return modes
 
     def strategy(self, nvme_path: str | None = None) -> str:
         """The ``ZeroStrategy(...)`` call for this choice."""
@@ -77,6 +96,9 @@ class MemoryRow:
             args.append(f"offload_parameters={self.offload_parameters!r}")
         if "nvme" in (self.offload_optimizer, self.offload_parameters):
             args.append(f"nvme_path={nvme_path or '/local_nvme'!r}")
+        args += [f"{k}={v!r}" for k, v in self.keywords().items()]
+        if self.sub_group_size is not None and "offload_optimizer_ratio" in self.keywords():
+            args.append(f"sub_group_size={self.sub_group_size:_}")
         return f"ZeroStrategy({', '.join(args)})"
 
 
@@ -304,35 +326,59 @@ class ModeRow:
 def estimate_offload_mode(num_params: int | float, largest_layer_params: int | float, *, stage: int = 3,
                           offload_ratio: float = 1.0, bf16_master_weights_and_grads: bool = False,
                           bf16_optimizer_states: bool = False, num_nodes: int = 1, gpus_per_node: int = 1,
-                          sub_group_size: int = _SUB_GROUP_SIZE, buffer_factor: float = _BUFFER_FACTOR) -> ModeRow:
-    """Model states of an offload mode, from the same DeepSpeed estimators as :func:`estimate_memory` (bf16 weights):
-    the optimizer's 16 bytes per parameter become :func:`optimizer_state_bytes`, and with ``offload_ratio`` r
-    (stage 3; 0 = no offload, 1 = ZeRO-Offload) a share r of them sits in host RAM and the rest on the GPU. DeepSpeed
-    offloads whole sub-groups of ``sub_group_size`` elements (stage3.py), so r is first rounded as it does, for
-    equal sub-groups of a rank's partition (``ModeRow.offload_ratio`` is the share it really offloads).
+                          sub_group_size: int = _SUB_GROUP_SIZE, buffer_factor: float = _BUFFER_FACTOR,
+                          offload_parameters: bool = False, precision: str = "bf16-mixed") -> ModeRow:
+    """Model states of an offload mode, from the same DeepSpeed estimators as :func:`estimate_memory`: the
+    optimizer's 16 bytes per parameter become :func:`optimizer_state_bytes`, and with ``offload_ratio`` r (stage 3;
+    0 = no offload, 1 = ZeRO-Offload) a share r of them sits in host RAM and the rest on the GPU. DeepSpeed offloads
+    whole sub-groups of ``sub_group_size`` elements (stage3.py), so r is first rounded as it does, for equal
+    sub-groups of a rank's partition (``ModeRow.offload_ratio`` is the share it really offloads).
+    ``offload_parameters`` (stage 3, r = 1) adds the parameters' host part of :func:`estimate_memory`'s row.
 
     Derived from DeepSpeed's dtypes and sub-group split, not measured on a GPU (docs/benchmarks.md has no such row
-    yet); ``stage="auto"`` does not consider these modes."""
+    yet). ``ZeroStrategy(stage="auto")`` plans with these figures (:func:`fastest_fit`)."""
     if not 0 <= offload_ratio <= 1:
         raise ValueError(f"offload_ratio={offload_ratio!r} must be between 0 and 1.")
     if stage not in (1, 2, 3) or (stage < 3 and offload_ratio not in (0, 1)):
         raise ValueError(f"stage={stage!r} with offload_ratio={offload_ratio!r}: partial offload is stage 3 only,"
                          " low-precision states need stage 1, 2 or 3.")
+    if offload_parameters and (stage != 3 or offload_ratio != 1):
+        raise ValueError(f"offload_parameters with stage={stage!r}, offload_ratio={offload_ratio!r}: parameter"
+                         " offload is estimated at stage 3 with the whole optimizer offloaded (offload_ratio=1).")
     p, layer = int(num_params), int(largest_layer_params)
-    gpus = num_nodes * gpus_per_node
     state = optimizer_state_bytes(bf16_master_weights_and_grads, bf16_optimizer_states)
     ratio = float(offload_ratio)
     if 0 < ratio < 1:
-        groups = max(1, -(-(-(-p // gpus)) // sub_group_size))
+        groups = _sub_groups(p, num_nodes * gpus_per_node, sub_group_size)
         ratio = (groups - int((1 - ratio) * groups)) / groups
-    on_gpu = _model_states(stage, "none", "none", p, layer, num_nodes, gpus_per_node, 2, buffer_factor)
-    offloaded = _model_states(stage, "cpu", "none", p, layer, num_nodes, gpus_per_node, 2, buffer_factor)
+    weight_bytes = 4 if precision == "32-true" else 2
+    param = "cpu" if offload_parameters else "none"
+    on_gpu, offloaded, full = (_model_states(stage, opt, part, p, layer, num_nodes, gpus_per_node, weight_bytes,
+                                             buffer_factor) for opt, part in (("none", "none"), ("cpu", "none"),
+                                                                              ("cpu", param)))
     # the 16 optimizer bytes per parameter move between the GPU figure and the host figure (at stages 1-2 the GPU
     # difference also holds the 16-bit gradient partition: 18 bytes, of which 16 change with the state dtype)
     moved = 16 if stage == 3 else 18
-    gpu = offloaded[0] + (1 - ratio) * (on_gpu[0] - offloaded[0]) * (state + moved - 16) / moved
-    cpu = on_gpu[1] + ratio * (offloaded[1] - on_gpu[1]) * state / 16
+    host_part = offloaded[1] - on_gpu[1]  # the optimizer's part of the host figure
+    gpu = full[0] + (1 - ratio) * (on_gpu[0] - offloaded[0]) * (state + moved - 16) / moved
+    cpu = full[1] - host_part + ratio * host_part * state / 16
     return ModeRow(stage, ratio, state, int(gpu), int(cpu))
+
+
+def _sub_groups(num_params: int, gpus: int, sub_group_size: int) -> int:
+    """Sub-groups of one rank's partition, as equal groups of ``sub_group_size`` elements (estimate_offload_mode)."""
+    return max(1, -(-(-(-num_params // gpus)) // sub_group_size))
+
+
+def _ratio_for(offloaded: int, groups: int) -> float:
+    """A short ``offload_optimizer_ratio`` that makes DeepSpeed offload exactly ``offloaded`` of ``groups``
+    sub-groups: it offloads the last ``groups - int((1 - ratio) * groups)`` (stage3.py), and ``k / groups`` itself
+    can round one sub-group up in floating point (``int((1 - 0.9) * 10) == 0``)."""
+    digits = max(3, len(str(groups)) + 1)
+    for ratio in (round(offloaded / groups, digits), round(offloaded / groups - 10.0 ** -digits, digits)):
+        if groups - int((1 - ratio) * groups) == offloaded:
+            return ratio
+    raise AssertionError(f"no ratio offloads {offloaded} of {groups} sub-groups")  # our invariant, not user input
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -372,13 +418,108 @@ def count_with_configure_model(module: nn.Module) -> tuple[int, int]:
     return model_size(shell)
 
 
+_Mode = tuple[int, Offload, Offload, float]  # (stage, offload_optimizer, offload_parameters, offload ratio)
+# Offload to CPU with the whole optimizer on the host, fastest first (as in CHOICES)
+_OFFLOADED: tuple[_Mode, ...] = ((2, "cpu", "none", 1.0), (1, "cpu", "none", 1.0), (3, "cpu", "none", 1.0),
+                                 (3, "cpu", "cpu", 1.0))
+
+
+def _mode_candidates(state_bytes: int, groups: int) -> tuple[_Mode, ...]:
+    """The modes :func:`fastest_fit` tries for one optimizer state size, fastest first. Partial offload (stage 3)
+    keeps ``1 - k / groups`` of the optimizer on the GPU, the smallest k first: the fewer sub-groups CPU Adam steps,
+    the faster. bf16 master weights with fp32 moments (12 bytes) exist only with the optimizer offloaded to
+    DeepSpeedCPUAdam (config.py refuses them otherwise); bf16 master weights and states (8) anywhere but stage 0."""
+    partial = tuple((3, "cpu", "none", _ratio_for(k, groups)) for k in range(1, groups))
+    if state_bytes == 16:
+        return partial
+    if state_bytes == 12:
+        return _OFFLOADED
+    return ((2, "none", "none", 0.0), (1, "none", "none", 0.0), (3, "none", "none", 0.0), *partial, *_OFFLOADED)
+
+
+def _mode_row(plan: MemoryPlan, mode: _Mode, state_bytes: int, gpu_free_bytes: int | None,
+              cpu_free_bytes: int | None, precision: str, sub_group_size: int) -> MemoryRow:
+    """``mode`` for ``plan``'s model as a :class:`MemoryRow`, checked against the free memory (bytes; None: not
+    checked). The activations ``plan`` reserves come on top of the model states."""
+    stage, opt, param, ratio = mode
+    figures = estimate_offload_mode(
+        plan.num_params, plan.largest_layer_params, stage=stage, offload_ratio=ratio,
+        bf16_master_weights_and_grads=state_bytes <= 12, bf16_optimizer_states=state_bytes <= 8,
+        num_nodes=plan.num_nodes, gpus_per_node=plan.gpus_per_node, sub_group_size=sub_group_size,
+        offload_parameters=param == "cpu", precision=precision)
+    gpu = figures.gpu_bytes + plan.activation_bytes
+    why = [name for name, need, free in (("GPU", gpu, gpu_free_bytes), ("CPU", figures.cpu_bytes, cpu_free_bytes))
+           if free is not None and need > free]
+    checked = gpu_free_bytes is not None or cpu_free_bytes is not None
+    return MemoryRow(stage, opt, param, gpu, figures.cpu_bytes, 0, fits=not why if checked else None,
+                     why_not=", ".join(why), offload_ratio=ratio if opt != "none" else 1.0, state_bytes=state_bytes,
+                     sub_group_size=None if sub_group_size == _SUB_GROUP_SIZE else sub_group_size)
+
+
+def partial_offload_fit(plan: MemoryPlan, gpu_free_bytes: int | None, cpu_free_bytes: int | None, *, precision: str,
+                        state_bytes: int = 16, sub_group_size: int = _SUB_GROUP_SIZE) -> MemoryRow | None:
+    """Stage 3 partial optimizer offload with the smallest share on the host that fits (None: none does, or one
+    sub-group per rank leaves no share between 0 and 1)."""
+    groups = _sub_groups(plan.num_params, plan.num_nodes * plan.gpus_per_node, sub_group_size)
+    return next((row for k in range(1, groups) if (row := _mode_row(
+        plan, (3, "cpu", "none", _ratio_for(k, groups)), state_bytes, gpu_free_bytes, cpu_free_bytes, precision,
+        sub_group_size)).fits), None)
+
+
+def fastest_fit(plan: MemoryPlan, gpu_free_bytes: int | None, cpu_free_bytes: int | None, *, precision: str,
+                sub_group_size: int = _SUB_GROUP_SIZE) -> MemoryRow | None:
+    """The fastest choice that fits on GPUs, with the offload modes (what ``ZeroStrategy(stage="auto")`` chooses):
+
+    1. ``plan.recommended`` when it keeps the optimizer on the GPU (stages 2, 1, 0, 3 without offload);
+    2. else partial optimizer offload at stage 3, the smallest share on the host that fits (more of the Adam step on
+       the GPU: faster than any full offload), rounded to DeepSpeed's sub-groups of ``sub_group_size``;
+    3. else ``plan.recommended`` (full offload to CPU, then NVMe when ``plan`` has those rows);
+    4. else, with bf16 precision only (DeepSpeed keeps these states in the model's bf16): bf16 master weights with
+       fp32 Adam moments offloaded (12 bytes per parameter instead of 16), then bf16 master weights and states (8),
+       each in the order above. They change the numerics, so they come only when nothing fits in fp32.
+
+    ``plan`` comes from :func:`estimate_memory` with the same capacities (its activations count here too); None
+    when nothing fits."""
+    row = plan.recommended
+    if row is not None and row.offload_optimizer == "none":
+        return row
+    groups = _sub_groups(plan.num_params, plan.num_nodes * plan.gpus_per_node, sub_group_size)
+    for state_bytes in (16, 12, 8) if precision.startswith("bf16-") else (16,):
+        fit = next((r for mode in _mode_candidates(state_bytes, groups)
+                    if (r := _mode_row(plan, mode, state_bytes, gpu_free_bytes, cpu_free_bytes, precision,
+                                       sub_group_size)).fits), None)
+        if fit is not None or row is not None:
+            return fit or row
+    return None
+
+
+def _mode_note(row: MemoryRow, plan: MemoryPlan) -> str:
+    """What a mode chosen by :func:`fastest_fit` trades, for the log line ("" for a plain row)."""
+    note = ""
+    if row.offload_optimizer != "none" and row.offload_ratio < 1:
+        no_offload = next((r for r in plan.rows if (r.stage, r.offload_optimizer) == (3, "none")), None)
+        note += (f" Partial offload: CPU Adam steps {row.offload_ratio:.0%} of the optimizer states in host memory and"
+                 " the GPU the rest, faster than offloading them all"
+                 + (f" (stage 3 without offload needs about {_gib(no_offload.gpu_bytes)} per GPU)." if no_offload
+                    else "."))
+    if row.state_bytes < 16:
+        kept = ("bf16 master weights and gradients with fp32 Adam moments" if row.state_bytes == 12
+                else "bf16 master weights, gradients and Adam moments")
+        note += (f" Nothing fits with fp32 master weights and Adam states (16 bytes per parameter), so the optimizer"
+                 f" keeps {kept} ({row.state_bytes} bytes per parameter). This changes the numerics (bf16 master"
+                 " weights and optimizer states: convergence measured in docs/benchmarks.md).")
+    return note
+
+
 def auto_choice(num_params: int, largest_layer_params: int, *, num_nodes: int, devices_per_node: int,
                 device_type: str, precision: str, gpu_free_bytes: int | None, cpu_free_bytes: int | None,
-                nvme_free_bytes: int | None = None) -> tuple[MemoryRow, str]:
+                nvme_free_bytes: int | None = None, sub_group_size: int = _SUB_GROUP_SIZE) -> tuple[MemoryRow, str]:
     """The choice ``ZeroStrategy(stage="auto")`` makes, and the log line that explains it.
 
-    On GPUs: the fastest row of :func:`estimate_memory` that fits the free GPU memory, the available host memory
-    and (when ``nvme_path`` was given) the free NVMe space. Without GPUs the model states live in host memory
+    On GPUs: the fastest choice that fits the free GPU memory, the available host memory and (when ``nvme_path``
+    was given) the free NVMe space, with the offload modes: :func:`fastest_fit` (partial optimizer offload rounded
+    to ``sub_group_size``; with bf16 precision, bf16 master weights and optimizer states when fp32 states fit
+    nowhere; ``MemoryRow.keywords()`` gives their ZeroStrategy keywords). Without GPUs the model states live in host memory
     whatever the choice, so offload gains nothing: the fastest stage without offload whose states (per process x
     processes per node) fit the available host memory. When nothing fits, a :class:`ZeroConfigError` gives the
     estimate and the ways out (the fewest nodes that would fit; NVMe offload when no ``nvme_path`` was given).
@@ -395,7 +536,7 @@ def auto_choice(num_params: int, largest_layer_params: int, *, num_nodes: int, d
                                 f" process x {devices_per_node} process(es) per node, and"
                                 f" {_gib(cpu_free_bytes or 0)} of host memory is available",
                                 lambda nodes: _fits_on(plan, nodes, budget, None, None, choices=plan_choices),
-                                nvme_option=None)
+                                more_options=None)
         row = plan.recommended
         return row, (f"ZeroStrategy(stage=\"auto\"): no GPU, so the model states live in host memory whatever the"
                      f" stage and offloading gains nothing; chose stage {row.stage} ({size}: about"
@@ -406,28 +547,42 @@ def auto_choice(num_params: int, largest_layer_params: int, *, num_nodes: int, d
     plan = estimate_memory(num_params, largest_layer_params, num_nodes=num_nodes, gpus_per_node=devices_per_node,
                            gpu_memory_gb=gib(gpu_free_bytes), cpu_memory_gb=gib(cpu_free_bytes),
                            nvme_gb=gib(nvme_free_bytes), precision=precision, choices=choices)
-    row = plan.recommended
-    verdict = "the fastest choice that fits"
+    row = fastest_fit(plan, gpu_free_bytes, cpu_free_bytes, precision=precision, sub_group_size=sub_group_size)
     if row is None:
-        frugal = plan.rows[-1]
-        nvme_option = None
-        if nvme_free_bytes is None:  # would NVMe offload fit, with enough drive space?
-            with_nvme = _fits_on(plan, num_nodes, gib(gpu_free_bytes), gib(cpu_free_bytes), float("inf"))
-            if with_nvme is not None:
-                nvme_option = (f"NVMe offload: ZeroStrategy(stage=\"auto\", nvme_path=...) with a local NVMe folder"
-                               f" that has {_gib(with_nvme.nvme_bytes)} free per node ({with_nvme.strategy()})")
-        raise _fits_nowhere(plan, f"the most frugal choice, {frugal.strategy()}, needs about"
-                            f" {_gib(frugal.gpu_bytes)} per GPU ({_gib(gpu_free_bytes or 0)} free) and"
-                            f" {_gib(frugal.cpu_bytes)} host memory per node ({_gib(cpu_free_bytes or 0)} available)"
-                            + (f" and {_gib(frugal.nvme_bytes)} NVMe ({_gib(nvme_free_bytes)} free)"
-                               if frugal.nvme_bytes else ""),
-                            lambda nodes: _fits_on(plan, nodes, gib(gpu_free_bytes), gib(cpu_free_bytes),
-                                                   gib(nvme_free_bytes), choices=choices),
-                            nvme_option=nvme_option)
+        raise _refusal_on_gpus(plan, precision, gpu_free_bytes, cpu_free_bytes, nvme_free_bytes, choices)
     return row, (f"ZeroStrategy(stage=\"auto\"): {size} (largest layer {_count(largest_layer_params)}) on"
                  f" {num_nodes} x {devices_per_node} GPU(s) with {_gib(gpu_free_bytes or 0)} free per GPU and"
-                 f" {_gib(cpu_free_bytes or 0)} host memory available: {row.strategy()} is {verdict} (model states"
-                 f" about {_gib(row.gpu_bytes)} per GPU, {_gib(row.cpu_bytes)} host memory per node).")
+                 f" {_gib(cpu_free_bytes or 0)} host memory available: {row.strategy()} is the fastest choice that"
+                 f" fits (model states about {_gib(row.gpu_bytes)} per GPU, {_gib(row.cpu_bytes)} host memory per"
+                 f" node).{_mode_note(row, plan)}")
+
+
+def _refusal_on_gpus(plan: MemoryPlan, precision: str, gpu_free_bytes: int | None, cpu_free_bytes: int | None,
+                     nvme_free_bytes: int | None, choices: tuple[tuple[int, Offload, Offload], ...]) -> ValueError:
+    """:func:`_fits_nowhere` for GPUs: the most frugal row, and NVMe or bf16 states where they would fit."""
+    gib = (lambda n: None if n is None else n / GiB)  # noqa: E731
+    frugal, num_nodes = plan.rows[-1], plan.num_nodes
+    options = []
+    if nvme_free_bytes is None:  # would NVMe offload fit, with enough drive space?
+        with_nvme = _fits_on(plan, num_nodes, gib(gpu_free_bytes), gib(cpu_free_bytes), float("inf"))
+        if with_nvme is not None:
+            options.append(f"NVMe offload: ZeroStrategy(stage=\"auto\", nvme_path=...) with a local NVMe folder"
+                           f" that has {_gib(with_nvme.nvme_bytes)} free per node ({with_nvme.strategy()})")
+    bf16 = precision.startswith("bf16-")
+    alternative = None if bf16 else fastest_fit(plan, gpu_free_bytes, cpu_free_bytes, precision="bf16-mixed")
+    if alternative is not None:
+        options.append(f"Trainer(precision=\"bf16-mixed\") instead of {precision!r}, where \"auto\" would choose"
+                       f" {alternative.strategy()}")
+    tried = ("; with bf16 master weights and optimizer states (8 bytes per parameter instead of 16) nothing fits"
+             " either" if bf16 else "")
+    return _fits_nowhere(plan, f"the most frugal choice, {frugal.strategy()}, needs about"
+                         f" {_gib(frugal.gpu_bytes)} per GPU ({_gib(gpu_free_bytes or 0)} free) and"
+                         f" {_gib(frugal.cpu_bytes)} host memory per node ({_gib(cpu_free_bytes or 0)} available)"
+                         + (f" and {_gib(frugal.nvme_bytes)} NVMe ({_gib(nvme_free_bytes)} free)"
+                            if frugal.nvme_bytes else "") + tried,
+                         lambda nodes: _fits_on(plan, nodes, gib(gpu_free_bytes), gib(cpu_free_bytes),
+                                                gib(nvme_free_bytes), choices=choices),
+                         more_options="; ".join(options) or None)
 
 
 def _fits_on(plan: MemoryPlan, num_nodes: int, gpu_gb: float | None, cpu_gb: float | None, nvme_gb: float | None,
@@ -439,8 +594,9 @@ def _fits_on(plan: MemoryPlan, num_nodes: int, gpu_gb: float | None, cpu_gb: flo
 
 
 def _fits_nowhere(plan: MemoryPlan, why: str,
-                  fits_on: Callable[[int], MemoryRow | None], nvme_option: str | None) -> ValueError:
-    """The refusal of ``stage="auto"`` when no choice fits: the estimate and the ways out (more nodes, NVMe)."""
+                  fits_on: Callable[[int], MemoryRow | None], more_options: str | None) -> ValueError:
+    """The refusal of ``stage="auto"`` when no choice fits: the estimate and the ways out (more nodes, then
+    ``more_options``: NVMe, bf16 precision)."""
     from lightning_zero.config import ZeroConfigError
 
     options = []
@@ -452,8 +608,8 @@ def _fits_nowhere(plan: MemoryPlan, why: str,
             low, nodes = (low, mid) if fits_on(mid) is not None else (mid, nodes)
         options.append(f"more processes: {nodes} nodes of {plan.gpus_per_node} (Trainer(num_nodes={nodes}, ...)),"
                        f" where {fits_on(nodes).strategy()} fits")  # type: ignore[union-attr]
-    if nvme_option:
-        options.append(nvme_option)
+    if more_options:
+        options.append(more_options)
     if not options:  # no node count or NVMe helps: the per-GPU (or per-process) share alone is too large
         options.append("devices with more free memory (the figures above are the least each needs)")
     options.append("a smaller model")
@@ -476,15 +632,18 @@ def detect_free_memory(device: torch.device, nvme_path: str | None = None,
 
 
 def plan_auto(module: nn.Module, *, num_nodes: int, devices_per_node: int, device: torch.device, precision: str,
-              nvme_path: str | None = None) -> tuple[int, Offload, Offload, str]:
-    """``(stage, offload_optimizer, offload_parameters, log line)`` for ``ZeroStrategy(stage="auto")``: the model
-    counted with :func:`count_with_configure_model`, this machine's free memory, then :func:`auto_choice`."""
+              nvme_path: str | None = None, sub_group_size: int | None = None,
+              ) -> tuple[int, Offload, Offload, dict[str, Any], str]:
+    """``(stage, offload_optimizer, offload_parameters, mode keywords, log line)`` for ``ZeroStrategy(stage="auto")``:
+    the model counted with :func:`count_with_configure_model`, this machine's free memory, then :func:`auto_choice`.
+    The mode keywords (``offload_optimizer_ratio``, ``bf16_master_weights_and_grads``, ``bf16_optimizer_states``;
+    often none) are ZeroStrategy keywords, as ``MemoryRow.keywords()``; ``sub_group_size``: the config's, if set."""
     total, largest = count_with_configure_model(module)
     gpu, cpu, nvme = detect_free_memory(device, nvme_path)
     row, message = auto_choice(total, largest, num_nodes=num_nodes, devices_per_node=devices_per_node,
                                device_type=device.type, precision=precision, gpu_free_bytes=gpu, cpu_free_bytes=cpu,
-                               nvme_free_bytes=nvme)
-    return row.stage, row.offload_optimizer, row.offload_parameters, message
+                               nvme_free_bytes=nvme, sub_group_size=int(sub_group_size or _SUB_GROUP_SIZE))
+    return row.stage, row.offload_optimizer, row.offload_parameters, row.keywords(), message
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -587,7 +746,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     shape.add_argument("--micro-batch", type=int, help="sequences per GPU per forward")
     shape.add_argument("--vocab", type=int, default=0, help="vocabulary size (the loss's logits)")
     shape.add_argument("--activation-checkpointing", action="store_true", help="blocks recompute their activations")
-    modes = parser.add_argument_group("offload modes (printed after the table; not planned by stage=\"auto\")")
+    modes = parser.add_argument_group("offload modes (rows after the table; without these flags: the modes"
+                                      " stage=\"auto\" considers)")
     modes.add_argument("--offload-ratio", type=float, action="append",
                        help="stage 3 partial optimizer offload: the share stepped by CPU Adam (repeat for several)")
     modes.add_argument("--sub-group-size", type=float, default=_SUB_GROUP_SIZE,
@@ -611,20 +771,37 @@ def run(args: argparse.Namespace) -> int:
         return _error(str(err))
 
 
-def _print_modes(args: argparse.Namespace, plan: MemoryPlan) -> None:
-    """The offload-mode rows asked for on the command line (--offload-ratio, --bf16-*)."""
-    ratios = getattr(args, "offload_ratio", None) or []
-    bf16 = dict(bf16_master_weights_and_grads=getattr(args, "bf16_master_weights", False),
-                bf16_optimizer_states=getattr(args, "bf16_optimizer_states", False))
-    if not ratios and not any(bf16.values()):
-        return
-    stages = [(3, r) for r in ratios] or [(2, 0.0), (2, 1.0), (3, 0.0), (3, 1.0)]
-    rows = [estimate_offload_mode(plan.num_params, plan.largest_layer_params, stage=stage, offload_ratio=ratio,
-                                  num_nodes=plan.num_nodes, gpus_per_node=plan.gpus_per_node,
-                                  sub_group_size=int(args.sub_group_size), **bf16) for stage, ratio in stages]
-    print(f"\nOffload modes (model states, bf16 weights; derived from DeepSpeed's dtypes, not measured):\n"
-          f"{'stage':>5}  {'on the host':>13}  {'optimizer state':<18}  {'per GPU':>10}  {'CPU/node':>10}")
-    print("\n".join(r.line() for r in rows))
+def _print_modes(args: argparse.Namespace, plan: MemoryPlan, gpu_free: int | None, cpu_free: int | None) -> None:
+    """The offload-mode rows: those asked for on the command line (--offload-ratio, --bf16-*), else the ones
+    ``stage="auto"`` considers (:func:`fastest_fit`): partial offload at every 10% that DeepSpeed's sub-groups allow,
+    and with bf16 precision the low-precision states."""
+    sub, p, gpus = int(args.sub_group_size), plan.num_params, plan.num_nodes * plan.gpus_per_node
+    groups = _sub_groups(p, gpus, sub)
+    master, states = bool(args.bf16_master_weights), bool(args.bf16_optimizer_states)
+    modes: list[tuple[_Mode, int]]
+    if args.offload_ratio or master or states:
+        state = optimizer_state_bytes(master, states)
+        pairs = [(3, r) for r in args.offload_ratio or []] or [(2, 0.0), (2, 1.0), (3, 0.0), (3, 1.0)]
+        modes = [((stage, "cpu" if r else "none", "none", r), state) for stage, r in pairs]
+    else:
+        steps = range(1, groups) if groups <= 10 else sorted({round(i * groups / 10) for i in range(1, 10)})
+        modes = [((3, "cpu", "none", _ratio_for(k, groups)), 16) for k in steps]
+        if args.precision.startswith("bf16-"):
+            modes += [((2, "cpu", "none", 1.0), 12), ((3, "cpu", "none", 1.0), 12), ((2, "none", "none", 0.0), 8),
+                      ((3, "none", "none", 0.0), 8), ((3, "cpu", "none", 1.0), 8)]
+    what = (f"per GPU: expected peak with {_gib(plan.activation_bytes)} of activations" if plan.activation_bytes
+            else "model states")
+    print(f"\nOffload modes ({what}; derived from DeepSpeed's dtypes and sub-groups, not measured):\n"
+          f"{'stage':>5}  {'on the host':>13}  {'optimizer state':<18}  {'per GPU':>10}  {'CPU/node':>10}  fits")
+    for mode, state in modes:
+        row = _mode_row(plan, mode, state, gpu_free, cpu_free, args.precision, sub)
+        ratio = mode[3]  # shown as the share DeepSpeed's sub-groups make it
+        share = (groups - int((1 - ratio) * groups)) / groups if 0 < ratio < 1 else float(ratio > 0)
+        shown = ModeRow(row.stage, share, state, row.gpu_bytes, row.cpu_bytes)
+        print(f"{shown.line()}  {({True: 'yes', False: f'no ({row.why_not})', None: '?'})[row.fits]}")
+    if groups == 1 and not args.offload_ratio:
+        print(f"(partial offload: one sub-group of sub_group_size={sub:.3g} per GPU, so any ratio offloads all of it;"
+              " a smaller --sub-group-size splits it)")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -652,10 +829,14 @@ def _run(args: argparse.Namespace) -> int:
                            gpus_per_node=args.gpus_per_node, gpu_memory_gb=args.gpu_memory,
                            cpu_memory_gb=args.cpu_memory, nvme_gb=args.nvme, precision=args.precision,
                            activation_memory_gb=activations)
+    gpu_free, cpu_free = (None if gb is None else int(gb * GiB) for gb in (args.gpu_memory, args.cpu_memory))
     print(plan.table())
-    _print_modes(args, plan)
-    if plan.recommended is not None:
-        print(f"\nRecommended (fastest that fits): {plan.recommended.strategy()}")
+    _print_modes(args, plan, gpu_free, cpu_free)
+    best = fastest_fit(plan, gpu_free, cpu_free, precision=args.precision, sub_group_size=int(args.sub_group_size))
+    if best is not None:
+        print(f"\nRecommended (fastest that fits): {best.strategy()}")
+        if best.keywords():  # an offload mode: what it trades
+            print(_mode_note(best, plan).strip())
         return 0
     if any(r.fits is None for r in plan.rows):
         print("\nGive --gpu-memory / --cpu-memory (and --nvme) for a recommendation.")

@@ -388,21 +388,25 @@ class ZeroStrategy(ParallelStrategy):
             return
         from lightning_zero import estimate
 
+        # partial offload is rounded to the sub-groups of the config's sub_group_size (a keyword or a config key)
+        sub_group_size = cfg.merge_knobs(self.user_config, self.knobs)["zero_optimization"].get("sub_group_size")
         try:
-            choice: Any = estimate.plan_auto(self.lightning_module, num_nodes=self.num_nodes,
-                                             devices_per_node=self.num_processes, device=self.root_device,
-                                             precision=self.precision_plugin.precision, nvme_path=self._auto_nvme_path)
+            choice: Any = estimate.plan_auto(
+                self.lightning_module, num_nodes=self.num_nodes, devices_per_node=self.num_processes,
+                device=self.root_device, precision=self.precision_plugin.precision, nvme_path=self._auto_nvme_path,
+                sub_group_size=sub_group_size if isinstance(sub_group_size, (int, float)) else None)
         except (ValueError, RuntimeError) as err:  # rank 0's refusal reaches every rank (none waits in broadcast)
             choice = err
         choice = self.broadcast(choice)
         if isinstance(choice, Exception):
             raise choice
-        self.stage, optimizer, parameters, message = choice
+        self.stage, optimizer, parameters, modes, message = choice
         rank_zero_info(message)
         nvme_path = self._auto_nvme_path if "nvme" in (optimizer, parameters) else None
+        # the offload-mode keywords (offload_optimizer_ratio, bf16_*) go through resolve_knobs like the user's own
         self.knobs = cfg.merge_knobs(self.knobs, cfg.resolve_knobs(
             self.stage, optimizer if optimizer != "none" else None, parameters if parameters != "none" else None,
-            nvme_path))
+            nvme_path, **modes))
         self._auto = False
 
     def resolve_config(self, trainer: pl.Trainer | None) -> dict[str, Any]:

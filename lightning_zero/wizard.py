@@ -192,8 +192,7 @@ def recommend(ctx: Context, answers: Mapping[str, Any]) -> tuple[int, str, str, 
                                            f" the stage, so offload gains nothing; stage {row.stage} is the fastest"
                                            f" that fits ({_gib(row.gpu_bytes)} per process of"
                                            f" {_gib(ctx.machine.host_memory_bytes)} available)")
-    plan = _plan(ctx, answers)
-    row = plan.recommended
+    plan, row = _fastest(ctx, answers)
     of = f"of your {_gib(ctx.machine.gpu_memory_bytes)}"
     if row is None:
         frugal = [r for r in plan.rows if "nvme" not in (r.offload_optimizer, r.offload_parameters)][-1]
@@ -206,7 +205,23 @@ def recommend(ctx: Context, answers: Mapping[str, Any]) -> tuple[int, str, str, 
                   default=None)
     if roomier is not None:
         why += f"; {roomier.strategy()} leaves the most room for activations ({_gib(roomier.gpu_bytes)} per GPU)"
-    return row.stage, row.offload_optimizer, row.offload_parameters, why
+    return row.stage, row.offload_optimizer, row.offload_parameters, why + _mode_note(row, plan)
+
+
+def _fastest(ctx: Context, answers: Mapping[str, Any]) -> tuple[Any, Any]:
+    """``(plan, the fastest row that fits with the offload modes, or None)``, as ``stage="auto"`` would choose on
+    this machine's GPUs (:func:`lightning_zero.estimate.fastest_fit`)."""
+    from lightning_zero.estimate import fastest_fit
+
+    plan = _plan(ctx, answers)
+    return plan, fastest_fit(plan, ctx.machine.gpu_memory_bytes, ctx.machine.host_memory_bytes,
+                             precision=answers["precision"])
+
+
+def _mode_note(row: Any, plan: Any) -> str:
+    from lightning_zero.estimate import _mode_note as note
+
+    return (". " + note(row, plan).strip().rstrip(".")) if row.keywords() else ""
 
 
 def _offload_default(ctx: Context, answers: Mapping[str, Any], which: str) -> tuple[str, str]:
@@ -314,6 +329,94 @@ def _check_nvme_path(text: str, ctx: Context, a: Mapping[str, Any]) -> str:
     return path
 
 
+STATES = {"fp32": 16, "bf16-master": 12, "bf16-master-states": 8}  # optimizer bytes per parameter
+
+
+def _matching_recommendation(ctx: Context, a: Mapping[str, Any]) -> Any:
+    """The estimator's row with its offload modes when the answers so far chose the same stage and offload."""
+    if ctx.model is None or ctx.machine.gpu_memory_bytes is None:
+        return None
+    row = _fastest(ctx, a)[1]
+    same = row is not None and (row.stage, row.offload_optimizer, row.offload_parameters) == (
+        a["stage"], a.get("offload_optimizer", "none"), a.get("offload_parameters", "none"))
+    return row if same else None
+
+
+def _ratio_default(ctx: Context, a: Mapping[str, Any]) -> tuple[str, str]:
+    from lightning_zero.estimate import partial_offload_fit
+
+    full = ("1.0 offloads the whole optimizer; a share below 1 keeps the rest on the GPU (stepped there, faster) for"
+            " 16 bytes per parameter of GPU memory")
+    row = _matching_recommendation(ctx, a)
+    if row is not None:
+        return str(row.offload_ratio), f"the estimator's choice: {row.strategy()}"
+    if ctx.model is None or ctx.machine.gpu_memory_bytes is None or a.get("offload_parameters", "none") != "none":
+        return "1.0", full
+    fit = partial_offload_fit(_plan(ctx, a), ctx.machine.gpu_memory_bytes, ctx.machine.host_memory_bytes,
+                              precision=a["precision"])
+    if fit is None:
+        return "1.0", f"{full}; by the estimate no share below 1 fits (or one sub-group per GPU cannot be split)"
+    return str(fit.offload_ratio), (f"the smallest share on the host that fits by the estimate: {fit.strategy()},"
+                                    f" model states about {_gib(fit.gpu_bytes)} per GPU")
+
+
+def _q_offload_ratio(ctx: Context, a: Mapping[str, Any]) -> Question | None:
+    if a["stage"] != 3 or a.get("offload_optimizer") != "cpu":
+        return None
+    default, why = _ratio_default(ctx, a)
+
+    def parse(text: str) -> float:
+        from lightning_zero.config import resolve_knobs
+
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise ValueError(f"{text!r} is not a number; give the share of the optimizer states CPU Adam steps,"
+                             " above 0 and at most 1 (1.0: all of it).") from None
+        resolve_knobs(3, "cpu", offload_optimizer_ratio=value)  # ZeroStrategy's own check and message
+        return value
+    return Question("offload_optimizer_ratio", "--offload-optimizer-ratio", "Partial offload: the share of the"
+                    " optimizer states stepped by CPU Adam (the rest stays on the GPU)?", default, why, parse)
+
+
+def _q_optimizer_states(ctx: Context, a: Mapping[str, Any]) -> Question | None:
+    if not a["precision"].startswith("bf16-") or a["stage"] not in (1, 2, 3):
+        return None
+    row = _matching_recommendation(ctx, a)
+    if row is not None and row.offload_ratio != a.get("offload_optimizer_ratio", 1.0):
+        row = None
+    default = next((k for k, v in STATES.items() if row is not None and v == row.state_bytes), "fp32")
+    why = ("fp32 master weights and Adam states (16 bytes per parameter) train as without ZeRO; bf16-master (12,"
+           " needs offload_optimizer) and bf16-master-states (8) cut the optimizer memory but change the numerics"
+           " (convergence: docs/benchmarks.md)")
+    if default != "fp32":
+        why = f"nothing fits in fp32 by the estimate, {row.strategy()} does; {why}"
+
+    def parse(text: str) -> str:
+        from lightning_zero.config import TrainerFlags, check_zero_features, resolve_knobs
+
+        value = _choice(tuple(STATES))(text)
+        offload = [None if a.get(k, "none") == "none" else a[k] for k in ("offload_optimizer", "offload_parameters")]
+        knobs = resolve_knobs(a["stage"], *offload, a.get("nvme_path"), **_state_keywords(a, value))
+        check_zero_features(knobs, TrainerFlags(precision=a["precision"]))  # ZeroStrategy's checks and messages
+        return value
+    return Question("optimizer_states", "--optimizer-states", "Optimizer states: fp32, or bf16 to save memory?",
+                    default, why, parse, tuple(STATES))
+
+
+def _state_keywords(a: Mapping[str, Any], states: str | None = None) -> dict[str, Any]:
+    """The ZeroStrategy keywords of the offload-mode answers (partial offload ratio, bf16 states)."""
+    kwargs: dict[str, Any] = {}
+    if a.get("offload_optimizer_ratio", 1.0) < 1.0:
+        kwargs["offload_optimizer_ratio"] = a["offload_optimizer_ratio"]
+    size = STATES[states or a.get("optimizer_states", "fp32")]
+    if size <= 12:
+        kwargs["bf16_master_weights_and_grads"] = True
+    if size <= 8:
+        kwargs["bf16_optimizer_states"] = True
+    return kwargs
+
+
 def _q_hpz(ctx: Context, a: Mapping[str, Any]) -> Question | None:
     if a["nodes"] < 2 or a["stage"] != 3:
         return None
@@ -374,7 +477,7 @@ def _q_compile(ctx: Context, a: Mapping[str, Any]) -> Question:
 
 
 QUESTIONS = (_q_nodes, _q_devices, _q_precision, _q_stage, _q_offload_optimizer, _q_offload_parameters, _q_nvme_path,
-             _q_hpz, _q_quantized("zero_quantized_weights", "weights' all-gather"),
+             _q_offload_ratio, _q_optimizer_states, _q_hpz, _q_quantized("zero_quantized_weights", "weights' all-gather"),
              _q_quantized("zero_quantized_gradients", "gradients' reduce-scatter"), _q_accumulate, _q_clip,
              _q_activation, _q_compile)
 
@@ -429,7 +532,9 @@ def run_session(ctx: Context, flags: Mapping[str, str], ask: Callable[[Question,
         raise ValueError(f"{', '.join(f'{f} {flags[f]}' for f in unused)}: that question does not apply with these"
                          f" answers (stage {session.answers['stage']!r}, {session.answers['nodes']} node(s)). Remove"
                          " the flag or change the answer it depends on (e.g. --stage 3 for parameter offload or"
-                         " ZeRO++, --nodes 2+ for ZeRO++, an nvme offload for --nvme-path).")
+                         " ZeRO++, --nodes 2+ for ZeRO++, an nvme offload for --nvme-path, --stage 3 with"
+                         " --offload-optimizer cpu for --offload-optimizer-ratio, a bf16 precision at stages 1-3 for"
+                         " --optimizer-states).")
     return session
 
 
@@ -445,6 +550,7 @@ def _strategy_kwargs(a: Mapping[str, Any]) -> dict[str, Any]:
             kwargs[key] = a[key]
     if "nvme_path" in a:
         kwargs["nvme_path"] = a["nvme_path"]
+    kwargs.update(_state_keywords(a))
     if a.get("zero_hpz_partition_size", 1) > 1:
         kwargs["zero_hpz_partition_size"] = a["zero_hpz_partition_size"]
     for key in ("zero_quantized_weights", "zero_quantized_gradients"):
@@ -470,7 +576,7 @@ def build_outputs(a: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
     stage = kwargs.pop("stage")
     compile_ = kwargs.pop("compile", None)
     ds = resolve_knobs(None if stage == "auto" else stage, **kwargs)
-    ds["bf16"] = {"enabled": a["precision"].startswith("bf16")}
+    ds["bf16"] = {"enabled": a["precision"].startswith("bf16"), **ds.get("bf16", {})}  # + the bf16 states
     ds["fp16"] = {"enabled": a["precision"].startswith("16")}
     ds["gradient_accumulation_steps"] = a["accumulate"]
     ds["gradient_clipping"] = a["clip"] or 0.0  # 0.0: no clipping, said explicitly
@@ -540,7 +646,7 @@ def _usage(path: Path, a: Mapping[str, Any], fmt: str) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 
 _FLAG_KEYS = ("nodes", "devices", "precision", "stage", "offload_optimizer", "offload_parameters", "nvme_path",
-              "zero_hpz_partition_size", "zero_quantized_weights", "zero_quantized_gradients",
+              "offload_optimizer_ratio", "optimizer_states", "zero_hpz_partition_size", "zero_quantized_weights", "zero_quantized_gradients",
               "accumulate_grad_batches", "gradient_clip_val", "activation_checkpointing", "compile")
 
 

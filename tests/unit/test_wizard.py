@@ -24,8 +24,8 @@ def keys(ctx: Context, flags: dict[str, str]) -> list[str]:
 
 def test_questions_follow_the_answers():
     assert keys(Context(H100), {"--stage": "2"}) == [
-        "nodes", "devices", "precision", "stage", "offload_optimizer", "accumulate", "clip",
-        "activation_checkpointing", "compile"]
+        "nodes", "devices", "precision", "stage", "offload_optimizer", "optimizer_states", "accumulate", "clip",
+        "activation_checkpointing", "compile"]  # optimizer_states: bf16 precision (the H100's default)
     assert "offload_parameters" in keys(Context(H100), {"--stage": "3"})
     assert "offload_optimizer" not in keys(Context(H100), {"--stage": "0"})
     assert "offload_optimizer" not in keys(Context(H100), {"--stage": "auto"})
