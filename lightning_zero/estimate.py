@@ -519,8 +519,8 @@ def auto_choice(num_params: int, largest_layer_params: int, *, num_nodes: int, d
     On GPUs: the fastest choice that fits the free GPU memory, the available host memory and (when ``nvme_path``
     was given) the free NVMe space, with the offload modes: :func:`fastest_fit` (partial optimizer offload rounded
     to ``sub_group_size``; with bf16 precision, bf16 master weights and optimizer states when fp32 states fit
-    nowhere; ``MemoryRow.keywords()`` gives their ZeroStrategy keywords). Without GPUs the model states live in host memory
-    whatever the choice, so offload gains nothing: the fastest stage without offload whose states (per process x
+    nowhere; ``MemoryRow.keywords()`` gives their ZeroStrategy keywords). Without GPUs the model states live in host
+    memory whatever the choice, so offload gains nothing: the fastest stage without offload whose states (per process x
     processes per node) fit the available host memory. When nothing fits, a :class:`ZeroConfigError` gives the
     estimate and the ways out (the fewest nodes that would fit; NVMe offload when no ``nvme_path`` was given).
     """

@@ -477,7 +477,8 @@ def _q_compile(ctx: Context, a: Mapping[str, Any]) -> Question:
 
 
 QUESTIONS = (_q_nodes, _q_devices, _q_precision, _q_stage, _q_offload_optimizer, _q_offload_parameters, _q_nvme_path,
-             _q_offload_ratio, _q_optimizer_states, _q_hpz, _q_quantized("zero_quantized_weights", "weights' all-gather"),
+             _q_offload_ratio, _q_optimizer_states, _q_hpz,
+             _q_quantized("zero_quantized_weights", "weights' all-gather"),
              _q_quantized("zero_quantized_gradients", "gradients' reduce-scatter"), _q_accumulate, _q_clip,
              _q_activation, _q_compile)
 
@@ -646,8 +647,8 @@ def _usage(path: Path, a: Mapping[str, Any], fmt: str) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 
 _FLAG_KEYS = ("nodes", "devices", "precision", "stage", "offload_optimizer", "offload_parameters", "nvme_path",
-              "offload_optimizer_ratio", "optimizer_states", "zero_hpz_partition_size", "zero_quantized_weights", "zero_quantized_gradients",
-              "accumulate_grad_batches", "gradient_clip_val", "activation_checkpointing", "compile")
+              "offload_optimizer_ratio", "optimizer_states", "zero_hpz_partition_size", "zero_quantized_weights",
+              "zero_quantized_gradients", "accumulate_grad_batches", "gradient_clip_val", "activation_checkpointing", "compile")
 
 
 def _model_size(args: argparse.Namespace) -> ModelSize | None:
