@@ -23,7 +23,8 @@ from torch import Tensor, nn
 __all__ = ["BACKWARD_COUNTERS", "ENGINE_MODULE_HOOKS", "accelerator_chosen", "backward_reaches_only",
            "convert_to_universal", "leaf_module_hooks", "loading_universal_checkpoint", "redirect_module_compile",
            "release_comm_backend", "remove_engine_module_hooks", "set_gradient_clipping",
-           "shift_deepcompile_schedule", "start_micro_batch", "untag_leaf_parameters", "zero3_backward_counters"]
+           "shift_deepcompile_schedule", "start_micro_batch", "universal_args", "untag_leaf_parameters",
+           "zero3_backward_counters"]
 
 # ZeRO-3's per-module backward counters (deepspeed/runtime/zero/parameter_offload.py, DeepSpeed 0.19.8).
 BACKWARD_COUNTERS = ("applied_pre_backward_ref_cnt", "ds_grads_remaining")
@@ -36,11 +37,11 @@ _OPTIONAL_ENGINE_MODULE_HOOKS = ("first_dataloader_check",)
 def _missing(symbol: str, used_for: str) -> RuntimeError:
     import deepspeed
 
-    from lightning_zero._compat.versions import specifier
+    from lightning_zero._compat.versions import requirement
 
     return RuntimeError(f"DeepSpeed {deepspeed.__version__} has no `{symbol}`, which lightning_zero uses {used_for}"
                         " (see lightning_zero/_compat/deepspeed.py). Install a DeepSpeed version in the range"
-                        f" lightning_zero supports (`pip install 'deepspeed{specifier('deepspeed')}'`).")
+                        f" lightning_zero supports (`pip install '{requirement('deepspeed')}'`).")
 
 
 def _is_deepspeed_wrapper(optimizer: Any) -> bool:
@@ -204,9 +205,13 @@ def convert_to_universal(input_folder: str, output_folder: str) -> None:
 
     if not callable(getattr(ds_to_universal, "main", None)):
         raise _missing("deepspeed.checkpoint.ds_to_universal.main", "to resume on another number of processes")
-    args = argparse.Namespace(input_folder=input_folder, output_folder=output_folder, num_extract_workers=1,
+    ds_to_universal.main(universal_args(input_folder, output_folder))
+
+
+def universal_args(input_folder: str, output_folder: str) -> argparse.Namespace:
+    """The arguments :func:`convert_to_universal` gives ``ds_to_universal.main`` (its command line's, as parsed)."""
+    return argparse.Namespace(input_folder=input_folder, output_folder=output_folder, num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
-    ds_to_universal.main(args)
 
 
 @contextmanager

@@ -35,11 +35,11 @@ def _version() -> str:
 
 
 def _missing(symbol: str, used_for: str) -> RuntimeError:
-    from lightning_zero._compat.versions import specifier
+    from lightning_zero._compat.versions import requirement
 
     return RuntimeError(f"Lightning {_version()} has no `{symbol}`, which lightning_zero uses {used_for} (see"
                         " lightning_zero/_compat/lightning.py). Install a Lightning version in the range lightning_zero"
-                        f" supports (`pip install 'lightning{specifier('lightning')}'`).")
+                        f" supports (`pip install '{requirement('lightning')}'`).")
 
 
 def _private(module: str, name: str, used_for: str) -> Any:

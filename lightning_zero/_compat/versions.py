@@ -30,7 +30,7 @@ import warnings
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-__all__ = ["ALLOW_UNTESTED_ENV", "SUPPORTED", "check_versions", "installed_version", "out_of_range"]
+__all__ = ["ALLOW_UNTESTED_ENV", "SUPPORTED", "check_versions", "installed_version", "out_of_range", "requirement"]
 
 ALLOW_UNTESTED_ENV = "LIGHTNING_ZERO_ALLOW_UNTESTED"
 
@@ -53,6 +53,12 @@ _WHY_LOWER = {
 def specifier(name: str) -> SpecifierSet:
     low, high = SUPPORTED[name]
     return SpecifierSet(f">={low},<{high}")
+
+
+def requirement(name: str) -> str:
+    """``"lightning>=2.5.0,<2.7"``: the proven range as a pip requirement, for error messages."""
+    low, high = SUPPORTED[name]
+    return f"{name}>={low},<{high}"
 
 
 def installed_version(name: str) -> str | None:

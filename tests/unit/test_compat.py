@@ -193,3 +193,277 @@ def test_stage3_evaluation_runs_under_no_grad_not_inference_mode(tmp_path):
 
     with pytest.raises(RuntimeError, match="inference_mode.*_compat/lightning.py"):
         evaluate_under_no_grad(Trainer())
+
+
+# --- Lightning contracts of lightning_zero/_compat/lightning.py, one or more per layer function ---
+
+def test_the_launcher_methods_zero_strategy_overrides_keep_their_signatures():
+    """_Launcher overrides _wrapping_function/_collect_rank_zero_results, _ScriptLauncher calls _call_children_scripts:
+    a rename would silently skip the override (partitioned weights sent back, an abort at exit)."""
+    import inspect
+
+    from lightning.pytorch.strategies.launchers import multiprocessing, subprocess_script
+
+    from lightning_zero._compat import lightning as compat
+    from lightning_zero.strategy import _Launcher, _ScriptLauncher
+
+    assert compat.MultiProcessingLauncher is multiprocessing._MultiProcessingLauncher
+    assert compat.SubprocessScriptLauncher is subprocess_script._SubprocessScriptLauncher
+    for base in (compat.MultiProcessingLauncher, compat.SubprocessScriptLauncher):
+        compat.check_overrides(base)
+        for name, params in compat.LAUNCHER_METHODS[base.__name__].items():
+            assert tuple(inspect.signature(getattr(base, name)).parameters) == params, f"{base.__name__}.{name}"
+    assert set(compat.LAUNCHER_METHODS["_MultiProcessingLauncher"]) <= set(vars(_Launcher))
+    assert issubclass(_ScriptLauncher, compat.SubprocessScriptLauncher)
+    # the observer start_children starts, and what _collect_rank_zero_results saves for the main process
+    assert list(inspect.signature(subprocess_script._launch_process_observer).parameters) == ["child_processes"]
+    source = inspect.getsource(multiprocessing._MultiProcessingLauncher._collect_rank_zero_results)
+    assert "trainer.lightning_module.state_dict()" in source, "state_dict_for_results no longer reaches the weights"
+
+    class _MultiProcessingLauncher:  # a Lightning that renamed the hook
+        def _collect_rank_zero_results(self, trainer, results):
+            pass
+
+    with pytest.raises(RuntimeError, match=r"_MultiProcessingLauncher._wrapping_function.*_compat/lightning.py"):
+        compat.check_overrides(_MultiProcessingLauncher)
+
+
+def test_a_missing_launcher_base_class_fails_when_built_not_at_import():
+    from lightning_zero._compat.lightning import _base_class
+
+    missing = _base_class("lightning.pytorch.strategies.launchers", "_Renamed", "to spawn the ranks")
+    with pytest.raises(RuntimeError, match=r"Lightning .* has no `lightning.pytorch.strategies.launchers._Renamed`"
+                                           r".*pip install 'lightning>=2.5.0,<2.7'"):
+        missing()
+
+
+def test_state_dict_for_results_answers_with_the_given_weights_on_this_instance_only():
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from lightning_zero._compat.lightning import state_dict_for_results
+
+    model, other = BoringModel(), BoringModel()
+    with state_dict_for_results(model, {"full": 1}):
+        assert model.state_dict() == {"full": 1}
+        assert "layer.weight" in other.state_dict()
+    assert "layer.weight" in model.state_dict() and "state_dict" not in vars(model)
+
+
+def test_collectives_and_the_process_group_backend():
+    import torch
+    from lightning.fabric.utilities import distributed
+    from lightning.fabric.utilities.types import ReduceOp
+
+    from lightning_zero._compat.lightning import (default_process_group_backend, distributed_is_initialized,
+                                                  sync_ddp_if_available)
+
+    assert distributed_is_initialized() is distributed._distributed_is_initialized() is False
+    assert default_process_group_backend(torch.device("cpu")) == "gloo"
+    assert default_process_group_backend(torch.device("cuda", 0)) == "nccl"
+    tensor = torch.tensor([1.0, 3.0])
+    for op in ("mean", "sum", ReduceOp.SUM):  # no process group: the tensor as it is
+        assert torch.equal(sync_ddp_if_available(tensor, None, reduce_op=op), tensor)
+
+
+def test_configured_optimizers_parse_configure_optimizers_as_lightning_does():
+    import lightning as L
+    import torch
+    from lightning.pytorch.demos.boring_classes import BoringModel
+    from lightning.pytorch.utilities.types import LRSchedulerConfig
+
+    from lightning_zero._compat.lightning import configured_optimizers
+
+    class WithScheduler(BoringModel):
+        def configure_optimizers(self):
+            opt = torch.optim.AdamW(self.parameters(), lr=1e-3)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(opt, 1),
+                                                       "interval": "step"}}
+
+    class NoOptimizer(BoringModel):
+        def configure_optimizers(self):
+            return None
+
+    def attached(model):
+        model.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False)
+        return model
+
+    optimizers, schedulers = configured_optimizers(attached(WithScheduler()))
+    assert [type(o) for o in optimizers] == [torch.optim.AdamW]
+    assert isinstance(schedulers[0], LRSchedulerConfig) and schedulers[0].interval == "step"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's "configure_optimizers returned None"
+        assert configured_optimizers(attached(NoOptimizer())) == ([], [])  # Lightning's _MockOptimizer left out
+
+
+def test_lightning_optimizer_unwrap_and_zero_grad_guard():
+    import torch
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    from lightning_zero._compat.lightning import guard_zero_grad, unwrap_optimizer
+
+    param = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    wrapped = LightningOptimizer(optimizer)
+    assert unwrap_optimizer(wrapped) is optimizer and unwrap_optimizer(optimizer) is optimizer
+    assert wrapped._optimizer is optimizer  # what the public `optimizer` property returns
+    calls = []
+    guard_zero_grad(wrapped, lambda: calls.append("checked"))
+    param.grad = torch.ones(2)
+    wrapped.zero_grad()
+    assert calls == ["checked"] and param.grad is None
+
+    def refuse():
+        raise ValueError("kept")
+
+    refusing = LightningOptimizer(optimizer)
+    guard_zero_grad(refusing, refuse)
+    param.grad = torch.ones(2)
+    with pytest.raises(ValueError, match="kept"):
+        refusing.zero_grad()
+    assert param.grad is not None
+
+
+def test_the_train_dataloader_is_read_before_the_fit_loop_loads_it(tmp_path):
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from lightning_zero._compat.lightning import train_dataloader
+
+    seen = []
+
+    class AtSetup(Callback):
+        def setup(self, trainer, pl_module, stage):
+            seen.append(train_dataloader(trainer))
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, default_root_dir=tmp_path, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[AtSetup()])
+    trainer.fit(BoringModel())
+    assert seen[0] is not None and seen[0].batch_size == 1  # BoringModel's DataLoader(RandomDataset(32, 64))
+
+    class Trainer:
+        class fit_loop:  # noqa: N801
+            pass
+
+    with pytest.raises(RuntimeError, match=r"fit_loop._data_source.*_compat/lightning.py"):
+        train_dataloader(Trainer())
+
+
+def test_rng_states_round_trip():
+    import random
+
+    import numpy as np
+    import torch
+
+    from lightning_zero._compat.lightning import collect_rng_states, set_rng_states
+
+    state = collect_rng_states(include_cuda=False)
+    assert {"torch", "numpy", "python"} <= set(state)
+    drawn = (torch.rand(2), np.random.rand(), random.random())
+    set_rng_states(state)
+    again = (torch.rand(2), np.random.rand(), random.random())
+    assert torch.equal(drawn[0], again[0]) and drawn[1:] == again[1:]
+
+
+def test_precision_helpers_match_lightnings_own():
+    import torch
+    from lightning.fabric.plugins.precision import utils
+
+    from lightning_zero._compat.lightning import convert_fp_tensor, convert_precision_flag, default_dtype
+
+    for tensor in (torch.ones(2), torch.ones(2, dtype=torch.int64), torch.ones(2, dtype=torch.float64)):
+        ours, theirs = convert_fp_tensor(tensor, torch.bfloat16), utils._convert_fp_tensor(tensor, torch.bfloat16)
+        assert ours.dtype == theirs.dtype and torch.equal(ours.float(), theirs.float())
+    for context in (default_dtype, utils._DtypeContextManager):
+        with context(torch.bfloat16):
+            assert torch.get_default_dtype() == torch.bfloat16
+        assert torch.get_default_dtype() == torch.float32
+    assert [convert_precision_flag(v) for v in (16, "16", "bf16", 32, "16-mixed")] == \
+        ["16-mixed", "16-mixed", "bf16-mixed", "32-true", "16-mixed"]
+
+
+def test_the_precision_argument_is_read_from_the_accelerator_connectors_frame():
+    import inspect
+
+    from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
+
+    from lightning_zero._compat.lightning import trainer_precision_argument
+
+    assert "precision" in inspect.signature(_AcceleratorConnector.__init__).parameters
+    assert trainer_precision_argument() == (False, None)  # no Trainer being built: the caller warns
+    found = []
+
+    class Connector(_AcceleratorConnector):  # runs Lightning's own __init__ frame
+        def _check_config_and_set_final_flags(self, *args, **kwargs):
+            found.append(trainer_precision_argument())
+            return super()._check_config_and_set_final_flags(*args, **kwargs)
+
+    Connector(accelerator="cpu", devices=1, precision="16-mixed")
+    assert found == [(True, "16-mixed")]
+
+
+def test_model_summary_route_and_the_shape_check(tmp_path):
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import ModelSummary
+    from lightning.pytorch.demos.boring_classes import BoringModel
+    from lightning.pytorch.utilities.model_summary.model_summary import LayerSummary
+    from lightning.pytorch.utilities.model_summary.model_summary import ModelSummary as Summary
+
+    from lightning_zero._compat.lightning import route_model_summary, tensor_shape_unknown
+
+    assert tensor_shape_unknown(torch.nn.Parameter(torch.ones(2))) is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert tensor_shape_unknown(torch.nn.parameter.UninitializedParameter()) is True
+    # what ZeroSummary (summary.py) reads of Lightning's summary classes as a subclass
+    for name in ("_model", "_max_depth", "_forward_example_input", "named_modules", "summarize", "total_parameters",
+                 "trainable_parameters"):
+        assert hasattr(Summary(BoringModel(), max_depth=1), name), f"ModelSummary.{name}"
+    assert hasattr(LayerSummary(torch.nn.Linear(1, 1)), "_module") and hasattr(LayerSummary, "detach_hook")
+
+    callback, built, printed = ModelSummary(max_depth=2), [], []
+    assert route_model_summary(callback, lambda m, depth: built.append(depth) or Summary(m, max_depth=depth),
+                               lambda: printed.append(True))
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, default_root_dir=tmp_path, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, callbacks=[callback])
+    trainer.fit(BoringModel())
+    assert built == [2] and printed == [True]
+
+    class Renamed:
+        def summarize(self):
+            pass
+
+    with pytest.warns(UserWarning, match=r"no `_summary`/`_max_depth`.*ZeroSummary"):
+        assert route_model_summary(Renamed(), lambda m, d: None, lambda: None) is False
+
+
+def test_compiled_by_lightning_reads_what_from_compiled_sets():
+    import torch
+    from lightning.pytorch.demos.boring_classes import BoringModel
+    from lightning.pytorch.utilities.compile import from_compiled
+
+    from lightning_zero._compat.lightning import compiled_by_lightning
+
+    model = BoringModel()
+    assert not compiled_by_lightning(model)
+    assert compiled_by_lightning(from_compiled(torch.compile(model)))
+
+
+def test_the_strategy_registry_and_strategy_internals_zero_strategy_uses():
+    """register_strategies receives Lightning's registry; ZeroStrategy reads/overrides Strategy's `_lightning_module`,
+    `_launcher`, `_lightning_optimizers` and `_configure_launcher` (its own base class's, see _compat/__init__.py)."""
+    import inspect
+
+    from lightning.pytorch.strategies import StrategyRegistry as registry
+    from lightning.pytorch.strategies import Strategy
+
+    from lightning_zero import ZeroStrategy
+
+    assert {"name", "strategy", "description"} <= set(inspect.signature(registry.register).parameters)
+    assert "zero_stage_3" in registry and registry["zero_stage_3"]["strategy"] is ZeroStrategy
+    assert callable(getattr(Strategy, "_configure_launcher", None))
+    strategy = ZeroStrategy(stage=2)
+    assert {"_launcher", "_lightning_optimizers"} <= set(vars(strategy))
+    assert isinstance(inspect.getattr_static(ZeroStrategy, "_lightning_module"), property)

@@ -8,12 +8,13 @@ DeepSpeed and `make test-compat` on the lowest proven one.
 
 from __future__ import annotations
 
-import argparse
 import inspect
 
 import pytest
 import torch
 from torch import nn
+
+from lightning_zero._compat import deepspeed as compat
 
 STAGE3 = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "managed_gradient_accumulation": False,
           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
@@ -44,6 +45,7 @@ def test_deepspeed_engine_internals(one_rank):
     _zero3_parameter_and_module_attributes(one_rank)
     _stage12_optimizer_starts_a_micro_batch_with_clear_backward_seen_flag(one_rank)
     _leaf_module_hooks_are_the_handles_the_registry_gates(one_rank)
+    _the_comm_backend_is_released(one_rank)
 
 
 def _zero3_parameter_and_module_attributes(one_rank):
@@ -60,25 +62,43 @@ def _zero3_parameter_and_module_attributes(one_rank):
     assert {"AVAILABLE", "NOT_AVAILABLE", "INFLIGHT"} <= set(ZeroParamStatus.__members__)
 
     loss = engine(torch.randn(2, 4)).sum()
-    for name in ("applied_pre_backward_ref_cnt", "ds_grads_remaining"):
+    for name in compat.BACKWARD_COUNTERS:
         assert name in model[0].a.__dict__, f"ZeRO-3 modules lost the backward counter `{name}`"
+    counters = compat.zero3_backward_counters(model.modules())
+    assert {(m, n) for m, n, _ in counters} >= {(model[0].a, n) for n in compat.BACKWARD_COUNTERS}
     assert callable(getattr(engine.optimizer, "clear_backward_seen_flag", None)), \
         "ZeRO-3's optimizer lost `clear_backward_seen_flag` (the micro-batch start engines._engine_backward calls)"
+    compat.start_micro_batch(engine)
+    assert compat.leaf_module_hooks(engine) == []  # no fetch units marked
     engine.backward(loss, scale_wrt_gas=False)
+    compat.set_gradient_clipping(engine, 0.25)
+    assert engine.optimizer.clip_grad == 0.25 and engine.gradient_clipping() == 0.25
     engine.step()
-    for name in ("module_forward_pre_hook", "module_forward_post_hook"):
+    for name in compat.ENGINE_MODULE_HOOKS:
         handle = getattr(engine, name, None)
         assert handle is not None and callable(getattr(handle, "remove", None)), f"DeepSpeedEngine lost `{name}`"
     assert hasattr(engine._config, "gradient_clipping") and hasattr(engine._config, "load_universal_checkpoint")
+    with compat.loading_universal_checkpoint(engine):
+        assert engine.load_universal_checkpoint() is True
+    assert engine.load_universal_checkpoint() is False
+    hooks = [getattr(engine, name).id for name in compat.ENGINE_MODULE_HOOKS]
     engine.destroy()
+    compat.remove_engine_module_hooks(engine)
+    assert not set(hooks) & (set(model._forward_pre_hooks) | set(model._forward_hooks)), \
+        "the engine's forward hooks are still on the model after release"
 
 
 def _stage12_optimizer_starts_a_micro_batch_with_clear_backward_seen_flag(one_rank):
-    config = {**STAGE3, "zero_optimization": {"stage": 2}}
-    engine, _ = _engine(one_rank, config)
+    config = {**STAGE3, "gradient_clipping": 0.0, "zero_optimization": {"stage": 2, "compute_grad_norm": False}}
+    engine, model = _engine(one_rank, config)
     assert callable(getattr(engine.optimizer, "clear_backward_seen_flag", None))
     assert "compute_grad_norm" in dir(engine.optimizer), \
         "DeepSpeed's stage-1/2 optimizer lost the `compute_grad_norm` switch EngineSlot.set_clip turns back on"
+    assert engine.optimizer.compute_grad_norm is False and compat.leaf_module_hooks(engine) == []
+    compat.start_micro_batch(engine)
+    compat.set_gradient_clipping(engine, 0.5)
+    assert engine.optimizer.compute_grad_norm is True and engine.optimizer.clip_grad == 0.5
+    assert engine.gradient_clipping() == 0.5
     engine.destroy()
 
 
@@ -94,7 +114,18 @@ def _leaf_module_hooks_are_the_handles_the_registry_gates(one_rank):
         assert any(m._backward_hooks is hooks for m in blocks), "a leaf hook is not a backward hook on its block"
     assert all(hasattr(p, "ds_z3_leaf_module") for p in blocks[0].parameters())
     assert all(getattr(m, "_z3_leaf", False) for m in blocks)
+    assert [h.id for h in compat.leaf_module_hooks(engine)] == [h.id for h in handles]
     engine.destroy()
+    compat.untag_leaf_parameters(model)
+    assert not any(hasattr(p, "ds_z3_leaf_module") for p in model.parameters())
+
+
+def _the_comm_backend_is_released(one_rank):
+    import deepspeed.comm.comm as ds_comm
+
+    assert ds_comm.cdb is not None
+    compat.release_comm_backend()
+    assert ds_comm.cdb is None
 
 
 def test_comm_backend_handle_and_deepcompile_schedule_exist():
@@ -106,15 +137,79 @@ def test_comm_backend_handle_and_deepcompile_schedule_exist():
         "deepspeed.compile.backend.remaining_schedule (shifted on resume by compiling.resume_deepcompile_schedule)"
 
 
-def test_ds_to_universal_reads_exactly_the_arguments_checkpoint_passes():
-    """checkpoint._convert_to_universal calls ds_to_universal.main(argparse.Namespace(...)) directly."""
+def test_ds_to_universal_reads_exactly_the_arguments_checkpoint_passes(monkeypatch):
+    """_compat.deepspeed.convert_to_universal calls ds_to_universal.main(argparse.Namespace(...)) directly."""
     from deepspeed.checkpoint import ds_to_universal
 
     source = inspect.getsource(ds_to_universal)
-    passed = {"input_folder", "output_folder", "num_extract_workers", "num_merge_workers", "keep_temp_folder",
-              "strict", "inject_missing_state"}
+    passed = set(vars(compat.universal_args("in", "out")))
     read = set(__import__("re").findall(r"\bargs\.([a-z_]+)", source))
     assert read <= passed, f"ds_to_universal now reads {sorted(read - passed)}, which lightning_zero does not pass"
     assert isinstance(ds_to_universal.main, type(lambda: 0))
-    assert "args" in inspect.signature(ds_to_universal.main).parameters
-    assert isinstance(argparse.Namespace(**dict.fromkeys(passed)), argparse.Namespace)
+    assert list(inspect.signature(ds_to_universal.main).parameters) == ["args"]
+    # its command line parses into exactly these fields
+    monkeypatch.setattr("sys.argv", ["ds_to_universal", "--input_folder", "in", "--output_folder", "out"])
+    with __import__("contextlib").redirect_stdout(__import__("io").StringIO()):
+        parsed = vars(ds_to_universal.parse_arguments())
+    assert set(parsed) == passed, f"ds_to_universal's command line has {sorted(set(parsed) ^ passed)} now"
+
+
+def test_the_counters_check_fails_loudly_when_zero3_modules_carry_none():
+    module = nn.Linear(2, 2)
+    assert compat.zero3_backward_counters(module.modules()) == []  # stages 0-2: nothing partitioned, nothing to keep
+    module.weight.ds_id = 0  # a partitioned parameter whose module has no counter: DeepSpeed renamed them
+    with pytest.raises(RuntimeError, match=r"module.applied_pre_backward_ref_cnt.*_compat/deepspeed.py.*"
+                                           r"pip install 'deepspeed>=0.19.8,<0.20'"):
+        compat.zero3_backward_counters(module.modules())
+
+
+def test_deepcompile_schedule_shift_and_the_compile_redirect():
+    from collections import deque
+
+    from deepspeed.compile import backend
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    saved = backend.remaining_schedule
+    try:
+        backend.remaining_schedule = deque([(0, "gather"), (5, "prefetch")])
+        compat.shift_deepcompile_schedule(3)
+        assert list(backend.remaining_schedule) == [(3, "gather"), (8, "prefetch")]
+        compat.shift_deepcompile_schedule(0)
+        assert list(backend.remaining_schedule) == [(3, "gather"), (8, "prefetch")]
+    finally:
+        backend.remaining_schedule = saved
+    assert "self.module.compile(" in inspect.getsource(DeepSpeedEngine.compile), \
+        "DeepSpeedEngine.compile no longer calls self.module.compile (compiling.deepcompile_engine redirects it)"
+    module, seen = nn.Linear(2, 2), []
+    with compat.redirect_module_compile(module, lambda **kw: seen.append(kw)):
+        module.compile(backend="eager")
+    assert seen == [{"backend": "eager"}] and "compile" not in vars(module)
+
+
+def test_the_accelerator_deepspeed_chose():
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator()  # resolves it (DS_ACCELERATOR=cpu in the tests)
+    assert compat.accelerator_chosen() == "cpu"
+
+
+def test_the_backward_swap_keeps_other_parameters_out_and_why_it_is_needed():
+    """DeepSpeedEngine.backward calls loss.backward() without `inputs` (so the swap in _compat/deepspeed.py stays);
+    inside the swap a backward reaches only the given parameters."""
+    import re
+
+    from deepspeed.runtime import engine
+
+    # DeepSpeedEngine.backward is wrapped by DeepSpeed's nvtx decorator: read its body from the module's source
+    source = re.search(r"\n    def backward\(self.*?(?=\n    (?:@|def ))", inspect.getsource(engine), re.S).group(0)
+    assert "inputs" not in source.split(":\n")[0], "DeepSpeedEngine.backward takes `inputs` now"
+    assert 'backward_kwargs = {"retain_graph": retain_graph}' in source, "DeepSpeedEngine.backward passes more now"
+    assert "loss.backward(**backward_kwargs)" in source, \
+        "DeepSpeedEngine.backward changed how it calls loss.backward: check whether backward_reaches_only can go"
+    a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
+    loss = (a * 2 + b * 3).sum()
+    original = torch.Tensor.backward
+    with compat.backward_reaches_only([a]):
+        loss.backward()
+    assert torch.Tensor.backward is original
+    assert torch.equal(a.grad, torch.full((2,), 2.0)) and b.grad is None
