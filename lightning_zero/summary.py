@@ -103,7 +103,7 @@ def install_summary(trainer: pl.Trainer) -> None:
     before, then the per-rank line. Idempotent.
     """
     for callback in trainer.callbacks:  # type: ignore[attr-defined]
-        if isinstance(callback, ModelSummaryCallback) and "_summary" not in vars(callback):
+        if isinstance(callback, ModelSummaryCallback):  # (route_model_summary leaves a routed one as it is)
             _patch(callback, trainer.world_size)
 
 

@@ -284,7 +284,9 @@ def route_model_summary(callback: Any, build: Callable[[Any, int], Any], after_p
     has no such hooks (Lightning's own summary, which counts 0 for partitioned parameters, then stays).
 
     Why: Lightning's callback builds the summary in ``_summary`` from its ``_max_depth`` and picks its DeepSpeed
-    variant only for its own ``DeepSpeedStrategy``. Verified: Lightning 2.5.0, 2.6.6."""
+    variant only for its own ``DeepSpeedStrategy``. Verified: Lightning 2.5.0, 2.6.6. Idempotent."""
+    if "_summary" in vars(callback):
+        return True
     if not callable(getattr(type(callback), "_summary", None)) or not isinstance(vars(callback).get("_max_depth"),
                                                                                   int):
         from lightning.pytorch.utilities.rank_zero import rank_zero_warn
