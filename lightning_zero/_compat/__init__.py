@@ -27,8 +27,8 @@ Patches and overrides (each in this layer):
 * The loops' ``inference_mode`` (``evaluate_under_no_grad``): Lightning reads ``Trainer(inference_mode=)`` only when
   the Trainer is built; stage 3 needs ``no_grad``.
 * The ``ModelSummary`` callback's ``_summary``/``_max_depth`` (``route_model_summary``), and ``ZeroSummary``
-  subclassing ``ModelSummary`` (it reads ``_model``, ``_max_depth``, ``_forward_example_input``, ``LayerSummary._module``):
-  Lightning picks its DeepSpeed-aware summary only for its own DeepSpeedStrategy.
+  subclassing ``ModelSummary`` (it reads ``_model``, ``_max_depth``, ``_forward_example_input``,
+  ``LayerSummary._module``): Lightning picks its DeepSpeed-aware summary only for its own DeepSpeedStrategy.
 * ``LightningOptimizer.zero_grad`` wrapped per instance (``guard_zero_grad``): refuses to drop gradients DeepSpeed took.
 * ``module.compile`` redirected for one call (``deepspeed.redirect_module_compile``): ``DeepSpeedEngine.compile`` calls
   ``self.module.compile``, and the LightningModule itself must not be compiled.
@@ -64,9 +64,12 @@ Reads and calls (no public equivalent in the verified versions):
 Not routed yet (allow-listed in ``tests/unit/test_compat.py``, parts of strategy.py another change restructures):
 ``_destroy_process_group``'s ``comm.cdb`` (to call ``deepspeed.release_comm_backend``), ``optimizer_state``'s
 ``getattr(optimizer, "_optimizer", ...)`` (to call ``lightning.unwrap_optimizer``). Out of the issue's scope: torch's
-own privates (``Module._save_to_state_dict``/``_load_from_state_dict``/``_modules``, ``torch._C._current_graph_task_id``,
-``torch.utils._pytree``, ``Optimizer._opt_called``, ``_compiled_call_impl``) and torchmetrics' ``Metric._defaults``/
-``_dtype``.
+own privates (``Module._save_to_state_dict``/``_load_from_state_dict``/``_modules``,
+``torch._C._current_graph_task_id``, ``torch.utils._pytree``, ``Optimizer._opt_called``, ``_compiled_call_impl``) and
+torchmetrics' ``Metric._defaults``/``_dtype``. Also relied on, through public API: ``deepspeed.zero.Init`` on CPU
+turning a model dtype into bfloat16 (``Init._set_dtype``; ``offload.partition_for_nvme`` avoids it) and DeepSpeed 0.19.8
+releasing a fetch unit's parameters from a hook on its inputs that require grad (``tuning.track_unit_inputs``); both
+proven by the distributed tests.
 """
 
 from lightning_zero._compat.versions import SUPPORTED, check_versions
