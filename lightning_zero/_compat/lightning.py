@@ -20,8 +20,8 @@ from torch import Tensor
 if TYPE_CHECKING:
     from torch.optim import Optimizer
 
-__all__ = ["MultiProcessingLauncher", "StrategyRegistry", "SubprocessScriptLauncher", "check_overrides",
-           "collect_rng_states", "compiled_by_lightning", "configured_optimizers", "convert_fp_tensor",
+__all__ = ["LAUNCHER_METHODS", "MultiProcessingLauncher", "StrategyRegistry", "SubprocessScriptLauncher",
+           "check_overrides", "collect_rng_states", "compiled_by_lightning", "configured_optimizers", "convert_fp_tensor",
            "convert_precision_flag", "default_dtype", "default_process_group_backend", "distributed_is_initialized",
            "evaluate_under_no_grad", "guard_zero_grad", "route_checkpoint_state_dict", "route_model_summary",
            "set_rng_states", "start_children", "state_dict_for_results", "sync_ddp_if_available",
