@@ -28,6 +28,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_zero import offload
+from lightning_zero._compat.deepspeed import skip_unused_grad_norm
 from lightning_zero.config import TrainerFlags, inference_config, resolve_ds_config, zero_stage
 from lightning_zero.engines import EngineRegistry, EngineSlot, ModelAssignment, assign_models, build_engine, leaf_flags
 from lightning_zero.tuning import resolve_block_fetch, resolve_speed_defaults, track_unit_inputs
@@ -51,6 +52,7 @@ class EnginePlan:
     config: dict[str, Any]
     block_fetch: bool
     notes: tuple[str, ...] = ()
+    skip_grad_norm: bool = False  # stage 3: skip the norm no step uses (``_compat.deepspeed.skip_unused_grad_norm``)
 
     @property
     def config_optimizer(self) -> bool:
@@ -115,7 +117,10 @@ def _plan(name: str, module: nn.Module, face: Optimizer | None, config: Mapping[
     if block_fetch:
         engine_config, note = resolve_block_fetch(engine_config, module)
         notes = (note,) if note else ()
-    return EnginePlan(name, module, face, train, engine_config, block_fetch, notes)
+    # the stage-3 counterpart of the stages 1-2 speed default compute_grad_norm=false (tuning.py), which DeepSpeed's
+    # config refuses at stage 3; an explicit compute_grad_norm=True keeps DeepSpeed's norm at every step
+    skip_grad_norm = train and stage == 3 and "compute_grad_norm" not in engine_config.get("zero_optimization", {})
+    return EnginePlan(name, module, face, train, engine_config, block_fetch, notes, skip_grad_norm)
 
 
 def _check_deepcompile_layout(assignments: list[ModelAssignment], root: nn.Module) -> None:
@@ -150,6 +155,8 @@ def _build(plan: EnginePlan, registry: EngineRegistry, device: torch.device) -> 
     optimizer = offload.build_stepped_optimizer(plan.face, config) if plan.face is not None else None
     units_before = leaf_flags(module)  # restored when the engine is released
     engine = build_engine(module, config, optimizer, device.index if device.type == "cuda" else -1, train=plan.train)
+    if plan.skip_grad_norm:
+        skip_unused_grad_norm(engine.optimizer)
     if plan.block_fetch and plan.train:
         track_unit_inputs(module)  # a frozen base's blocks (LoRA): see tuning.track_unit_inputs
     slot = EngineSlot(plan.name, module, engine, plan.face, config_clip=float(config.get("gradient_clipping", 0.0)),

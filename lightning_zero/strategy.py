@@ -37,7 +37,8 @@ from lightning_zero import config as cfg
 from lightning_zero._compat.lightning import (MultiProcessingLauncher, StrategyRegistry, SubprocessScriptLauncher,
                                               check_overrides, configured_optimizers, evaluate_under_no_grad,
                                               route_checkpoint_state_dict, start_children, state_dict_for_results,
-                                              sync_ddp_if_available, train_dataloader)
+                                              sync_ddp_if_available, train_dataloader, unwrap_optimizer)
+from lightning_zero._compat.deepspeed import release_comm_backend
 from lightning_zero._compat.lightning import (
     default_process_group_backend as _get_default_process_group_backend_for_device)
 from lightning_zero._compat.lightning import distributed_is_initialized as _distributed_is_initialized
@@ -720,7 +721,7 @@ class ZeroStrategy(ParallelStrategy):
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """What ``lightning.pt`` keeps of an optimizer: its hyperparameters (lr, betas, ... as schedulers set them).
         Its state (Adam's moments, partitioned) is in the engine's shards."""
-        optimizer = getattr(optimizer, "_optimizer", optimizer)  # unwrap LightningOptimizer
+        optimizer = unwrap_optimizer(optimizer)
         return {"state": {}, "param_groups": optimizer.state_dict()["param_groups"]}
 
     @override
@@ -843,9 +844,7 @@ def _destroy_process_group() -> None:
 
     if _distributed_is_initialized():
         torch.distributed.destroy_process_group()
-    comm = sys.modules.get("deepspeed.comm.comm")
-    if comm is not None and getattr(comm, "cdb", None) is not None:
-        comm.cdb = None
+    release_comm_backend()
     gc.collect()
 
 

@@ -12,6 +12,11 @@ GPU's idle time per step from 28 ms to 8 ms.
 * ``zero_optimization.compute_grad_norm = false`` at stages 1-2 when nothing clips (``gradient_clipping`` is 0) and
   the optimizer is not offloaded: the global norm is only used for clipping. Manual optimization that calls
   ``self.clip_gradients`` turns the norm back on for that engine (see ``EngineSlot.set_clip``).
+* Stage 3, the same without a config key (DeepSpeed's ``compute_grad_norm=false`` refuses stage 3): while a step
+  does not clip, runs bf16/fp32 and keeps the optimizer on the GPU, the ZeRO-3 step skips the global norm, its
+  host read-back and the multiply by 1/loss scale (``_compat.deepspeed.skip_unused_grad_norm``, applied by
+  ``plan.build_engines``; 12 ms of a 156 ms step of a 0.93B Llama on one H200). ``compute_grad_norm=True`` keeps
+  DeepSpeed's norm at every step.
 * ``zero_optimization.reduce_bucket_size = 2e8`` at stage 3 (Lightning's value): ZeRO-3 allocates one 16-bit
   gradient bucket of that many elements up front, and DeepSpeed's default (5e8) costs 0.56 GiB more GPU memory than
   Lightning's built-in strategy for no measured speed gain.

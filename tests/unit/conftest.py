@@ -32,5 +32,9 @@ def one_rank(monkeypatch):
     finally:
         torch.distributed.destroy_process_group()
         import deepspeed.comm.comm as ds_comm
+        from deepspeed.utils import groups
 
         ds_comm.cdb = None
+        # DeepSpeed caches the groups of the destroyed process group: the next test's engine would use them
+        groups._WORLD_GROUP = groups._DATA_PARALLEL_GROUP = groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
+        groups.mpu = None

@@ -486,13 +486,7 @@ _OWNED = {
     "_hf_deepspeed_config_weak_ref", "_initialize_weights", "_auto_class",
 }
 # What cannot move (yet), each with its reason. Keys: (module file, name).
-_ALLOWED = {
-    # strategy.py's _destroy_process_group and optimizer_state are outside the parts of strategy.py this change may
-    # edit (another change restructures the file); they are to call _compat.deepspeed.release_comm_backend and
-    # _compat.lightning.unwrap_optimizer.
-    ("strategy.py", "cdb"): "_destroy_process_group: to call _compat.deepspeed.release_comm_backend",
-    ("strategy.py", "_optimizer"): "optimizer_state: to call _compat.lightning.unwrap_optimizer",
-}
+_ALLOWED: dict[tuple[str, str], str] = {}
 
 
 def _private(name: str) -> bool:

@@ -45,6 +45,7 @@ def test_deepspeed_engine_internals(one_rank):
     _zero3_parameter_and_module_attributes(one_rank)
     _stage12_optimizer_starts_a_micro_batch_with_clear_backward_seen_flag(one_rank)
     _leaf_module_hooks_are_the_handles_the_registry_gates(one_rank)
+    _stage3_step_skips_the_unused_norm_and_computes_it_to_clip(one_rank)
     _the_comm_backend_is_released(one_rank)
 
 
@@ -118,6 +119,38 @@ def _leaf_module_hooks_are_the_handles_the_registry_gates(one_rank):
     engine.destroy()
     compat.untag_leaf_parameters(model)
     assert not any(hasattr(p, "ds_z3_leaf_module") for p in model.parameters())
+
+
+def _stage3_step_skips_the_unused_norm_and_computes_it_to_clip(one_rank):
+    """skip_unused_grad_norm: without clipping the ZeRO-3 step computes no norm (get_global_grad_norm() is None) and
+    still steps exactly as torch.optim.AdamW does; a clipping step computes the norm and clips as torch does."""
+    engine, model = _engine(one_rank, STAGE3)
+    reference = nn.Sequential(Block(), Block())
+    with one_rank.zero.GatheredParameters(list(model.parameters())), torch.no_grad():
+        for p, q in zip(model.parameters(), reference.parameters()):
+            q.copy_(p)
+    reference_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    compat.skip_unused_grad_norm(engine.optimizer)
+    for clip in (0.0, 1e-3):
+        x = torch.randn(3, 4)
+        compat.set_gradient_clipping(engine, clip)
+        loss = engine(x).square().sum()
+        engine.backward(loss, scale_wrt_gas=False)
+        engine.step()
+        reference_opt.zero_grad()
+        reference(x).square().sum().backward()
+        if clip:
+            total = torch.nn.utils.clip_grad_norm_(reference.parameters(), clip)
+            assert engine.get_global_grad_norm() == pytest.approx(float(total), rel=1e-5)
+        else:
+            assert engine.get_global_grad_norm() is None, "the ZeRO-3 step still computed the unused gradient norm"
+        reference_opt.step()
+        with one_rank.zero.GatheredParameters(list(model.parameters())):
+            for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+                torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-6, msg=f"{name}, clip={clip}")
+    with pytest.raises(TypeError, match="ZeRO-3 optimizer"):
+        compat.skip_unused_grad_norm(torch.optim.SGD(reference.parameters(), lr=1.0))
+    engine.destroy()
 
 
 def _the_comm_backend_is_released(one_rank):
