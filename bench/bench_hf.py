@@ -40,6 +40,7 @@ import bench_gpt as bg  # noqa: E402  (the shared measurement, summary, child la
 ROWS = ["fsdp", "fsdp_compile", "zero_z1", "zero_z2", "zero_z3", "zero_z1_compile", "zero_z2_compile",
         "zero_z3_compile", "zero_z3_deepcompile", "builtin_z3"]
 EXTRA_ROWS = ["cpu_zero_z1", "cpu_zero_z2", "cpu_zero_z3"]
+_DEEPCOMPILE_WARMUP = 5  # deepspeed.compile.init_z3.WARMUP in DeepSpeed 0.19.8
 FORWARDED = ["micro_batch", "seq_len", "warmup", "steps", "seed", "lr", "tiny", "hidden", "layers", "intermediate",
              "heads", "vocab", "zero_kwargs", "zero_config", "profile"]
 
@@ -77,6 +78,11 @@ def run_row(args, spec) -> dict:
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     family, stage, cpu = spec["family"], spec["stage"], spec["cpu"]
+    if spec["compile"] == "deepcompile" and args.warmup <= _DEEPCOMPILE_WARMUP:
+        # DeepSpeed's ZeRO-3 schedule (deepspeed/compile/init_z3.py, WARMUP = 5) recompiles with its prefetch and
+        # selective-gather passes at step 5: inside the timed steps it turns 64k tokens/s into 1.6k (seen on an H200)
+        raise ValueError(f"--warmup {args.warmup}: the {args.row} row needs --warmup {_DEEPCOMPILE_WARMUP + 1} or more"
+                         f" (DeepCompile recompiles at step {_DEEPCOMPILE_WARMUP}).")
     device = torch.device("cpu") if cpu else torch.device("cuda", bg._local_rank())
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(bg._free_port()))
