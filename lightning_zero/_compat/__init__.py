@@ -32,6 +32,9 @@ Patches and overrides (each in this layer):
 * ``LightningOptimizer.zero_grad`` wrapped per instance (``guard_zero_grad``): refuses to drop gradients DeepSpeed took.
 * ``module.compile`` redirected for one call (``deepspeed.redirect_module_compile``): ``DeepSpeedEngine.compile`` calls
   ``self.module.compile``, and the LightningModule itself must not be compiled.
+* The ZeRO-3 optimizer's ``_get_norm_groups``/``unscale_and_clip_grads`` wrapped per instance
+  (``deepspeed.skip_unused_grad_norm``): its step computes and reads back the global norm and unscales by 1 even when
+  nothing clips, and DeepSpeed's ``compute_grad_norm=false`` refuses stage 3 (12 ms of a 156 ms step on an H200).
 * ``PreTrainedModel._initialize_weights`` wrapped (``transformers.initialize_weights_through``): post_init's writes
   must land in the gathered ZeRO-3 parameters.
 
@@ -61,9 +64,7 @@ Reads and calls (no public equivalent in the verified versions):
 * transformers: ``integrations.deepspeed._hf_deepspeed_config_weak_ref`` (no getter for the object; restored after a
   stage-3 run), ``PreTrainedModel._auto_class`` (custom code to copy on export).
 
-Not routed yet (allow-listed in ``tests/unit/test_compat.py``, parts of strategy.py another change restructures):
-``_destroy_process_group``'s ``comm.cdb`` (to call ``deepspeed.release_comm_backend``), ``optimizer_state``'s
-``getattr(optimizer, "_optimizer", ...)`` (to call ``lightning.unwrap_optimizer``). Out of the issue's scope: torch's
+Out of the issue's scope: torch's
 own privates (``Module._save_to_state_dict``/``_load_from_state_dict``/``_modules``,
 ``torch._C._current_graph_task_id``, ``torch.utils._pytree``, ``Optimizer._opt_called``, ``_compiled_call_impl``) and
 torchmetrics' ``Metric._defaults``/``_dtype``. Also relied on, through public API: ``deepspeed.zero.Init`` on CPU
