@@ -64,8 +64,7 @@ Reads and calls (no public equivalent in the verified versions):
 * transformers: ``integrations.deepspeed._hf_deepspeed_config_weak_ref`` (no getter for the object; restored after a
   stage-3 run), ``PreTrainedModel._auto_class`` (custom code to copy on export).
 
-Out of the issue's scope: torch's
-own privates (``Module._save_to_state_dict``/``_load_from_state_dict``/``_modules``,
+Out of the issue's scope: torch's own privates (``Module._save_to_state_dict``/``_load_from_state_dict``/``_modules``,
 ``torch._C._current_graph_task_id``, ``torch.utils._pytree``, ``Optimizer._opt_called``, ``_compiled_call_impl``) and
 torchmetrics' ``Metric._defaults``/``_dtype``. Also relied on, through public API: ``deepspeed.zero.Init`` on CPU
 turning a model dtype into bfloat16 (``Init._set_dtype``; ``offload.partition_for_nvme`` avoids it) and DeepSpeed 0.19.8
