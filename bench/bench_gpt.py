@@ -485,17 +485,7 @@ def run_lightning(args, spec) -> dict:
             self.peak_before = None
             self.peak_timed = None
 
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            probe.step_start(trainer.global_step)
-
-        def on_before_backward(self, trainer, pl_module, loss):
-            probe.mark("fwd")
-
-        def on_after_backward(self, trainer, pl_module):
-            probe.mark("bwd")
-
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            probe.step_end(trainer.global_step - 1)
             if len(self.times) >= total:
                 return
             _sync(device)
@@ -528,7 +518,7 @@ def run_lightning(args, spec) -> dict:
         num_sanity_val_steps=0,
         limit_val_batches=0,
         use_distributed_sampler=args.gpus > 1,  # DistributedSampler(shuffle=False): rank r gets rows r, r+N, ...
-        callbacks=[timer],
+        callbacks=[probe.callback(), timer],
     )
     # --compile: FSDP and the built-in strategy get the compiled LightningModule (Lightning refuses it for the built-in
     # DeepSpeedStrategy, which then reports the error); ZeroStrategy compiles the GPT itself (compile=True above).

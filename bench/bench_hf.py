@@ -139,17 +139,7 @@ def run_row(args, spec) -> dict:
 
             self.units = dict(Counter(type(m).__name__ for m in pl_module.modules() if z3_leaf_module(m)))
 
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            probe.step_start(trainer.global_step)
-
-        def on_before_backward(self, trainer, pl_module, loss):
-            probe.mark("fwd")
-
-        def on_after_backward(self, trainer, pl_module):
-            probe.mark("bwd")
-
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            probe.step_end(trainer.global_step - 1)
             if len(self.times) >= total:
                 return
             bg._sync(device)
@@ -169,7 +159,7 @@ def run_row(args, spec) -> dict:
                         strategy=strategy, max_steps=total + probe.total_extra, max_epochs=1, logger=False,
                         enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0, use_distributed_sampler=False, callbacks=[timer])
+                        limit_val_batches=0, use_distributed_sampler=False, callbacks=[probe.callback(), timer])
     fit_module = torch.compile(module) if family == "fsdp" and spec["compile"] else module
     trainer.fit(fit_module, train_dataloaders=DataLoader(Rows(), batch_size=args.micro_batch, shuffle=False))
     if len(timer.times) != total:

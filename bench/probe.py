@@ -112,6 +112,28 @@ class StepProbe:
         if self.k and i == self.first + 2 * self.k - 1:
             self.result["phases_ms"] = {p: round(sum(v) / len(v), 2) for p, v in self.phase_times.items()}
 
+    def callback(self):
+        """A Lightning ``Callback`` that drives this probe from the Trainer's hooks (list it before the callbacks that
+        time the steps, so that ``step_end`` runs first)."""
+        from lightning.pytorch.callbacks import Callback
+
+        probe = self
+
+        class ProbeCallback(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                probe.step_start(trainer.global_step)
+
+            def on_before_backward(self, trainer, pl_module, loss):
+                probe.mark("fwd")
+
+            def on_after_backward(self, trainer, pl_module):
+                probe.mark("bwd")
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                probe.step_end(trainer.global_step - 1)
+
+        return ProbeCallback()
+
     def _summarize(self, prof, wall_s: float) -> dict:
         import torch
 
