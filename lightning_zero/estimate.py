@@ -30,16 +30,23 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-__all__ = ["CHOICES", "MemoryPlan", "MemoryRow", "ModeRow", "add_parser", "auto_choice", "count_with_configure_model",
+__all__ = ["CHOICES", "HOST_RUNTIME_GIB", "MemoryPlan", "MemoryRow", "ModeRow", "add_parser", "auto_choice", "count_with_configure_model",
            "detect_free_memory", "estimate_memory", "estimate_offload_mode", "fastest_fit", "model_size",
            "optimizer_state_bytes", "partial_offload_fit", "plan_auto", "transformer_activation_bytes"]
 
 GiB = 2**30
 Offload = Literal["none", "cpu", "nvme"]
-# Host memory per byte of DeepSpeed's host model-state figure. DeepSpeed's estimators default to 1.5; the resident set
-# of ZeroStrategy processes on an H100 machine fit 1.19 x that figure + 3.8 GiB of process runtime (CUDA context,
-# libraries) for a 0.9B GPT with the optimizer offloaded, the same with parameters offloaded too, and a 6.25B GPT
-# (19.99, 22.17 and 114.9 GiB measured; docs/benchmarks.md). 1.5 called the 6.25B run infeasible on 125 GiB.
+# Host memory of one GPU process outside the model states (CUDA context, torch, DeepSpeed and Lightning libraries):
+# stage 2 without offload on one H200, torch 2.11, DeepSpeed 0.19.8: 1.83 GiB RSS for a 0.9B GPT and 1.82 GiB for a
+# 10.3B one (bench/results/offload_modes_h200.json, largest_10b_h200.json): no model state lives in host memory there,
+# whatever the model's size. Stage 3 without offload measured 3.32 GiB: this plus the 16-bit parameter partition's
+# trip through host memory at setup (see _model_states).
+HOST_RUNTIME_GIB = 1.8
+# Host memory per byte of DeepSpeed's host model-state figure. DeepSpeed's estimators default to 1.5; with the runtime
+# above (and the stage-3 setup copy), 1.2 puts every measured host peak within 10%: on one H200 a 0.9B GPT at stage 3
+# with the optimizer offloaded (fully, 25/50/75% of it, bf16 master weights, bf16 states; 8.0 to 20.0 GiB) and on NVMe,
+# on an H100 the same with parameters offloaded too and a 6.25B GPT (22.17 and 114.9 GiB; docs/benchmarks.md). 1.5
+# called the 6.25B run infeasible on 125 GiB.
 _BUFFER_FACTOR = 1.2
 # DeepSpeed defaults that size the pinned host buffers of NVMe offload (runtime/zero/offload_config.py, config.py).
 _OPTIMIZER_BUFFER_COUNT, _SUB_GROUP_SIZE = 4, 10**9
@@ -111,6 +118,7 @@ class MemoryPlan:
     rows: tuple[MemoryRow, ...]
     recommended: MemoryRow | None
     activation_bytes: int = 0
+    host_runtime_gb: float = HOST_RUNTIME_GIB  # per GPU process, in every host figure
 
     def table(self) -> str:
         what = (f"per GPU: expected peak with {_gib(self.activation_bytes)} of activations" if self.activation_bytes
@@ -166,7 +174,7 @@ def transformer_activation_bytes(*, hidden: int, layers: int, seq_len: int, micr
 def _model_states(stage: int, opt: Offload, param: Offload, p: int, layer: int, nodes: int, per_node: int,
                   weight_bytes: int, buffer_factor: float) -> tuple[float, float, float, float]:
     """(GPU bytes per GPU, CPU bytes per node, NVMe bytes per node, GPU bytes that exist only during the optimizer
-    step) of one choice; see estimate_memory."""
+    step) of one choice, the process runtime excluded; see estimate_memory."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs as zero3
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs as zero2
 
@@ -175,6 +183,9 @@ def _model_states(stage: int, opt: Offload, param: Offload, p: int, layer: int, 
     if stage < 3:
         offload = opt != "none"
         cpu, gpu = zero2(p, per_node, nodes, cpu_offload=offload, additional_buffer_factor=buffer_factor)
+        # without offload DeepSpeed's host figure is the fp32 model loaded on the CPU; built in configure_model the
+        # model never is (measured: the process runtime alone, HOST_RUNTIME_GIB)
+        cpu = cpu if offload else 0
         if stage == 0:  # nothing partitioned: the stage-2 formula on one GPU
             _, gpu = zero2(p, 1, 1, cpu_offload=False, additional_buffer_factor=buffer_factor)
         if stage == 1:  # full 16-bit gradients on every GPU instead of a 1/N partition (none when offloaded)
@@ -190,20 +201,27 @@ def _model_states(stage: int, opt: Offload, param: Offload, p: int, layer: int, 
                             zero_init=True, additional_buffer_factor=buffer_factor)
         return cpu, gpu
 
+    # parameters on the GPU: DeepSpeed defragments each rank's 16-bit partition through a host buffer at setup
+    # (zero/utils.py defragment), which stays in the peak resident set (measured: 3.32 GiB without offload, 0.9B).
+    # It replaces DeepSpeed's zero.Init host figure (4 x largest layer per GPU), which the measurement does not show.
+    setup_copy = per_node * weight_bytes * p / gpus if param == "none" else 0
     if opt == "none":
-        cpu, gpu = z3(False, False)
-        return gpu + extra * (layer + 2 * p / gpus), cpu, 0, 0
+        _, gpu = z3(False, False)
+        return gpu + extra * (layer + 2 * p / gpus), setup_copy, 0, 0
     # DeepSpeed's host memory with offload splits into the optimizer part (offload_optimizer only) and the 16-bit
     # parameter part (the difference once parameters are offloaded too); NVMe moves that part to the drive and keeps
     # pinned swap buffers in host memory instead.
     opt_cpu, opt_gpu = z3(True, False)
     all_cpu, all_gpu = z3(True, True)
     param_part = all_cpu - opt_cpu
-    cpu = nvme = 0.0
+    cpu, nvme = setup_copy, 0.0
     if opt == "cpu":
         cpu += opt_cpu
     else:
-        cpu += per_node * _OPTIMIZER_BUFFER_COUNT * min(_SUB_GROUP_SIZE, p / gpus) * 4
+        # pinned swap buffers (allocated exactly) and the fp32 gradients that stay in host memory: the partition's
+        # accumulation buffer and one sub-group's (stage3.py; measured 26.17 GiB for a 0.9B GPT on one H200)
+        group = min(_SUB_GROUP_SIZE, p / gpus)
+        cpu += per_node * (_OPTIMIZER_BUFFER_COUNT * group * 4 + buffer_factor * 4 * (p / gpus + group))
         nvme += 16 * p / nodes
     if param == "none":
         gpu = opt_gpu + extra * (layer + p / gpus)
@@ -231,6 +249,7 @@ def estimate_memory(
     activation_memory_gb: float = 0.0,
     buffer_factor: float = _BUFFER_FACTOR,
     choices: tuple[tuple[int, Offload, Offload], ...] = CHOICES,
+    host_runtime_gb: float = HOST_RUNTIME_GIB,
 ) -> MemoryPlan:
     """Model-state memory of every stage x offload choice and the fastest choice that fits (capacities in GiB).
 
@@ -247,7 +266,12 @@ def estimate_memory(
       elements per GPU for the optimizer; 5 x 1e8 elements per GPU for parameters).
     - ``precision="32-true"``: 2 more bytes per resident weight and gradient element (an upper bound).
 
-    - host memory: DeepSpeed's figure x ``buffer_factor`` (1.2, measured; DeepSpeed's own default is 1.5).
+    - host memory: DeepSpeed's figure x ``buffer_factor`` (1.2, measured; DeepSpeed's own default is 1.5) where it
+      offloads, plus ``host_runtime_gb`` per GPU process (``HOST_RUNTIME_GIB``, 1.8: CUDA context and libraries,
+      measured), plus at stage 3 with the parameters on the GPU the 16-bit partition DeepSpeed copies through host
+      memory at setup. Without offload DeepSpeed's host figure (the model loaded on the CPU first) is left out: a
+      model built in ``configure_model`` is not (one built in ``__init__`` on the CPU passes through host memory
+      once, 4 bytes per parameter). NVMe rows count the fp32 gradient buffers that stay in host memory too.
 
     Activations are not included unless given: ``activation_memory_gb`` per GPU (for a transformer,
     :func:`transformer_activation_bytes`). With them the per-GPU figure is the expected peak: model states plus
@@ -267,15 +291,18 @@ def estimate_memory(
     for name, value in (("num_nodes", num_nodes), ("gpus_per_node", gpus_per_node)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"estimate_memory({name}={value!r}) must be a positive integer.")
+    _check_runtime(host_runtime_gb, "estimate_memory")
     if p < 1 or not 0 <= layer <= p:
         raise ValueError(f"estimate_memory needs num_params >= 1 and 0 <= largest_layer_params <= num_params, got"
                          f" {p} and {layer}.")
     weight_bytes = 4 if precision == "32-true" else 2
     reserve = activation_memory_gb * GiB
+    runtime = gpus_per_node * host_runtime_gb * GiB
     rows = []
     for stage, opt, param in choices:
         gpu, cpu, nvme, step_only = _model_states(stage, opt, param, p, layer, num_nodes, gpus_per_node,
                                                   weight_bytes, buffer_factor)
+        cpu += runtime
         if reserve:
             gpu = max(gpu, gpu - step_only + reserve)
         why = []
@@ -289,7 +316,13 @@ def estimate_memory(
         rows.append(MemoryRow(stage, opt, param, int(gpu), int(cpu), int(nvme), fits=not why if checked else None,
                               why_not=", ".join(why)))
     recommended = next((r for r in rows if r.fits), None)
-    return MemoryPlan(p, layer, num_nodes, gpus_per_node, tuple(rows), recommended, int(reserve))
+    return MemoryPlan(p, layer, num_nodes, gpus_per_node, tuple(rows), recommended, int(reserve), host_runtime_gb)
+
+
+def _check_runtime(host_runtime_gb: float, caller: str) -> None:
+    if not host_runtime_gb >= 0:
+        raise ValueError(f"{caller}(host_runtime_gb={host_runtime_gb!r}) must be at least 0: the GiB of host memory"
+                         f" each GPU process holds outside the model states (measured: {HOST_RUNTIME_GIB}).")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -316,6 +349,9 @@ class ModeRow:
     state_bytes: int  # optimizer bytes per parameter (16, 12 or 8)
     gpu_bytes: int
     cpu_bytes: int
+    # of gpu_bytes, what exists only inside the optimizer step (stages 1-2, optimizer on the GPU: the flat gradient
+    # partition in the master weights' dtype), so never together with the activations
+    step_bytes: int = 0
 
     def line(self) -> str:
         states = {16: "fp32", 12: "bf16 master", 8: "bf16 master+states"}[self.state_bytes]
@@ -327,13 +363,15 @@ def estimate_offload_mode(num_params: int | float, largest_layer_params: int | f
                           offload_ratio: float = 1.0, bf16_master_weights_and_grads: bool = False,
                           bf16_optimizer_states: bool = False, num_nodes: int = 1, gpus_per_node: int = 1,
                           sub_group_size: int = _SUB_GROUP_SIZE, buffer_factor: float = _BUFFER_FACTOR,
-                          offload_parameters: bool = False, precision: str = "bf16-mixed") -> ModeRow:
+                          offload_parameters: bool = False, precision: str = "bf16-mixed",
+                          host_runtime_gb: float = HOST_RUNTIME_GIB) -> ModeRow:
     """Model states of an offload mode, from the same DeepSpeed estimators as :func:`estimate_memory`: the
     optimizer's 16 bytes per parameter become :func:`optimizer_state_bytes`, and with ``offload_ratio`` r (stage 3;
     0 = no offload, 1 = ZeRO-Offload) a share r of them sits in host RAM and the rest on the GPU. DeepSpeed offloads
     whole sub-groups of ``sub_group_size`` elements (stage3.py), so r is first rounded as it does, for equal
     sub-groups of a rank's partition (``ModeRow.offload_ratio`` is the share it really offloads).
-    ``offload_parameters`` (stage 3, r = 1) adds the parameters' host part of :func:`estimate_memory`'s row.
+    ``offload_parameters`` (stage 3, r = 1) adds the parameters' host part of :func:`estimate_memory`'s row. The
+    host figure includes ``host_runtime_gb`` per GPU process, as in :func:`estimate_memory`.
 
     Derived from DeepSpeed's dtypes and sub-group split, not measured on a GPU (docs/benchmarks.md has no such row
     yet). ``ZeroStrategy(stage="auto")`` plans with these figures (:func:`fastest_fit`)."""
@@ -345,6 +383,7 @@ def estimate_offload_mode(num_params: int | float, largest_layer_params: int | f
     if offload_parameters and (stage != 3 or offload_ratio != 1):
         raise ValueError(f"offload_parameters with stage={stage!r}, offload_ratio={offload_ratio!r}: parameter"
                          " offload is estimated at stage 3 with the whole optimizer offloaded (offload_ratio=1).")
+    _check_runtime(host_runtime_gb, "estimate_offload_mode")
     p, layer = int(num_params), int(largest_layer_params)
     state = optimizer_state_bytes(bf16_master_weights_and_grads, bf16_optimizer_states)
     ratio = float(offload_ratio)
@@ -361,8 +400,12 @@ def estimate_offload_mode(num_params: int | float, largest_layer_params: int | f
     moved = 16 if stage == 3 else 18
     host_part = offloaded[1] - on_gpu[1]  # the optimizer's part of the host figure
     gpu = full[0] + (1 - ratio) * (on_gpu[0] - offloaded[0]) * (state + moved - 16) / moved
-    cpu = full[1] - host_part + ratio * host_part * state / 16
-    return ModeRow(stage, ratio, state, int(gpu), int(cpu))
+    cpu = full[1] - host_part + ratio * host_part * state / 16 + gpus_per_node * host_runtime_gb * GiB
+    # stages 1-2 with the optimizer on the GPU flatten the gradient partition into the master weights' dtype in the
+    # step (stage_1_and_2.py): fp32, 4 bytes per element, or with bf16 master weights a bf16 copy, 2 (measured: the
+    # 10.3B row peaks in the step, docs/benchmarks.md)
+    step = on_gpu[3] * (1 - ratio) * (1 if state == 16 else 0.5)
+    return ModeRow(stage, ratio, state, int(gpu), int(cpu), int(step))
 
 
 def _sub_groups(num_params: int, gpus: int, sub_group_size: int) -> int:
@@ -446,8 +489,8 @@ def _mode_row(plan: MemoryPlan, mode: _Mode, state_bytes: int, gpu_free_bytes: i
         plan.num_params, plan.largest_layer_params, stage=stage, offload_ratio=ratio,
         bf16_master_weights_and_grads=state_bytes <= 12, bf16_optimizer_states=state_bytes <= 8,
         num_nodes=plan.num_nodes, gpus_per_node=plan.gpus_per_node, sub_group_size=sub_group_size,
-        offload_parameters=param == "cpu", precision=precision)
-    gpu = figures.gpu_bytes + plan.activation_bytes
+        offload_parameters=param == "cpu", precision=precision, host_runtime_gb=plan.host_runtime_gb)
+    gpu = max(figures.gpu_bytes, figures.gpu_bytes - figures.step_bytes + plan.activation_bytes)
     why = [name for name, need, free in (("GPU", gpu, gpu_free_bytes), ("CPU", figures.cpu_bytes, cpu_free_bytes))
            if free is not None and need > free]
     checked = gpu_free_bytes is not None or cpu_free_bytes is not None
@@ -478,8 +521,8 @@ def fastest_fit(plan: MemoryPlan, gpu_free_bytes: int | None, cpu_free_bytes: in
        fp32 Adam moments offloaded (12 bytes per parameter instead of 16), then bf16 master weights and states (8),
        each in the order above. They change the numerics, so they come only when nothing fits in fp32.
 
-    ``plan`` comes from :func:`estimate_memory` with the same capacities (its activations count here too); None
-    when nothing fits."""
+    ``plan`` comes from :func:`estimate_memory` with the same capacities (its activations and host runtime count
+    here too); None when nothing fits."""
     row = plan.recommended
     if row is not None and row.offload_optimizer == "none":
         return row
@@ -513,11 +556,12 @@ def _mode_note(row: MemoryRow, plan: MemoryPlan) -> str:
 
 def auto_choice(num_params: int, largest_layer_params: int, *, num_nodes: int, devices_per_node: int,
                 device_type: str, precision: str, gpu_free_bytes: int | None, cpu_free_bytes: int | None,
-                nvme_free_bytes: int | None = None, sub_group_size: int = _SUB_GROUP_SIZE) -> tuple[MemoryRow, str]:
+                nvme_free_bytes: int | None = None, sub_group_size: int = _SUB_GROUP_SIZE,
+                host_runtime_gb: float = HOST_RUNTIME_GIB) -> tuple[MemoryRow, str]:
     """The choice ``ZeroStrategy(stage="auto")`` makes, and the log line that explains it.
 
     On GPUs: the fastest choice that fits the free GPU memory, the available host memory and (when ``nvme_path``
-    was given) the free NVMe space, with the offload modes: :func:`fastest_fit` (partial optimizer offload rounded
+    was given) the free NVMe space (each host figure with ``host_runtime_gb`` per process), with the offload modes: :func:`fastest_fit` (partial optimizer offload rounded
     to ``sub_group_size``; with bf16 precision, bf16 master weights and optimizer states when fp32 states fit
     nowhere; ``MemoryRow.keywords()`` gives their ZeroStrategy keywords). Without GPUs the model states live in host
     memory whatever the choice, so offload gains nothing: the fastest stage without offload whose states (per process x
@@ -546,7 +590,8 @@ def auto_choice(num_params: int, largest_layer_params: int, *, num_nodes: int, d
     choices = CHOICES if nvme_free_bytes is not None else tuple(c for c in CHOICES if "nvme" not in c)
     plan = estimate_memory(num_params, largest_layer_params, num_nodes=num_nodes, gpus_per_node=devices_per_node,
                            gpu_memory_gb=gib(gpu_free_bytes), cpu_memory_gb=gib(cpu_free_bytes),
-                           nvme_gb=gib(nvme_free_bytes), precision=precision, choices=choices)
+                           nvme_gb=gib(nvme_free_bytes), precision=precision, choices=choices,
+                           host_runtime_gb=host_runtime_gb)
     row = fastest_fit(plan, gpu_free_bytes, cpu_free_bytes, precision=precision, sub_group_size=sub_group_size)
     if row is None:
         raise _refusal_on_gpus(plan, precision, gpu_free_bytes, cpu_free_bytes, nvme_free_bytes, choices)
@@ -590,7 +635,7 @@ def _fits_on(plan: MemoryPlan, num_nodes: int, gpu_gb: float | None, cpu_gb: flo
     """The fastest choice for ``plan``'s model on ``num_nodes`` nodes that fits the capacities (GiB), or None."""
     return estimate_memory(plan.num_params, plan.largest_layer_params, num_nodes=num_nodes,
                            gpus_per_node=plan.gpus_per_node, gpu_memory_gb=gpu_gb, cpu_memory_gb=cpu_gb,
-                           nvme_gb=nvme_gb, choices=choices).recommended
+                           nvme_gb=nvme_gb, choices=choices, host_runtime_gb=plan.host_runtime_gb).recommended
 
 
 def _fits_nowhere(plan: MemoryPlan, why: str,
@@ -714,6 +759,9 @@ def _check_args(args: argparse.Namespace) -> str | None:
             return f"--offload-ratio {ratio:g}: the share of the optimizer state on the host, between 0 and 1."
     if getattr(args, "bf16_optimizer_states", False) and not getattr(args, "bf16_master_weights", False):
         return "--bf16-optimizer-states needs --bf16-master-weights too (DeepSpeed keeps the moments in its dtype)."
+    if not getattr(args, "host_runtime", 0) >= 0:
+        return (f"--host-runtime {args.host_runtime:g}: give the GiB of host memory each GPU process holds outside the"
+                f" model states, at least 0 (measured: {HOST_RUNTIME_GIB}).")
     if getattr(args, "sub_group_size", 1) < 1:
         return f"--sub-group-size {args.sub_group_size:g}: must be at least 1."
     return None
@@ -739,6 +787,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--precision", default="bf16-mixed", choices=["bf16-mixed", "16-mixed", "bf16-true",
                                                                         "16-true", "32-true"])
     parser.add_argument("--activation-memory", type=float, default=0.0, help="GiB per GPU to reserve for activations")
+    parser.add_argument("--host-runtime", type=float, default=HOST_RUNTIME_GIB,
+                        help="GiB of host memory per GPU process outside the model states (CUDA context, libraries;"
+                             f" default {HOST_RUNTIME_GIB}, measured)")
     shape = parser.add_argument_group("activations of a GPT-style transformer (instead of --activation-memory)")
     shape.add_argument("--hidden", type=int, help="hidden size (d_model)")
     shape.add_argument("--layers", type=int, help="number of transformer blocks")
@@ -828,7 +879,7 @@ def _run(args: argparse.Namespace) -> int:
     plan = estimate_memory(args.params, args.largest_layer, model=model, num_nodes=args.nodes,
                            gpus_per_node=args.gpus_per_node, gpu_memory_gb=args.gpu_memory,
                            cpu_memory_gb=args.cpu_memory, nvme_gb=args.nvme, precision=args.precision,
-                           activation_memory_gb=activations)
+                           activation_memory_gb=activations, host_runtime_gb=args.host_runtime)
     gpu_free, cpu_free = (None if gb is None else int(gb * GiB) for gb in (args.gpu_memory, args.cpu_memory))
     print(plan.table())
     _print_modes(args, plan, gpu_free, cpu_free)

@@ -20,7 +20,7 @@ from lightning_zero import ZeroConfigError, ZeroStrategy
 from lightning_zero import config as cfg
 from lightning_zero import estimate
 from lightning_zero.cli import main
-from lightning_zero.estimate import GiB, _ratio_for, auto_choice, estimate_memory, fastest_fit
+from lightning_zero.estimate import HOST_RUNTIME_GIB, GiB, _ratio_for, auto_choice, estimate_memory, fastest_fit
 from lightning_zero.offload import effective_offload_ratio
 from lightning_zero.precision import ZeroPrecision
 from lightning_zero.wizard import Context, Machine, ModelSize, build_outputs, run_session
@@ -43,12 +43,12 @@ def test_10b_on_one_h200_takes_the_smallest_partial_offload_that_fits():
     assert fits[(3, "none", "none")] is False and fits[(3, "cpu", "none")] is False and plan.recommended is None
     row, message = _h200(P10)
     # 10 sub-groups of 1e9 (DeepSpeed's default sub_group_size): 1 of 10 on the host needs 2P + 0.9 x 16P + 4 x layer
-    # = 164.8e9 B (153.5 GiB) on the GPU; 2 of 10: 148.8e9 B (138.6 GiB) fits, with 0.2 x 16P x 1.2 + 4 x layer x 1.2
-    # on the host
+    # = 164.8e9 B (153.5 GiB) on the GPU; 2 of 10: 148.8e9 B (138.6 GiB) fits, with 0.2 x 16P x 1.2 on the host, the
+    # 16-bit partition DeepSpeed copies through host memory at setup (2P) and the process runtime
     assert (row.stage, row.offload_optimizer, row.offload_parameters, row.offload_ratio) == (3, "cpu", "none", 0.2)
     assert row.keywords() == {"offload_optimizer_ratio": 0.2}
     assert row.gpu_bytes == 4 * LAYER + 2 * P10 + int(0.8 * 16 * P10)
-    assert row.cpu_bytes == pytest.approx(4 * LAYER * F + 0.2 * (16 * P10 * F - 4 * LAYER * F), rel=1e-9)
+    assert row.cpu_bytes == pytest.approx(2 * P10 + 0.2 * 16 * P10 * F + HOST_RUNTIME_GIB * GiB, rel=1e-9)
     assert ("ZeroStrategy(stage=3, offload_optimizer='cpu', offload_optimizer_ratio=0.2) is the fastest choice that"
             " fits") in message
     assert ("Partial offload: CPU Adam steps 20% of the optimizer states in host memory and the GPU the rest, faster"
@@ -105,11 +105,11 @@ def test_bf16_states_only_when_fp32_fits_nowhere_and_only_with_bf16_precision():
                 " bf16_master_weights_and_grads=True, bf16_optimizer_states=True)")):
             _h200(P20, precision=precision)
     # bf16 master weights with fp32 moments (12 bytes) come first, offloaded: 8B parameters, 20 GiB free per GPU
-    # and 120 GiB host: fp32 stage 2 offload needs 16P x 1.2 = 143 GiB; 12 bytes: 4P x 1.2 + 12P x 1.2 x 0.75
+    # and 120 GiB host: fp32 stage 2 offload needs 16P x 1.2 = 143 GiB; 12 bytes: 16P x 1.2 x 0.75 (+ the runtime)
     row, message = auto_choice(8 * 10**9, LAYER, num_nodes=1, devices_per_node=1, device_type="cuda",
                                precision="bf16-mixed", gpu_free_bytes=20 * GiB, cpu_free_bytes=H200_HOST)
     assert (row.stage, row.offload_optimizer, row.keywords()) == (2, "cpu", {"bf16_master_weights_and_grads": True})
-    assert row.cpu_bytes == pytest.approx(4 * 8e9 * F + 12 * 8e9 * F * 12 / 16, rel=1e-9)
+    assert row.cpu_bytes == pytest.approx(16 * 8e9 * F * 12 / 16 + HOST_RUNTIME_GIB * GiB, rel=1e-9)
     assert "bf16 master weights and gradients with fp32 Adam moments (12 bytes per parameter)" in message
     # nothing fits at all: the refusal says the bf16 states were tried too
     with pytest.raises(ZeroConfigError, match="with bf16 master weights and optimizer states .* nothing fits either"):
@@ -159,10 +159,12 @@ def test_estimate_lists_the_modes_and_recommends_what_auto_chooses(capsys):
                  "--cpu-memory", "120"]) == 0
     out = capsys.readouterr().out
     # every 10% DeepSpeed's 10 sub-groups allow, and the bf16 states for bf16 precision (the default)
-    assert "    3            10%  fp32                153.48 GiB   18.69 GiB  no (GPU)" in out
-    assert "    3            20%  fp32                138.58 GiB   36.48 GiB  yes" in out
-    assert "    3            70%  fp32                 64.07 GiB  125.44 GiB  no (CPU)" in out
-    assert "    3             0%  bf16 master+states   93.88 GiB    0.89 GiB  yes" in out
+    # host: the share x 16P x 1.2, the setup copy of the 16-bit partition (2P, 18.63 GiB) and the runtime (1.8 GiB)
+    assert "    3            10%  fp32                153.48 GiB   38.31 GiB  no (GPU)" in out
+    assert "    3            20%  fp32                138.58 GiB   56.19 GiB  yes" in out
+    assert "    3            70%  fp32                 64.07 GiB  145.60 GiB  no (CPU)" in out
+    assert "    3             0%  bf16 master+states   93.88 GiB   20.43 GiB  yes" in out
+    assert "    2             0%  bf16 master+states  111.76 GiB    1.80 GiB  yes" in out  # the runtime alone
     assert ("Recommended (fastest that fits): ZeroStrategy(stage=3, offload_optimizer='cpu',"
             " offload_optimizer_ratio=0.2)\nPartial offload: CPU Adam steps 20%") in out
     assert main(["estimate", "--params", "1e10", "--largest-layer", "2e8", "--precision", "32-true"]) == 0

@@ -19,32 +19,36 @@ from lightning_zero.estimate import (GiB, auto_choice, count_with_configure_mode
 P, LAYER = 10**9, 10**8  # 1B parameters, largest layer 100M; 1 node x 4 GPUs (N = 4)
 F = 1.2  # host buffer factor (measured; DeepSpeed's estimators default to 1.5)
 
-# (stage, offload_optimizer, offload_param) -> (bytes per GPU, host bytes per node, NVMe bytes per node), by hand:
+# (stage, offload_optimizer, offload_param) -> (bytes per GPU, host bytes per node, NVMe bytes per node), by hand,
+# without the process runtime (host_runtime_gb=0; test_host_runtime_is_added_per_gpu_process adds it):
 HAND = {
-    # DeepSpeed ZeRO-2: GPU 2P + 18P/N = 2e9 + 4.5e9; host 4P x 4 GPUs x F = 16e9 F
-    (2, "none", "none"): (6.5e9, 16e9 * F, 0),
+    # DeepSpeed ZeRO-2: GPU 2P + 18P/N = 2e9 + 4.5e9; host: nothing (DeepSpeed's 4P x 4 GPUs is the model loaded on
+    # the CPU first, which a model built in configure_model never is)
+    (2, "none", "none"): (6.5e9, 0, 0),
     # stage 1: + full 16-bit gradients: 2P - 2P/N = 1.5e9 more
-    (1, "none", "none"): (8.0e9, 16e9 * F, 0),
+    (1, "none", "none"): (8.0e9, 0, 0),
     # stage 0: the ZeRO-2 GPU figure on one GPU, 2P + 18P = 20e9
-    (0, "none", "none"): (20e9, 16e9 * F, 0),
-    # ZeRO-3: GPU 4 x largest layer + 18P/N = 0.4e9 + 4.5e9; host 4 x layer x 4 GPUs x F = 1.6e9 F
-    (3, "none", "none"): (4.9e9, 1.6e9 * F, 0),
+    (0, "none", "none"): (20e9, 0, 0),
+    # ZeRO-3: GPU 4 x largest layer + 18P/N = 0.4e9 + 4.5e9; host: each GPU's 16-bit partition copied through host
+    # memory at setup (defragment), 2P/N x 4 GPUs = 2e9
+    (3, "none", "none"): (4.9e9, 2e9, 0),
     # ZeRO-2 offload: GPU 2P; host P x max(4N, 16) x F = 16e9 F
     (2, "cpu", "none"): (2e9, 16e9 * F, 0),
     # stage 1 offload: + full 16-bit gradients 2P
     (1, "cpu", "none"): (4e9, 16e9 * F, 0),
-    # ZeRO-3 optimizer offload: GPU 4 x layer + 2P/N = 0.4e9 + 0.5e9; host 16P x F (1 node)
-    (3, "cpu", "none"): (0.9e9, 16e9 * F, 0),
-    # ZeRO-3 everything offloaded: GPU 4 x layer; host 18P x F
+    # ZeRO-3 optimizer offload: GPU 4 x layer + 2P/N = 0.4e9 + 0.5e9; host 16P x F (1 node) + the setup copy 2e9
+    (3, "cpu", "none"): (0.9e9, 16e9 * F + 2e9, 0),
+    # ZeRO-3 everything offloaded: GPU 4 x layer; host 18P x F (no setup copy: the parameters live on the host)
     (3, "cpu", "cpu"): (0.4e9, 18e9 * F, 0),
     # optimizer on NVMe: the optimizer's 16P go to the drive; host keeps 4 GPUs x 4 buffers x min(1e9, P/N = 2.5e8)
-    # fp32 elements = 16e9
-    (3, "nvme", "none"): (0.9e9, 16e9, 16e9),
-    # + parameters in host RAM: their part of DeepSpeed's host figure, (18P - 16P) x F
-    (3, "nvme", "cpu"): (0.4e9, 16e9 + 2e9 * F, 16e9),
+    # fp32 elements = 16e9, the fp32 gradients (partition + one sub-group: 4 GPUs x 4 bytes x 5e8 = 8e9, x F) and
+    # the setup copy
+    (3, "nvme", "none"): (0.9e9, 16e9 + 8e9 * F + 2e9, 16e9),
+    # + parameters in host RAM: their part of DeepSpeed's host figure, (18P - 16P) x F, and no setup copy
+    (3, "nvme", "cpu"): (0.4e9, 16e9 + 8e9 * F + 2e9 * F, 16e9),
     # parameters on NVMe: 2P to the drive; host keeps 4 GPUs x 5 buffers x 1e8 elements x 2 bytes = 4e9
     (3, "cpu", "nvme"): (0.4e9, 16e9 * F + 4e9, 2e9),
-    (3, "nvme", "nvme"): (0.4e9, 16e9 + 4e9, 18e9),
+    (3, "nvme", "nvme"): (0.4e9, 16e9 + 8e9 * F + 4e9, 18e9),
 }
 
 
@@ -54,7 +58,7 @@ def _by_choice(plan) -> dict:
 
 
 def test_every_row_matches_the_hand_computation() -> None:
-    plan = estimate_memory(P, LAYER, num_nodes=1, gpus_per_node=4, precision="bf16-mixed")
+    plan = estimate_memory(P, LAYER, num_nodes=1, gpus_per_node=4, precision="bf16-mixed", host_runtime_gb=0)
     assert list(_by_choice(plan)) == list(HAND)  # every stage x offload choice, fastest first
     for choice, got in _by_choice(plan).items():
         assert got == pytest.approx(HAND[choice], rel=1e-9), choice
@@ -64,9 +68,10 @@ def test_every_row_matches_the_hand_computation() -> None:
 
 
 def test_two_nodes_split_the_host_figures() -> None:
-    # 2 nodes x 4 GPUs (N = 8): ZeRO-3 offload host figure per node 16P / 2 nodes x F; GPU 0.4e9 + 2P/8
-    plan = _by_choice(estimate_memory(P, LAYER, num_nodes=2, gpus_per_node=4))
-    assert plan[(3, "cpu", "none")] == pytest.approx((0.65e9, 8e9 * F, 0))
+    # 2 nodes x 4 GPUs (N = 8): ZeRO-3 offload host figure per node 16P / 2 nodes x F + 4 GPUs' setup copies of
+    # 2P/8; GPU 0.4e9 + 2P/8
+    plan = _by_choice(estimate_memory(P, LAYER, num_nodes=2, gpus_per_node=4, host_runtime_gb=0))
+    assert plan[(3, "cpu", "none")] == pytest.approx((0.65e9, 8e9 * F + 1e9, 0))
     # ZeRO-2 offload host: P x max(4 x 8, 16) x F per node (DeepSpeed's figure)
     assert plan[(2, "cpu", "none")] == pytest.approx((2e9, 32e9 * F, 0))
     # optimizer on NVMe: 16P / 2 nodes = 8e9 per node on the drive
@@ -74,7 +79,7 @@ def test_two_nodes_split_the_host_figures() -> None:
 
 
 def test_fp32_adds_two_bytes_per_resident_weight_and_gradient() -> None:
-    plan = _by_choice(estimate_memory(P, LAYER, gpus_per_node=4, precision="32-true"))
+    plan = _by_choice(estimate_memory(P, LAYER, gpus_per_node=4, precision="32-true", host_runtime_gb=0))
     # stage 2: weights P + gradient partition P/4 -> 6.5e9 + 2 x 1.25e9
     assert plan[(2, "none", "none")][0] == pytest.approx(9e9)
     # stage 3, nothing offloaded: gathered layer + weight and gradient partitions -> 4.9e9 + 2 x (1e8 + 5e8)
@@ -125,9 +130,11 @@ def test_expected_peak_is_within_15_percent_of_the_measured_one_for_the_09b_gpt(
 @pytest.mark.parametrize(("gpu", "cpu", "nvme", "expected"), [
     (80, 512, None, (2, "none", "none")),  # everything fits: stage 2
     (5, 100, None, (3, "none", "none")),  # 6.5e9 B = 6.05 GiB > 5: stage 3 (4.56 GiB)
-    (4, 100, None, (2, "cpu", "none")),  # stage 3 needs 4.56 GiB: offload the optimizer (1.86 GiB GPU, 17.9 GiB host)
-    (0.5, 100, None, (3, "cpu", "cpu")),  # only 0.37 GiB (4 x largest layer) fits the GPU
-    (0.5, 20, 100, (3, "nvme", "cpu")),  # host 20.1 GiB > 20: the optimizer goes to NVMe (17.1 GiB host)
+    (4, 100, None, (2, "cpu", "none")),  # stage 3 needs 4.56 GiB: offload the optimizer (1.86 GiB GPU, 25.1 GiB host)
+    (0.5, 100, None, (3, "cpu", "cpu")),  # only 0.37 GiB (4 x largest layer) fits the GPU (27.3 GiB host)
+    # host 27.3 GiB > 27 and NVMe does not help: with sub_group_size 1e9 > the partition (2.5e8) DeepSpeed's swap
+    # buffers hold 4 x the whole partition in fp32, as much as the offloaded states (28.8 to 34.8 GiB host)
+    (0.5, 27, 100, None),
     (0.5, 10, 100, None),  # nothing fits
 ])
 def test_recommendation_is_the_fastest_row_that_fits(gpu, cpu, nvme, expected) -> None:
@@ -141,7 +148,9 @@ def test_recommendation_is_the_fastest_row_that_fits(gpu, cpu, nvme, expected) -
 
 
 def test_strategy_call_of_a_row() -> None:
-    plan = estimate_memory(P, LAYER, gpus_per_node=4, gpu_memory_gb=0.5, cpu_memory_gb=20, nvme_gb=100)
+    # 10B on 4 GPUs: partitions of 2.5e9 > sub_group_size, so NVMe's swap buffers (4 x 1e9 fp32 per GPU) are smaller
+    # than the offloaded states: everything offloaded to CPU needs 208 GiB of host memory, the optimizer on NVMe 152
+    plan = estimate_memory(10 * P, LAYER, gpus_per_node=4, gpu_memory_gb=0.5, cpu_memory_gb=160, nvme_gb=1000)
     assert plan.recommended.strategy("/nvme") == ("ZeroStrategy(stage=3, offload_optimizer='nvme',"
                                                   " offload_parameters='cpu', nvme_path='/nvme')")
     assert plan.rows[0].strategy() == "ZeroStrategy(stage=2)"
@@ -226,8 +235,9 @@ def test_command_line_with_parameter_counts(capsys) -> None:
     assert code == 0
     assert out.splitlines()[0] == ("Model states of 1.00B parameters (largest layer 100.0M) on 1 node(s) x 4"
                                    " GPU(s); activations not included.")
-    assert "    2  none               none             6.05 GiB   17.88 GiB           -  no (GPU)" in out
-    assert "    3  none               none             4.56 GiB    1.79 GiB           -  yes" in out
+    # host: 4 processes x 1.8 GiB of runtime (+ stage 3's setup copies of the 16-bit partitions, 4 x 2P/4)
+    assert "    2  none               none             6.05 GiB    7.20 GiB           -  no (GPU)" in out
+    assert "    3  none               none             4.56 GiB    9.06 GiB           -  yes" in out
     assert out.rstrip().endswith("Recommended (fastest that fits): ZeroStrategy(stage=3)")
 
 
