@@ -4,6 +4,7 @@ choice ZeroStrategy(stage="auto") makes."""
 from __future__ import annotations
 
 import os
+import re
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before anything imports deepspeed
 
@@ -13,8 +14,8 @@ from torch import nn
 
 from helpers import GAN, Regressor
 from lightning_zero.cli import main
-from lightning_zero.estimate import (GiB, auto_choice, count_with_configure_model, estimate_memory, model_size,
-                                     transformer_activation_bytes)
+from lightning_zero.estimate import (HOST_RUNTIME_GIB, GiB, auto_choice, count_with_configure_model, estimate_memory,
+                                     estimate_offload_mode, model_size, transformer_activation_bytes)
 
 P, LAYER = 10**9, 10**8  # 1B parameters, largest layer 100M; 1 node x 4 GPUs (N = 4)
 F = 1.2  # host buffer factor (measured; DeepSpeed's estimators default to 1.5)
@@ -253,3 +254,81 @@ def test_command_line_errors(capsys) -> None:
     assert main(["estimate", "--params", "1e12", "--largest-layer", "1e9", "--gpu-memory", "80", "--cpu-memory",
                  "64"]) == 1
     assert capsys.readouterr().out.rstrip().endswith("Nothing fits: add GPUs or nodes, host memory or NVMe space.")
+
+
+def test_host_runtime_is_added_per_gpu_process(capsys) -> None:
+    # every host figure holds HOST_RUNTIME_GIB (1.8) per GPU process: 4 per node here
+    plain = _by_choice(estimate_memory(P, LAYER, gpus_per_node=4, host_runtime_gb=0))
+    for runtime in (HOST_RUNTIME_GIB, 3.0):
+        got = _by_choice(estimate_memory(P, LAYER, gpus_per_node=4, host_runtime_gb=runtime))
+        assert {k: v[1] - plain[k][1] for k, v in got.items()} == pytest.approx(
+            dict.fromkeys(plain, 4 * runtime * GiB), abs=2)
+    mode = estimate_offload_mode(P, LAYER, gpus_per_node=4, offload_ratio=0.5, sub_group_size=10**8)
+    bare = estimate_offload_mode(P, LAYER, gpus_per_node=4, offload_ratio=0.5, sub_group_size=10**8,
+                                 host_runtime_gb=0)
+    assert mode.cpu_bytes - bare.cpu_bytes == pytest.approx(4 * HOST_RUNTIME_GIB * GiB, abs=2)
+    # stage="auto" fits the host memory with it: 24 GiB for 4 processes leaves no room for stage 2 + full fp32
+    # offload (17.88 GiB of states + 7.2 of runtime), so the optimizer keeps bf16 master weights (13.4 + 7.2 GiB)
+    kwargs = dict(num_nodes=1, devices_per_node=4, device_type="cuda", precision="bf16-mixed",
+                  gpu_free_bytes=4 * GiB, cpu_free_bytes=24 * GiB)
+    assert auto_choice(P, LAYER, **kwargs)[0].keywords() == {"bf16_master_weights_and_grads": True}
+    row, _ = auto_choice(P, LAYER, host_runtime_gb=0, **kwargs)
+    assert (row.stage, row.offload_optimizer, row.keywords()) == (2, "cpu", {})
+    with pytest.raises(ValueError, match=r"estimate_memory\(host_runtime_gb=-1\) must be at least 0: the GiB of host"
+                                         r" memory each GPU process holds outside the model states \(measured: 1.8\)"):
+        estimate_memory(P, LAYER, host_runtime_gb=-1)
+    # the command line: --host-runtime 0 leaves stage 2's host column empty (no model state lives there)
+    assert main(["estimate", "--params", "1e9", "--largest-layer", "1e8", "--gpus-per-node", "4",
+                 "--host-runtime", "0"]) == 0
+    assert "    2  none               none             6.05 GiB           -" in capsys.readouterr().out
+    assert main(["estimate", "--params", "1e9", "--largest-layer", "1e8", "--host-runtime", "-1"]) == 2
+    assert "--host-runtime -1: give the GiB of host memory each GPU process holds" in capsys.readouterr().err
+
+
+def _estimate_rows(argv: list[str], capsys) -> dict:
+    """The CLI's figures in GiB: table rows by (stage, offload_optimizer, offload_param), offload-mode rows by
+    (stage, share on the host, optimizer state)."""
+    assert main(["estimate", *argv]) == 0
+    rows = {}
+    for line in capsys.readouterr().out.splitlines():
+        if m := re.match(r"\s+(\d)\s+(none|cpu|nvme)\s+(none|cpu|nvme)\s+([\d.]+) GiB\s+([\d.]+) GiB", line):
+            rows[(int(m[1]), m[2], m[3])] = (float(m[4]), float(m[5]))
+        elif m := re.match(r"\s+(\d)\s+(\d+%)\s+(fp32|bf16 master\+states|bf16 master)\s+([\d.]+) GiB\s+([\d.]+) GiB",
+                           line):
+            rows[(int(m[1]), m[2], m[3])] = (float(m[4]), float(m[5]))
+    return rows
+
+
+GPT09 = ["--params", "910561280", "--largest-layer", "103022592", "--hidden", "2048", "--layers", "16", "--seq-len",
+         "1024", "--micro-batch", "8", "--vocab", "50304"]
+GPT10B = ["--params", "10329794560", "--largest-layer", "257556480", "--hidden", "5120", "--layers", "32",
+          "--seq-len", "1024", "--micro-batch", "8", "--vocab", "50304", "--activation-checkpointing"]
+GPT6B = ["--params", "6250536960", "--largest-layer", "2.06e8", "--hidden", "4096", "--layers", "30", "--seq-len",
+         "1024", "--micro-batch", "4", "--vocab", "50304"]
+PARTIAL = ["--sub-group-size", "5e7", "--offload-ratio"]  # 19 sub-groups: 0.25 -> 5 of 19 (26%), 0.5 -> 10, 0.75 -> 15
+BF16M, BF16MS = ["--bf16-master-weights"], ["--bf16-master-weights", "--bf16-optimizer-states"]
+
+
+@pytest.mark.parametrize(("argv", "row", "gpu_gib", "host_gib"), [
+    # measured on one H200 (bench/results/offload_goal_h200.json, offload_modes_h200.json, offload_nvme_h200.json,
+    # largest_10b_h200.json; host: peak RSS of the training process), GPT 0.9B, 8 x 1024 tokens, bf16-mixed
+    (GPT09, (3, "none", "none"), 26.68, 3.32),
+    (GPT09, (3, "cpu", "none"), 14.81, 19.99),
+    (GPT09 + PARTIAL + ["0.25"], (3, "26%", "fp32"), 25.38, 8.03),
+    (GPT09 + PARTIAL + ["0.5"], (3, "53%", "fp32"), 22.38, 11.28),
+    (GPT09 + PARTIAL + ["0.75"], (3, "79%", "fp32"), 18.63, 15.34),
+    (GPT09 + BF16M, (3, "100%", "bf16 master"), 14.81, 14.60),
+    (GPT09 + BF16MS, (3, "100%", "bf16 master+states"), 14.81, 11.21),
+    (GPT09 + BF16MS, (2, "0%", "bf16 master+states"), 19.54, 1.83),
+    (GPT09, (3, "nvme", "none"), 14.81, 26.17),
+    # 10.3B at stage 2 with bf16 master weights and states, activation checkpointing: the peak is the optimizer step
+    (GPT10B + BF16MS, (2, "0%", "bf16 master+states"), 115.51, 1.82),
+    # on one H100 (bench/results/host_1b_params.json, host_6b.json): parameters offloaded too; 6.25B, 4 x 1024
+    (GPT09, (3, "cpu", "cpu"), None, 22.17),
+    (GPT6B, (3, "cpu", "none"), 29.46, 114.91),
+])
+def test_estimate_is_within_10_percent_of_the_measured_peaks(argv, row, gpu_gib, host_gib, capsys) -> None:
+    gpu, host = _estimate_rows(argv, capsys)[row]
+    if gpu_gib is not None:
+        assert gpu == pytest.approx(gpu_gib, rel=0.10)
+    assert host == pytest.approx(host_gib, rel=0.10)
