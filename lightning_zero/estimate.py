@@ -7,8 +7,9 @@
         --hidden 4096 --layers 30 --vocab 50304 --seq-len 1024 --micro-batch 32 --activation-checkpointing
 
 The model-state figures are DeepSpeed's own estimators (``estimate_zero2_model_states_mem_needs`` for stages 0-2,
-``estimate_zero3_model_states_mem_needs`` for stage 3) with a host buffer factor of 1.2 measured on an H100 machine
-instead of DeepSpeed's 1.5; see :func:`estimate_memory` for what is derived from them. With a transformer's shape,
+``estimate_zero3_model_states_mem_needs`` for stage 3) with a host buffer factor of 1.2 instead of DeepSpeed's 1.5
+and the host memory each GPU process holds anyway (``HOST_RUNTIME_GIB``), both measured on H100 and H200 machines;
+see :func:`estimate_memory` for what is derived from them. With a transformer's shape,
 :func:`transformer_activation_bytes` adds the activations, and the per-GPU figure becomes the peak to expect
 (docs/benchmarks.md compares it with measured peaks). ``ZeroStrategy(stage="auto")`` runs the same planner at setup
 (:func:`auto_choice`), with issue 18's offload modes when no stage fits without offload (:func:`fastest_fit`: stage 3
@@ -30,9 +31,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-__all__ = ["CHOICES", "HOST_RUNTIME_GIB", "MemoryPlan", "MemoryRow", "ModeRow", "add_parser", "auto_choice", "count_with_configure_model",
-           "detect_free_memory", "estimate_memory", "estimate_offload_mode", "fastest_fit", "model_size",
-           "optimizer_state_bytes", "partial_offload_fit", "plan_auto", "transformer_activation_bytes"]
+__all__ = ["CHOICES", "HOST_RUNTIME_GIB", "MemoryPlan", "MemoryRow", "ModeRow", "add_parser", "auto_choice",
+           "count_with_configure_model", "detect_free_memory", "estimate_memory", "estimate_offload_mode",
+           "fastest_fit", "model_size", "optimizer_state_bytes", "partial_offload_fit", "plan_auto",
+           "transformer_activation_bytes"]
 
 GiB = 2**30
 Offload = Literal["none", "cpu", "nvme"]
@@ -561,12 +563,13 @@ def auto_choice(num_params: int, largest_layer_params: int, *, num_nodes: int, d
     """The choice ``ZeroStrategy(stage="auto")`` makes, and the log line that explains it.
 
     On GPUs: the fastest choice that fits the free GPU memory, the available host memory and (when ``nvme_path``
-    was given) the free NVMe space (each host figure with ``host_runtime_gb`` per process), with the offload modes: :func:`fastest_fit` (partial optimizer offload rounded
-    to ``sub_group_size``; with bf16 precision, bf16 master weights and optimizer states when fp32 states fit
-    nowhere; ``MemoryRow.keywords()`` gives their ZeroStrategy keywords). Without GPUs the model states live in host
-    memory whatever the choice, so offload gains nothing: the fastest stage without offload whose states (per process x
-    processes per node) fit the available host memory. When nothing fits, a :class:`ZeroConfigError` gives the
-    estimate and the ways out (the fewest nodes that would fit; NVMe offload when no ``nvme_path`` was given).
+    was given) the free NVMe space (each host figure with ``host_runtime_gb`` per process), with the offload modes:
+    :func:`fastest_fit` (partial optimizer offload rounded to ``sub_group_size``; with bf16 precision, bf16 master
+    weights and optimizer states when fp32 states fit nowhere; ``MemoryRow.keywords()`` gives their ZeroStrategy
+    keywords). Without GPUs the model states live in host memory whatever the choice, so offload gains nothing: the
+    fastest stage without offload whose states (per process x processes per node) fit the available host memory.
+    When nothing fits, a :class:`ZeroConfigError` gives the estimate and the ways out (the fewest nodes that would
+    fit; NVMe offload when no ``nvme_path`` was given).
     """
     size = f"{_count(num_params)} parameters"
     if device_type != "cuda":
