@@ -228,9 +228,9 @@ def test_estimate_of_partial_offload_and_low_precision_states():
 
     p, layer = 8 * 10**8, 10**7
     rows = {(r.stage, r.offload_optimizer): r for r in estimate_memory(p, layer).rows if r.offload_parameters == "none"}
-    # both with the process runtime and stage 3's setup copy; they differ by DeepSpeed's 16P x buffer 1.2
+    # both with the process runtime and stage 3's setup copy; they differ by DeepSpeed's 16P x buffer 1.15
     host_none, host_all = rows[(3, "none")].cpu_bytes, rows[(3, "cpu")].cpu_bytes
-    assert host_all - host_none == pytest.approx(p * 16 * 1.2, rel=1e-9)
+    assert host_all - host_none == pytest.approx(p * 16 * 1.15, rel=1e-9)
     assert [optimizer_state_bytes(*f) for f in ((False, False), (True, False), (True, True))] == [16, 12, 8]
     # ratio 0.5 over 4 equal sub-groups: exactly half of the 16 optimizer bytes per parameter on each side
     half = estimate_offload_mode(p, layer, offload_ratio=0.5, sub_group_size=p // 4)
