@@ -252,6 +252,17 @@ def _engine_backward(engine: Any, loss: Tensor, *args: Any, **kwargs: Any) -> No
     engine.backward(loss, *args, scale_wrt_gas=False, **kwargs)
 
 
+def _needs_grad(output: Any) -> bool:
+    """Some tensor in ``output`` requires grad. It runs after every forward of every fetch unit: a block's output is
+    usually one tensor, or a tuple whose first item is (the hidden states), so those are looked at before the pytree
+    walk over all of it."""
+    if isinstance(output, Tensor):
+        return output.requires_grad
+    if isinstance(output, tuple) and output and isinstance(output[0], Tensor) and output[0].requires_grad:
+        return True
+    return any(isinstance(t, Tensor) and t.requires_grad for t in torch.utils._pytree.tree_leaves(output))
+
+
 class _Zero3BackwardCounters:
     """ZeRO-3's per-module backward bookkeeping, so that several backward passes can run over one graph.
 
@@ -382,8 +393,7 @@ class EngineRegistry:
         frozen (toggled) model, not recomputation during the backward (activation checkpointing)."""
 
         def count(module: nn.Module, args: Any, output: Any) -> None:
-            if torch._C._current_graph_task_id() != -1 or not any(
-                    isinstance(t, Tensor) and t.requires_grad for t in torch.utils._pytree.tree_leaves(output)):
+            if not _needs_grad(output) or torch._C._current_graph_task_id() != -1:
                 return
             calls = self._unit_calls.get(id(module), 0) + 1
             self._unit_calls[id(module)] = calls

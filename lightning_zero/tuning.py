@@ -195,10 +195,14 @@ def resolve_block_fetch(config: Mapping[str, Any], module: nn.Module) -> tuple[d
                     f" than layer by layer ({how} for DeepSpeed's per-layer fetching).")
 
 
+def _has_input_to_alias(args: tuple) -> bool:
+    """Grad mode is on and a floating-point input does not require grad (cheap: no walk over parameters)."""
+    return torch.is_grad_enabled() and \
+        any(isinstance(a, torch.Tensor) and a.is_floating_point() and not a.requires_grad for a in args)
+
+
 def _inputs_requiring_grad(module: nn.Module, args: tuple) -> tuple | None:
-    if not torch.is_grad_enabled() or not any(p.requires_grad for p in module.parameters()):
-        return None
-    if not any(isinstance(a, torch.Tensor) and a.is_floating_point() and not a.requires_grad for a in args):
+    if not _has_input_to_alias(args) or not any(p.requires_grad for p in module.parameters()):
         return None
     return tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
                  and not a.requires_grad else a for a in args)
@@ -226,6 +230,11 @@ def track_unit_inputs(module: nn.Module) -> int:
 
 
 def _input_hook(module: nn.Module, args: tuple) -> tuple | None:
+    # Runs at every call of every unit. The cheap test first: with a trainable embedding the inputs already require
+    # grad and the hook returns here, before the unit's parameters are walked (a callback may freeze or unfreeze
+    # them, so that is decided per call, not at setup).
+    if not _has_input_to_alias(args):
+        return None
     from deepspeed.utils import z3_leaf_module
 
     # a no-op once the module is no longer a unit (its engine released, a later run without block fetch)
