@@ -41,6 +41,7 @@ __all__ = [
     "resolve_runtime_args",
     "supported_optimizer_types",
     "validate_user_config",
+    "zenflow_enabled",
     "zero_stage",
 ]
 
@@ -740,7 +741,10 @@ def resolve_ds_config(user: Mapping[str, Any], knobs: Mapping[str, Any], flags: 
     # The one place that decides it (a user value is refused, _OWNED_KEYS). The Trainer owns the accumulation boundary:
     # each optimizer step is one DeepSpeed step (see engines.py). DeepSpeed refuses its unmanaged accumulation with
     # DeepCompile; the registry sets the boundary per backward instead (EngineRegistry._deepcompile_boundary).
-    config["managed_gradient_accumulation"] = deepcompile
+    # ZenFlow runs only under DeepSpeed's managed accumulation: its boundary is ZenFlow's update interval (zenflow/
+    # engine.py is_zenflow_update_boundary); unmanaged, the selective AdamW steps a None gradient at the first step
+    # (zenflow_torch_adam.py _single_tensor_adamw). _zenflow_problems keeps Trainer(accumulate_grad_batches=1) then.
+    config["managed_gradient_accumulation"] = deepcompile or zenflow_enabled(config)
     config.setdefault("steps_per_print", 2**31 - 1)  # no per-step prints; Lightning's progress bar reports
     config.setdefault("zero_allow_untested_optimizer", True)
     stage = config["zero_optimization"]["stage"]
@@ -848,6 +852,11 @@ def check_zero_features(config: Mapping[str, Any], flags: TrainerFlags | None = 
         raise ZeroConfigError("These ZeRO settings cannot work:\n  - " + "\n  - ".join(problems))
 
 
+def zenflow_enabled(config: Mapping[str, Any]) -> bool:
+    """The config turns on ZenFlow (a ``zero_optimization.zenflow`` section)."""
+    return isinstance((config.get("zero_optimization") or {}).get("zenflow"), Mapping)
+
+
 def offload_ratio(config: Mapping[str, Any]) -> float:
     """The share of the optimizer states CPU Adam steps: ``offload_optimizer.ratio`` (1.0 when offloaded without a
     ratio, 0.0 when the optimizer is not offloaded)."""
@@ -917,13 +926,16 @@ def _offload_mode_problems(config: Mapping[str, Any], stage: int, flags: Trainer
 
 def _zenflow_problems(zenflow: Mapping[str, Any], zero: Mapping[str, Any], optimizer: Any, stage: int,
                       device: str | None, flags: TrainerFlags | None) -> list[str]:
-    """ZenFlow (runtime/zenflow/): ZeroStrategy lets the Trainer own the accumulation boundary, so DeepSpeed's
-    ``is_gradient_accumulation_boundary`` is true at every ``step()`` and ZenFlow's own update interval (its
-    "auto" one too) never applies; and its "auto"/"epoch" selection reads the epoch length from DeepSpeed's own
-    dataloader, which ZeroStrategy does not give it (``select_interval`` becomes 0: selected once, never again)."""
+    """ZenFlow (runtime/zenflow/, DeepSpeed 0.19.8) runs under DeepSpeed's managed accumulation (resolve_ds_config):
+    each backward + ``step()`` is one ZenFlow iteration and its update interval is the accumulation, so the Trainer
+    must not accumulate. Its "auto"/"epoch" selection reads the epoch length from DeepSpeed's own dataloader, which
+    ZeroStrategy does not give it (``select_interval`` becomes 0: selected once, never again). The parameter shapes it
+    fails on are checked at setup (offload.check_zenflow_parameters)."""
     problems: list[str] = []
-    if stage == 0:
-        problems.append("zero_optimization.zenflow needs ZeRO stage 1, 2 or 3 (stage is 0). Use"
+    if stage not in (1, 2):
+        problems.append(f"zero_optimization.zenflow needs ZeRO stage 1 or 2 (stage is {stage}): ZeroStrategy runs"
+                        " ZenFlow's stage-1/2 optimizer; its stage-3 path (zenflow/engine_stage3.py) keeps its"
+                        " buffers on \"cuda\" and has not run under ZeroStrategy. Use"
                         " ZeroStrategy(stage=2, offload_optimizer=\"cpu\", zenflow={...})")
     if device != "cpu":
         problems.append("zero_optimization.zenflow needs the optimizer offloaded to the CPU (ZenFlow steps the less"
@@ -948,20 +960,15 @@ def _zenflow_problems(zenflow: Mapping[str, Any], zero: Mapping[str, Any], optim
                         " optimizer steps (\"auto\"/\"epoch\" need DeepSpeed's own dataloader and would select once,"
                         " never again). Set \"select_strategy\": \"step\" and an integer \"select_interval\" >= 1")
     if update != 1:
-        problems.append(f"zero_optimization.zenflow.update_interval={update!r}: ZeroStrategy lets the Trainer own"
-                        " the accumulation boundary, so every optimizer step is a ZenFlow update and a longer (or"
-                        " \"auto\") interval would not apply. Set \"update_interval\": 1 (Trainer("
-                        "accumulate_grad_batches=...) accumulates instead)")
-    if flags is not None and flags.device_type == "cpu":
-        problems.append("zero_optimization.zenflow needs a CUDA GPU: its stage-3 buffers live on \"cuda\", and on"
-                        " DeepSpeed's CPU accelerator its selective gradient copy fails at stage 2. Remove zenflow for"
-                        " CPU runs, or train with Trainer(accelerator=\"gpu\")")
-    elif flags is not None and not problems:  # on a GPU, once the Trainer is known (the rest is checked earlier)
-        problems.append("zero_optimization.zenflow is not supported by ZeroStrategy yet: on one H200 (DeepSpeed 0.19.8,"
-                        " stage 2, CPU Adam, the config's AdamW) DeepSpeed stopped inside its selective gradient copy"
-                        " ('The size of tensor a (8) must match the size of tensor b (16)',"
-                        " zenflow_stage_1_and_2.py). Remove zenflow; for offload that keeps part of the optimizer on"
-                        " the GPU use ZeroStrategy(stage=3, offload_optimizer=\"cpu\", offload_optimizer_ratio=...)")
+        problems.append(f"zero_optimization.zenflow.update_interval={update!r}: ZeroStrategy runs ZenFlow with a"
+                        " CPU Adam update at every optimizer step, the one interval checked so far (longer or"
+                        " \"auto\" intervals step the CPU share every few Trainer steps). Set \"update_interval\": 1")
+    if flags is not None and flags.accumulate_grad_batches != 1:
+        problems.append("zero_optimization.zenflow with Trainer(accumulate_grad_batches="
+                        f"{flags.accumulate_grad_batches}): ZenFlow runs under DeepSpeed's managed accumulation,"
+                        " where every backward ends a ZenFlow iteration, so the Trainer's micro-batches would"
+                        " overwrite each other's gradients instead of adding up. Use accumulate_grad_batches=1 (a"
+                        " larger batch per step), or remove zenflow")
     return problems
 
 

@@ -21,18 +21,20 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
-from lightning_zero.config import ZeroConfigError, offload_device, offload_ratio
+from lightning_zero.config import ZeroConfigError, offload_device, offload_ratio, zenflow_enabled
 from lightning_zero.engines import clone_optimizer
 
 __all__ = [
     "build_stepped_optimizer",
     "check_aio_buildable",
     "check_nvme",
+    "check_zenflow_parameters",
     "configure_activation_checkpointing",
     "count_parameters",
     "effective_offload_ratio",
     "nvme_swap_bytes",
     "partition_for_nvme",
+    "route_zero_grad",
 ]
 
 # Bytes per parameter DeepSpeed swaps to NVMe. Optimizer (ZeRO-Infinity's optimizer swapper): the fp32 master weights,
@@ -190,6 +192,42 @@ def _cpu_adam(face: Optimizer, device: str, config: Mapping[str, Any] | None = N
         f" weight_decay={d['weight_decay']}); your {name} stays the optimizer Lightning and your schedulers see."
     )
     return optimizer
+
+
+def route_zero_grad(face: Optimizer, engine: Any, config: Mapping[str, Any]) -> None:
+    """Make ``face.zero_grad()`` clear the model's gradients through DeepSpeed's ZeRO optimizer, for the config's
+    optimizer (``face``: the optimizer DeepSpeed built, which Lightning sees) offloaded at stages 1-2.
+
+    Its parameters are DeepSpeed's fp32 partitions, whose ``.grad`` is ZeRO-Offload's persistent CPU gradient buffer
+    (DeepSpeed 0.19.8 stage_1_and_2.py ``initialize_optimizer_states``) that every boundary backward copies into. The
+    ``zero_grad()`` Lightning calls before each accumulation would set it to None and the next backward fail
+    ("'NoneType' object has no attribute 'view'", ``async_inplace_copy_grad_to_fp32_buffer_from_gpu``). DeepSpeed's
+    own ``zero_grad`` clears the model's gradients instead, as under Lightning's DeepSpeedStrategy, whose optimizer is
+    DeepSpeed's."""
+    stage = int((config.get("zero_optimization") or {}).get("stage", 0))
+    if offload_device(config, "offload_optimizer") is None or stage not in (1, 2) or engine.optimizer is face:
+        return
+    face.zero_grad = engine.optimizer.zero_grad  # type: ignore[method-assign]
+
+
+def check_zenflow_parameters(module: torch.nn.Module, config: Mapping[str, Any]) -> None:
+    """Refuse, before the engine is built, trainable parameters DeepSpeed 0.19.8's ZenFlow fails on in its first
+    backward: it selects gradient columns of 2-D weights and steps 1-D parameters whole (zenflow_stage_1_and_2.py),
+    and any other shape breaks its selective gradient copy."""
+    if not zenflow_enabled(config):
+        return
+    bad = [f"{name} {tuple(p.shape)}" for name, p in module.named_parameters()
+           if p.requires_grad and not (p.dim() == 1 or (p.dim() == 2 and p.shape[0] > 1))]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ZeroConfigError(
+            f"ZeroStrategy(zenflow=...): DeepSpeed 0.19.8's ZenFlow steps trainable parameters that are 1-D or 2-D"
+            f" with at least two rows; it fails in the first backward on {shown}. A one-row weight such as"
+            " nn.Linear(n, 1).weight is copied as if it were a bias (\"The size of tensor a (8) must match the size of"
+            " tensor b (16)\", zenflow_stage_1_and_2.py _process_selected_fp32_groups_grad); 0-D and 3-D+ parameters"
+            " (convolution kernels) do not match ZenFlow's column layout (zenflow_utils.py _flatten_dense_tensors)."
+            " Freeze them (requires_grad=False), give a one-row layer two rows (e.g. nn.Linear(n, 2) and use one"
+            " output), hold the weight as a 2-D matrix, or remove zenflow.")
 
 
 # --------------------------------------------------------------------------------------------------------------------

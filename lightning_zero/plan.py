@@ -149,6 +149,8 @@ def _build(plan: EnginePlan, registry: EngineRegistry, device: torch.device) -> 
         module.to(device)
     else:
         offload.partition_for_nvme(module, config, device.type)  # a model created outside zero.Init, NVMe on CPU
+    if plan.train:
+        offload.check_zenflow_parameters(module, config)  # shapes ZenFlow fails on in its first backward
     for note in plan.notes:
         rank_zero_info(note)
     # the optimizer DeepSpeed steps: a clone of the face, or DeepSpeedCPUAdam when the optimizer is offloaded
@@ -165,5 +167,6 @@ def _build(plan: EnginePlan, registry: EngineRegistry, device: torch.device) -> 
         # the config's optimizer: the one DeepSpeed built is the face Lightning sees (set before the registry
         # indexes the slot by its face, once: a second add would gate its fetch units' hooks twice)
         slot.face = slot.basic_optimizer
+        offload.route_zero_grad(slot.face, engine, config)  # Lightning's zero_grad keeps ZeRO-Offload's buffers
     registry.add(slot)
     return slot

@@ -18,7 +18,7 @@ from torch import nn
 
 from lightning_zero import ZeroConfigError, ZeroStrategy
 from lightning_zero.config import TrainerFlags, offload_ratio, resolve_ds_config
-from lightning_zero.offload import build_stepped_optimizer, effective_offload_ratio
+from lightning_zero.offload import build_stepped_optimizer, effective_offload_ratio, route_zero_grad
 
 ZENFLOW = {"topk_ratio": 0.1, "select_strategy": "step", "select_interval": 4, "update_interval": 1,
            "overlap_step": True}
@@ -42,9 +42,13 @@ def test_keywords_reach_deepspeed_keys():
     assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "ratio": 0.3}
     assert ds["bf16"] == {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
     assert offload_ratio(ds) == 0.3
-    # a well-formed ZenFlow request reaches the check, which refuses it until it runs (it failed on an H200)
-    with pytest.raises(ZeroConfigError, match="zenflow is not supported by ZeroStrategy yet.*offload_optimizer_ratio"):
-        _resolve("bf16-mixed", device_type="cuda", stage=2, offload_optimizer="cpu", zenflow=ZENFLOW, config=ADAMW)
+    # ZenFlow runs under DeepSpeed's managed accumulation (unmanaged, its selective AdamW steps a None gradient), on
+    # a GPU and on CPU alike; every other config keeps the Trainer's boundary
+    for device_type in ("cuda", "cpu"):
+        zf = _resolve("bf16-mixed", device_type=device_type, stage=2, offload_optimizer="cpu", zenflow=ZENFLOW,
+                      config=ADAMW)
+        assert zf["zero_optimization"]["zenflow"] == ZENFLOW and zf["managed_gradient_accumulation"] is True
+    assert ds["managed_gradient_accumulation"] is False
     assert offload_ratio(_resolve(stage=2, offload_optimizer="cpu")) == 1.0 and offload_ratio(_resolve(stage=2)) == 0
 
 
@@ -58,20 +62,26 @@ def test_the_same_keys_in_the_config_are_validated_the_same_way():
         ZeroStrategy(config={"bf16": {"bf16_optimizer_states": True}})
 
 
-def test_cli_options_reach_the_deepspeed_config(monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["train.py"])
+def _cli_knobs(*strategy_args: str) -> dict:
     cli = LightningCLI(BoringModel, run=False, save_config_callback=None, args=[
         "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.logger=false",
-        "--trainer.strategy=lightning_zero.ZeroStrategy", "--trainer.strategy.stage=3",
-        "--trainer.strategy.offload_optimizer=cpu", "--trainer.strategy.offload_optimizer_ratio=0.25",
-        "--trainer.strategy.bf16_master_weights_and_grads=true", "--trainer.strategy.bf16_optimizer_states=true",
-        '--trainer.strategy.zenflow={"topk_ratio": 0.2, "select_strategy": "step", "select_interval": 2,'
-        ' "update_interval": 1}',
-        '--trainer.strategy.config={"optimizer": {"type": "AdamW", "params": {"lr": 0.001}}}'])
-    knobs = cli.trainer.strategy.knobs
+        "--trainer.strategy=lightning_zero.ZeroStrategy", "--trainer.strategy.offload_optimizer=cpu",
+        *strategy_args])
+    return cli.trainer.strategy.knobs
+
+
+def test_cli_options_reach_the_deepspeed_config(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    knobs = _cli_knobs("--trainer.strategy.stage=3", "--trainer.strategy.offload_optimizer_ratio=0.25",
+                       "--trainer.strategy.bf16_master_weights_and_grads=true",
+                       "--trainer.strategy.bf16_optimizer_states=true")
     assert knobs["zero_optimization"]["offload_optimizer"]["ratio"] == 0.25
-    assert knobs["zero_optimization"]["zenflow"]["topk_ratio"] == 0.2
     assert knobs["bf16"] == {"bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
+    knobs = _cli_knobs("--trainer.strategy.stage=2",  # ZenFlow: stages 1-2
+                       '--trainer.strategy.zenflow={"topk_ratio": 0.2, "select_strategy": "step", "select_interval":'
+                       ' 2, "update_interval": 1}',
+                       '--trainer.strategy.config={"optimizer": {"type": "AdamW", "params": {"lr": 0.001}}}')
+    assert knobs["zero_optimization"]["zenflow"]["topk_ratio"] == 0.2
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -100,7 +110,9 @@ def test_ratio_outside_0_1_is_refused(ratio):
      r"without bf16_optimizer_states keeps fp32 Adam moments.*Add offload_optimizer=\"cpu\", or"
      r" bf16_optimizer_states=True"),
     (dict(stage=2, bf16_master_weights_and_grads="yes"), r"bf16_master_weights_and_grads='yes'\) must be True or"),
-    (dict(stage=0, zenflow=ZENFLOW), r"zenflow needs ZeRO stage 1, 2 or 3 \(stage is 0\)"),
+    (dict(stage=0, zenflow=ZENFLOW), r"zenflow needs ZeRO stage 1 or 2 \(stage is 0\)"),
+    (dict(stage=3, offload_optimizer="cpu", zenflow=ZENFLOW, config=ADAMW),
+     r"zenflow needs ZeRO stage 1 or 2 \(stage is 3\).*engine_stage3.py.*Use ZeroStrategy\(stage=2"),
     (dict(stage=2, zenflow=ZENFLOW), r"zenflow needs the optimizer offloaded to the CPU.*offload_optimizer is not"
                                      r" set\). Add ZeroStrategy\(offload_optimizer=\"cpu\"\)"),
     (dict(stage=2, offload_optimizer="cpu", zenflow={**ZENFLOW, "select_strategy": "auto"}),
@@ -131,12 +143,40 @@ def test_all_problems_in_one_error():
      r"needs Trainer\(precision=\"bf16-mixed\"\) or \"bf16-true\" \(precision is '32-true'\)"),
     ("16-mixed", None, dict(stage=2, offload_optimizer="cpu", bf16_master_weights_and_grads=True),
      r"\(precision is '16-mixed'\)"),
-    ("bf16-mixed", "cpu", dict(stage=2, offload_optimizer="cpu", zenflow=ZENFLOW, config=ADAMW),
-     r"zenflow needs a CUDA GPU"),
 ])
 def test_combinations_with_the_trainer_fail_at_resolution(precision, device_type, kwargs, match):
     with pytest.raises(ZeroConfigError, match=match):
         _resolve(precision, device_type, **kwargs)
+
+
+def test_zenflow_refuses_the_trainers_accumulation():
+    # under managed accumulation every backward ends a ZenFlow iteration: micro-batches would overwrite each other
+    strategy = ZeroStrategy(stage=2, offload_optimizer="cpu", zenflow=ZENFLOW, config=ADAMW)
+    flags = TrainerFlags(precision="bf16-mixed", world_size=2, accumulate_grad_batches=2, device_type="cpu")
+    with pytest.raises(ZeroConfigError, match=r"zenflow with Trainer\(accumulate_grad_batches=2\).*overwrite each"
+                                              r" other's gradients.*Use accumulate_grad_batches=1"):
+        resolve_ds_config(strategy.user_config, strategy.knobs, flags)
+
+
+def _zenflow_config(stage: int = 2) -> dict:
+    return {**ADAMW, "zero_optimization": {"stage": stage, "offload_optimizer": {"device": "cpu"}, "zenflow": ZENFLOW}}
+
+
+def test_zenflow_refuses_the_parameter_shapes_deepspeed_fails_on():
+    from lightning_zero.offload import check_zenflow_parameters
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))  # 2-D with >= 2 rows and 1-D biases: stepped
+    check_zenflow_parameters(net, _zenflow_config())
+    head = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 1), nn.Conv1d(2, 4, 3))
+    with pytest.raises(ZeroConfigError, match=r"1-D or 2-D with at least two rows; it fails in the first backward on"
+                                              r" 1.weight \(1, 16\), 2.weight \(4, 2, 3\)\. .*Freeze them"):
+        check_zenflow_parameters(head, _zenflow_config())
+    head[1].weight.requires_grad_(False)
+    head[2].weight.requires_grad_(False)
+    check_zenflow_parameters(head, _zenflow_config())  # frozen parameters are not ZenFlow's
+    head[1].weight.requires_grad_(True)
+    check_zenflow_parameters(head, {**ADAMW, "zero_optimization": {"stage": 2}})  # without ZenFlow: any shape
 
 
 @pytest.mark.parametrize("kwargs", [dict(offload_optimizer_ratio=0.5), dict(bf16_optimizer_states=True),
@@ -259,3 +299,26 @@ def test_estimate_command_prints_the_modes(capsys):
     assert "Offload modes" in out and "    3            30%  fp32" in out
     assert main(["estimate", "--params", "8e8", "--largest-layer", "1e7", "--bf16-optimizer-states"]) == 2
     assert "--bf16-optimizer-states needs --bf16-master-weights too" in capsys.readouterr().err
+
+
+def test_zero_grad_on_the_config_optimizer_keeps_zero_offloads_gradient_buffer(one_rank):
+    # The config's optimizer (the face Lightning sees) steps DeepSpeed's fp32 partitions, whose .grad is ZeRO-Offload's
+    # CPU gradient buffer at stages 1-2: torch's zero_grad would drop it and the next backward fail. Routed, it clears
+    # the model's gradients through DeepSpeed's optimizer and training goes on.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+    config = {**ADAMW, "train_micro_batch_size_per_gpu": 4, "zero_allow_untested_optimizer": True,
+              "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    engine, *_ = one_rank.initialize(model=net, model_parameters=net.parameters(), config=config)
+    face = engine.basic_optimizer
+    route_zero_grad(face, engine, config)
+    buffers = [p.grad for g in face.param_groups for p in g["params"]]
+    x, before = torch.randn(4, 8), [p.detach().clone() for p in net.parameters()]
+    for _ in range(2):
+        face.zero_grad()  # what Lightning calls before each backward
+        kept = [p.grad for g in face.param_groups for p in g["params"]]
+        assert all(a is b for a, b in zip(kept, buffers, strict=True)), kept  # the same tensors
+        engine.backward(engine(x).pow(2).mean())
+        engine.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    engine.destroy()
