@@ -21,9 +21,10 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["BACKWARD_COUNTERS", "ENGINE_MODULE_HOOKS", "accelerator_chosen", "backward_reaches_only",
-           "convert_to_universal", "leaf_module_hooks", "loading_universal_checkpoint", "redirect_module_compile",
-           "release_comm_backend", "remove_engine_module_hooks", "set_gradient_clipping",
-           "shift_deepcompile_schedule", "skip_unused_grad_norm", "start_micro_batch", "universal_args", "untag_leaf_parameters",
+           "convert_to_universal", "fix_zenflow_parameter_views", "leaf_module_hooks",
+           "loading_universal_checkpoint", "redirect_module_compile", "release_comm_backend",
+           "remove_engine_module_hooks", "set_gradient_clipping", "shift_deepcompile_schedule",
+           "skip_unused_grad_norm", "start_micro_batch", "universal_args", "untag_leaf_parameters",
            "zero3_backward_counters"]
 
 # ZeRO-3's per-module backward counters (deepspeed/runtime/zero/parameter_offload.py, DeepSpeed 0.19.8).
@@ -294,6 +295,48 @@ def backward_reaches_only(params: list[Tensor]) -> Iterator[None]:
 
 _STAGE3_NORM_ATTRIBUTES = ("_get_norm_groups", "unscale_and_clip_grads", "clip_grad", "dtype", "offload_optimizer",
                            "loss_scale", "_global_grad_norm")
+
+
+_ZENFLOW_VIEW_ATTRIBUTES = ("bit16_groups", "bit16_groups_flat", "round_robin_bit16_groups", "round_robin_bit16_meta",
+                            "round_robin_bit16_offsets", "round_robin_bit16_indices", "_update_model_bit16_weights")
+
+
+def fix_zenflow_parameter_views(optimizer: Any) -> None:
+    """Point a ZenFlow stage-1/2 optimizer's model parameters at their own elements of the flat buffer, now and after
+    every step.
+
+    Why: ZenFlow flattens each 2-D parameter transposed (``zenflow_utils._flatten_dense_tensors``: column-major, so a
+    column's gradient is contiguous for its top-k selection), but DeepSpeed 0.19.8's
+    ``DeepSpeedZeroOptimizer._update_model_bit16_weights`` (stage_1_and_2.py, called in ``__init__`` and after each
+    step) views each slice in the parameter's own shape (``narrow(...).view(meta.shape)``) instead of through
+    ``self.unflatten`` as earlier versions did. Every 2-D weight then silently becomes ``W.t().contiguous().view(
+    W.shape)`` at ``deepspeed.initialize``, and each gradient (copied transposed into the buckets) updates another
+    element. The replacement views a 2-D slice as ``(cols, rows)`` and transposes it back, which is what
+    ``zenflow_utils._unflatten_dense_tensors`` returns. Verified: DeepSpeed 0.19.8.
+    """
+    from deepspeed.runtime.zenflow.zenflow_stage_1_and_2 import ZenFlowZeroOptimizer
+
+    if not isinstance(optimizer, ZenFlowZeroOptimizer):
+        raise TypeError(f"fix_zenflow_parameter_views needs DeepSpeed's ZenFlow optimizer, got"
+                        f" {type(optimizer).__name__}.")
+    for name in _ZENFLOW_VIEW_ATTRIBUTES:
+        if not hasattr(optimizer, name):
+            raise _missing(f"DeepSpeedZeroOptimizer.{name}", "to view ZenFlow's transposed parameters")
+
+    def update_model_bit16_weights(group_index: int) -> None:
+        flat = optimizer.bit16_groups_flat[group_index]
+        for p, meta, offset in zip(optimizer.round_robin_bit16_groups[group_index],
+                                   optimizer.round_robin_bit16_meta[group_index],
+                                   optimizer.round_robin_bit16_offsets[group_index], strict=True):
+            piece = flat.narrow(0, offset, meta.numel())
+            p.data = piece.view(meta.shape[1], meta.shape[0]).t() if meta.dim() == 2 else piece.view(meta.shape)
+        reordered = optimizer.round_robin_bit16_groups[group_index]
+        for index, param in enumerate(optimizer.bit16_groups[group_index]):
+            param.data = reordered[optimizer.round_robin_bit16_indices[group_index][index]].data
+
+    optimizer._update_model_bit16_weights = update_model_bit16_weights
+    for group_index in range(len(optimizer.bit16_groups)):
+        update_model_bit16_weights(group_index)
 
 
 def skip_unused_grad_norm(optimizer: Any) -> None:
