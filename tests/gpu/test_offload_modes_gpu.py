@@ -5,7 +5,7 @@
   Adam, and in fp32 ends with plain PyTorch's weights (<= 1e-5) on one GPU; the CPU tier cannot check the split (the
   CPU accelerator puts both shares on the CPU).
 - bf16 master weights and optimizer states train (loss falls) with and without offload, states really bf16.
-- ZenFlow (stage 2, the config's optimizer) trains: loss falls over the run.
+- ZenFlow (stage 2, the config's optimizer, with and without overlap_step) trains: loss falls over the run.
 """
 
 import pytest
@@ -83,22 +83,42 @@ def test_bf16_master_weights_and_states_train(stage, offload, states):
     assert last < 0.5 * first
 
 
-def test_zenflow_is_refused_until_it_runs():
+@pytest.mark.parametrize("overlap_step", [False, True])
+def test_zenflow_trains(overlap_step):
+    import torch
+
     from helpers import Regressor
     from lightning_zero import ZeroStrategy
 
     class ConfigOptimizer(Regressor):
+        """A two-row head (ZenFlow refuses one-row weights such as nn.Linear(16, 1).weight); the loss reads the first
+        output. The optimizer comes from the config's "optimizer" block, as ZenFlow needs."""
+
+        def __init__(self):
+            super().__init__(lr=1e-2, n=64, learnable=True)
+            torch.manual_seed(0)
+            self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16),
+                                           torch.nn.Tanh(), torch.nn.Linear(16, 2))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return {"loss": torch.nn.functional.mse_loss(self(x)[:, :1], y)}
+
         def configure_optimizers(self):
-            return None  # ZenFlow: the optimizer comes from the config's "optimizer" block
+            return None
 
-    zenflow = {"topk_ratio": 0.5, "select_strategy": "step", "select_interval": 4, "update_interval": 1}
+        def on_train_end(self):
+            seen["zero"] = type(next(iter(self.trainer.strategy.engines)).engine.optimizer).__name__
+
+    seen = {}
+    zenflow = {"topk_ratio": 0.5, "select_strategy": "step", "select_interval": 4, "update_interval": 1,
+               "overlap_step": overlap_step}
     config = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01}}}
-    # DeepSpeed 0.19.8's ZenFlow failed here on an H200 (selective gradient copy, size 8 vs 16): refused until it runs
-    from lightning_zero import ZeroConfigError
-
-    with pytest.raises(ZeroConfigError, match="zenflow is not supported by ZeroStrategy yet"):
-        _losses_fall(ZeroStrategy(stage=2, offload_optimizer="cpu", zenflow=zenflow, config=config),
-                     ConfigOptimizer(lr=1e-2, n=64, learnable=True))
+    first, last, dtypes = _losses_fall(ZeroStrategy(stage=2, offload_optimizer="cpu", zenflow=zenflow, config=config),
+                                       ConfigOptimizer())
+    print(f"ZenFlow (overlap_step={overlap_step}) stage 2: loss {first:.4f} -> {last:.4f}, {seen}")
+    assert seen["zero"] == ("ZenFlowZeroOptimizerParallel" if overlap_step else "ZenFlowZeroOptimizerSequential")
+    assert last < 0.5 * first
 
 
 if __name__ == "__main__":
