@@ -43,11 +43,13 @@ class AioKeywords(TypedDict, total=False):
 
 
 class ZenFlowKeywords(TypedDict, total=False):
-    """DeepSpeed 0.19's ``zero_optimization.zenflow`` section (stall-free optimizer offload, CUDA only).
+    """DeepSpeed 0.19's ``zero_optimization.zenflow`` section (stall-free optimizer offload, stages 1-2).
 
-    Under ZeroStrategy the Trainer owns the accumulation boundary, so every optimizer step is a ZenFlow update:
-    ``select_strategy="step"``, an integer ``select_interval`` and ``update_interval=1`` are required, and the
-    optimizer must be the config's ``optimizer`` block (``config.check_zero_features`` says why for each).
+    ZenFlow runs under DeepSpeed's managed accumulation, one ZenFlow iteration per optimizer step:
+    ``Trainer(accumulate_grad_batches=1)``, ``select_strategy="step"``, an integer ``select_interval`` and
+    ``update_interval=1`` are required, the optimizer must be the config's ``optimizer`` block, and trainable
+    parameters 1-D or 2-D with at least two rows (``config.check_zero_features`` and
+    ``offload.check_zenflow_parameters`` say why for each).
 
     Attributes:
         topk_ratio: share of gradient columns (the largest) updated on the GPU every step (0 < r < 1, default 0.1).
@@ -87,7 +89,7 @@ class ZeroKeywords(TypedDict, total=False):
             ``bf16_optimizer_states``).
         bf16_optimizer_states: ``bf16.bf16_optimizer_states``: bf16 Adam moments too (needs
             ``bf16_master_weights_and_grads``).
-        zenflow: ``zero_optimization.zenflow``, ZenFlow's section (:class:`ZenFlowKeywords`; CUDA,
+        zenflow: ``zero_optimization.zenflow``, ZenFlow's section (:class:`ZenFlowKeywords`; stage 1 or 2,
             ``offload_optimizer="cpu"``).
         aio: the ``aio`` section for NVMe offload, e.g. ``{"block_size": 1048576, "queue_depth": 8}``.
         partition_activations: ``activation_checkpointing.partition_activations``.
