@@ -106,7 +106,8 @@ def _report(profile: cProfile.Profile, steps: int, top: int = 25) -> dict[str, A
         lines += [f"{pkg}: top {len(mine)} by cumulative time per step", header]
         lines += [f"    {c:10.1f} {t:8.3f} {cu:8.3f}  {w}" for _, w, c, t, cu in mine]
     lines += [f"all packages: top {top} by own time per step", header]
-    lines += [f"    {c:10.1f} {t:8.3f} {cu:8.3f}  [{p}] {w}" for p, w, c, t, cu in sorted(rows, key=lambda r: -r[3])[:top]]
+    by_own = sorted(rows, key=lambda r: -r[3])[:top]
+    lines += [f"    {c:10.1f} {t:8.3f} {cu:8.3f}  [{p}] {w}" for p, w, c, t, cu in by_own]
     return {"text": "\n".join(lines), "own_ms_per_package": {p: by_pkg[p] / steps * 1e3 for p in PACKAGES}}
 
 
@@ -120,7 +121,7 @@ def _raw(stage: int, args: argparse.Namespace, profile: cProfile.Profile | None)
     from lightning_zero.engines import clone_optimizer
     from lightning_zero.plan import plan_engines, resolve_model_config
 
-    strategy = ZeroStrategy(stage=stage)
+    strategy = ZeroStrategy(stage=stage, config=json.loads(args.zero_config or "null"))
     flags = TrainerFlags(precision="32-true", micro_batch_size=2, world_size=1, devices_per_node=1, device_type="cpu")
     config = resolve_model_config(strategy.user_config, strategy.knobs, flags)
     model = _llama()
@@ -216,14 +217,17 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     else:
         from lightning_zero import ZeroStrategy
 
-        times = _lightning(ZeroStrategy(stage=int(args.row[-1])), args, profile)
+        strategy = ZeroStrategy(stage=int(args.row[-1]), config=json.loads(args.zero_config or "null"))
+        times = _lightning(strategy, args, profile)
     timed = times[args.warmup - 1:]
     cpu = [(b[1] - a[1]) * 1e3 for a, b in zip(timed, timed[1:])]
     wall = [(b[0] - a[0]) * 1e3 for a, b in zip(timed, timed[1:])]
     out: dict[str, Any] = {"row": args.row, "ms_per_step": statistics.median(cpu), "min_ms": min(cpu),
                            "wall_ms_per_step": statistics.median(wall), "steps": len(cpu)}
     if profile is not None:
-        out["profile"] = _report(profile, len(steps))
+        out["profile"] = _report(profile, len(cpu))
+        if args.dump:
+            profile.dump_stats(f"{args.dump}.{args.row}.prof")
     return out
 
 
@@ -232,6 +236,8 @@ def run_child(row: str, args: argparse.Namespace, profile: bool) -> dict[str, An
            "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, __file__, "--child", row, "--warmup", str(args.warmup), "--steps", str(args.steps),
            "--profile", str(int(profile))]
+    cmd += ["--zero-config", args.zero_config] if args.zero_config else []
+    cmd += ["--dump", args.dump] if args.dump else []
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith(MARK):
@@ -246,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--repeat", type=int, default=3, help="rounds over the rows; each row keeps its fastest")
     p.add_argument("--profile", type=int, default=1, choices=[0, 1])
+    p.add_argument("--zero-config", default=None,
+                   help="JSON dict: ZeroStrategy(config=...) in the zero_* rows, and resolved the same way for raw_*")
+    p.add_argument("--dump", default=None, help="save each profile as <DUMP>.<row>.prof (pstats, e.g. snakeviz)")
     p.add_argument("--json", default=None, help="write the results to this file")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
