@@ -161,3 +161,35 @@ def test_speed_defaults_return_a_new_config():
     assert config == before  # the input is unchanged
     assert out is not config and out["zero_optimization"] is not config["zero_optimization"]
     assert out["zero_optimization"]["compute_grad_norm"] is False
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the per-call fetch-unit hooks (issue 14: their cheap tests come first, with the same outcome)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_unit_input_hook_aliases_only_inputs_of_a_trained_unit_that_need_it():
+    from deepspeed.utils import set_z3_leaf_module
+
+    from lightning_zero.tuning import _input_hook
+
+    unit, frozen_input = nn.Linear(4, 4), torch.randn(2, 4)
+    assert _input_hook(unit, (frozen_input,)) is None  # not (or no longer) a fetch unit
+    set_z3_leaf_module(unit, True)
+    (alias,) = _input_hook(unit, (frozen_input,))
+    assert alias.requires_grad and torch.equal(alias, frozen_input) and not frozen_input.requires_grad
+    assert _input_hook(unit, (torch.randn(2, 4, requires_grad=True),)) is None  # the embedding trains
+    assert _input_hook(unit, (torch.arange(4),)) is None  # no floating-point input
+    with torch.no_grad():
+        assert _input_hook(unit, (frozen_input,)) is None
+    unit.requires_grad_(False)  # frozen after setup (e.g. by a callback): decided per call
+    assert _input_hook(unit, (frozen_input,)) is None
+
+
+def test_unit_counter_sees_a_gradient_anywhere_in_the_output():
+    from lightning_zero.engines import _needs_grad
+
+    x, y = torch.randn(2, requires_grad=True) * 2, torch.randn(2)
+    assert _needs_grad(x) and not _needs_grad(y) and not _needs_grad(None)
+    assert _needs_grad((x, None)) and _needs_grad((y, x)) and _needs_grad({"h": [y, x]})
+    assert not _needs_grad((y, None)) and not _needs_grad(()) and not _needs_grad({"h": y})
