@@ -4,6 +4,8 @@
 - Partial optimizer offload splits the optimizer between the GPU (torch AdamW, DeepSpeed's backup_optimizer) and CPU
   Adam, and in fp32 ends with plain PyTorch's weights (<= 1e-5) on one GPU; the CPU tier cannot check the split (the
   CPU accelerator puts both shares on the CPU).
+- ZeRO-Infinity (optimizer and parameters on NVMe, a folder of the local disk) keeps fp32 parity with plain
+  PyTorch on one GPU; it needs DeepSpeed's async I/O op (libaio: ../shared/gpu/debs.sh on the device machine).
 - bf16 master weights and optimizer states train (loss falls) with and without offload, states really bf16.
 - ZenFlow (stage 2, the config's optimizer, with and without overlap_step) trains: loss falls over the run.
 """
@@ -45,6 +47,32 @@ def test_partial_offload_splits_between_gpu_and_cpu_adam_and_keeps_parity():
     diff = max_diff(seen["weights"], reference_weights(world_size=1, steps=steps, accumulate=1, clip=None))
     print(f"partial offload on the GPU: sub-groups on {seen['devices']}, max |diff| vs plain PyTorch = {diff:.2e}")
     assert seen["devices"] == ["cpu", "cuda"], seen["devices"]
+    assert diff <= 1e-5
+
+
+def test_nvme_offload_keeps_parity(tmp_path):
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if not AsyncIOBuilder().is_compatible():
+        pytest.skip("DeepSpeed's async I/O op cannot build here: install libaio-dev (device machine: ../shared/gpu/debs.sh)")
+    import lightning as L
+
+    from helpers import Regressor, max_diff, reference_weights
+    from lightning_zero import ZeroStrategy
+
+    seen = {}
+
+    class Record(L.Callback):
+        def on_train_end(self, trainer, pl_module):
+            seen["weights"] = {k: v.cpu() for k, v in trainer.strategy.lightning_module_state_dict().items()}
+
+    steps = 6
+    strategy = ZeroStrategy(stage=3, offload_optimizer="nvme", offload_parameters="nvme", nvme_path=str(tmp_path))
+    _trainer(strategy, [Record()], max_steps=steps, precision="32-true").fit(Regressor())
+    diff = max_diff(seen["weights"], reference_weights(world_size=1, steps=steps, accumulate=1, clip=None))
+    swapped = sorted(p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob("*") if p.is_file())
+    print(f"ZeRO-Infinity on the GPU: max |diff| vs plain PyTorch = {diff:.2e}, files under nvme_path: {set(swapped)}")
+    assert swapped, f"nothing was swapped to {tmp_path}"
     assert diff <= 1e-5
 
 
