@@ -54,7 +54,8 @@ def test_nvme_offload_keeps_parity(tmp_path):
     from deepspeed.ops.op_builder import AsyncIOBuilder
 
     if not AsyncIOBuilder().is_compatible():
-        pytest.skip("DeepSpeed's async I/O op cannot build here: install libaio-dev (device machine: ../shared/gpu/debs.sh)")
+        pytest.skip("DeepSpeed's async I/O op cannot build here: install libaio-dev (device machine:"
+                    " ../shared/gpu/debs.sh)")
     import lightning as L
 
     from helpers import Regressor, max_diff, reference_weights
