@@ -33,9 +33,11 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 		&& (apt-get install -y -qq libaio-dev >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq libaio-dev >/dev/null 2>&1)) \
 		|| true
 	# Build DeepSpeed's CPU ops once now (cached in the torch extensions folder) rather than inside the first test that
-	# needs them: shared-memory collectives, CPU Adam (optimizer offload), async I/O (NVMe; where libaio is installed).
+	# needs them: shared-memory collectives, CPU Adam (optimizer offload), fused Adam (the config's optimizer block),
+	# pinned memory, async I/O (NVMe; where libaio is installed).
 	-DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder; \
-		[b(n).load() for n in ('ShareMemCommBuilder', 'CPUAdamBuilder') + (('AsyncIOBuilder',) \
+		[b(n).load() for n in ('ShareMemCommBuilder', 'CPUAdamBuilder', 'FusedAdamBuilder', 'PinMemoryBuilder') \
+		+ (('AsyncIOBuilder',) \
 		if b('AsyncIOBuilder').is_compatible() else ())]" >/dev/null 2>&1
 	touch $(STAMP)
 
