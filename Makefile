@@ -8,6 +8,10 @@ PYTEST_ARGS ?=
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 STAMP := $(VENV)/.installed
+# DeepSpeed JIT-builds its CPU ops into TORCH_EXTENSIONS_DIR. Each venv gets its own folder: ops built against another
+# venv's torch are rebuilt anyway, and a build killed half-way leaves a `lock` file behind on which every later build
+# of that op waits forever (torch's FileBaton), so a shared ~/.cache/torch_extensions can hang a fresh clone's install.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 # `make test-compat`: the lowest versions of the declared ranges (constraints-lowest.txt) in a venv of their own.
 # torch 2.11, the range's lowest, comes from PyPI (a CUDA build, about 5 GB installed; it runs on the CPU too).
 COMPAT_VENV ?= .venv-compat
@@ -34,8 +38,11 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 		|| true
 	# Build DeepSpeed's CPU ops once now (cached in the torch extensions folder) rather than inside the first test that
 	# needs them: shared-memory collectives, CPU Adam (optimizer offload), fused Adam (the config's optimizer block),
-	# pinned memory, async I/O (NVMe; where libaio is installed).
-	-DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder; \
+	# pinned memory, async I/O (NVMe; where libaio is installed). Locks left by a killed earlier install are removed first
+	# (nothing else builds into this venv's folder while it installs); the timeout turns any other hang into a rebuild
+	# inside the first test that needs the op.
+	-find $(TORCH_EXTENSIONS_DIR) -name lock -type f -delete 2>/dev/null || true
+	-DS_ACCELERATOR=cpu timeout 1200 $(PY) -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder; \
 		[b(n).load() for n in ('ShareMemCommBuilder', 'CPUAdamBuilder', 'FusedAdamBuilder', 'PinMemoryBuilder') \
 		+ (('AsyncIOBuilder',) \
 		if b('AsyncIOBuilder').is_compatible() else ())]" >/dev/null 2>&1
@@ -63,7 +70,7 @@ $(COMPAT_STAMP): pyproject.toml constraints-lowest.txt Makefile
 # unit and contract tests plus parity at stages 0-3, resume on another world size and a GAN, at the lowest versions;
 # DeepSpeed's JIT ops get their own cache (they are built from that DeepSpeed's sources)
 test-compat: $(COMPAT_STAMP)
-	DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR=$(CURDIR)/$(COMPAT_VENV)/torch_extensions \
+	DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR=$(abspath $(COMPAT_VENV))/torch_extensions \
 		$(COMPAT_PY) -m pytest $(COMPAT_TESTS) $(PYTEST_ARGS)
 
 test-gpu: install
