@@ -22,12 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["OpStatus", "add_parser", "collect", "op_status", "report", "run"]
+__all__ = ["OpStatus", "add_parser", "collect", "op_status", "report", "run", "stale_build_locks", "warn_stale_build_locks"]
 
 # (what it is for, DeepSpeed builder class) of the ops ZeroStrategy can use.
 _OPS = (("fused Adam (GPU optimizer step)", "FusedAdamBuilder"),
         ("CPU Adam (offloaded optimizer step)", "CPUAdamBuilder"),
         ("async I/O (NVMe offload)", "AsyncIOBuilder"))
+# A JIT build older than this still holding its lock was interrupted (the slowest op, async I/O, builds in ~3 minutes
+# on 2 cores); torch's FileBaton then makes every later build of that op wait for it forever, printing nothing.
+STALE_LOCK_AGE_S = 15 * 60
 _PACKAGES = ("torch", "deepspeed", "lightning", "torchmetrics", "transformers", "peft", "safetensors")
 GiB = 2**30
 
@@ -63,6 +66,40 @@ def _version(package: str) -> str | None:
 def _extensions_dir() -> Path:
     """Where torch JIT-builds extensions (torch.utils.cpp_extension's default, or $TORCH_EXTENSIONS_DIR)."""
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+
+
+def stale_build_locks(max_age_s: float = STALE_LOCK_AGE_S, root: Path | None = None) -> list[Path]:
+    """The ``lock`` files of JIT builds that were killed half-way (older than ``max_age_s``).
+
+    torch.utils.cpp_extension takes ``<extensions dir>/<python/cuda tag>/<op>/lock`` with ``O_EXCL`` while it builds an
+    op and removes it when the build ends; a killed build leaves it behind and every later process that needs the op
+    (DeepSpeed's CPU Adam, async I/O, shared-memory collectives) waits on it forever without a word.
+    """
+    import time
+
+    root = _extensions_dir() if root is None else root
+    now = time.time()
+    try:
+        locks = [p for p in root.glob("*/*/lock") if p.is_file()]
+        return sorted(p for p in locks if now - p.stat().st_mtime > max_age_s)
+    except OSError:  # the folder vanished or is unreadable: nothing to wait on
+        return []
+
+
+def _stale_lock_message(locks: list[Path]) -> str:
+    ops = ", ".join(p.parent.name for p in locks)
+    return (f"Found {len(locks)} lock file(s) of interrupted DeepSpeed op builds ({ops}); a process that needs "
+            f"such an op waits on its lock forever, printing nothing. If no other process is building it right now, "
+            f"remove them: rm {' '.join(str(p) for p in locks)}")
+
+
+def warn_stale_build_locks() -> None:
+    """Warn (before DeepSpeed loads any op) about locks that would hang this process; see :func:`stale_build_locks`."""
+    import warnings
+
+    locks = stale_build_locks()
+    if locks:
+        warnings.warn(_stale_lock_message(locks), RuntimeWarning, stacklevel=2)
 
 
 def op_status(purpose: str, builder_class: str) -> OpStatus:
@@ -141,7 +178,7 @@ def collect(build: bool = False) -> dict[str, Any]:
     disk = shutil.disk_usage(os.getcwd())
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return {"versions": versions, "torch_cuda": cuda, "platform": platform.platform(), "accelerator": _accelerator(),
-            "ops": ops, "built": built, "libaio": _libaio(), "host_memory": (_host_memory_available(), total),
+            "ops": ops, "built": built, "stale_locks": stale_build_locks(), "libaio": _libaio(), "host_memory": (_host_memory_available(), total),
             "disk": (os.getcwd(), disk.free, disk.total)}
 
 
@@ -157,6 +194,8 @@ def report(build: bool = False) -> str:
     lines += ["", "Accelerator:", *info["accelerator"], "", "DeepSpeed ops:"]
     lines += [op.line() + (f" -> --build: {info['built'][op.name]}" if op.name in info["built"] else "")
               for op in info["ops"]]
+    if info["stale_locks"]:
+        lines.append(f"  STALE BUILD LOCKS: {_stale_lock_message(info['stale_locks'])}")
     lines += [f"  libaio: {info['libaio']}", "", "Memory:"]
     avail, total = info["host_memory"]
     where, free, size = info["disk"]

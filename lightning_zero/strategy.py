@@ -43,6 +43,7 @@ from lightning_zero._compat.lightning import (
     default_process_group_backend as _get_default_process_group_backend_for_device)
 from lightning_zero._compat.lightning import distributed_is_initialized as _distributed_is_initialized
 from lightning_zero._imports import require_deepspeed, use_cpu_accelerator
+from lightning_zero.env import warn_stale_build_locks
 from lightning_zero import offload
 from lightning_zero.keywords import Unpack, ZeroKeywords
 from lightning_zero.engines import EngineRegistry, _ModelGroup
@@ -328,6 +329,8 @@ class ZeroStrategy(ParallelStrategy):
         os.environ.update(MASTER_ADDR=self.cluster_environment.main_address,
                           MASTER_PORT=str(self.cluster_environment.main_port), RANK=str(self.global_rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.local_rank))
+        if self.local_rank == 0:  # one warning per machine, before DeepSpeed loads its first op
+            warn_stale_build_locks()
         backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
         self._process_group_backend = backend
         if self.root_device.type == "cuda":

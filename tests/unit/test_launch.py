@@ -10,7 +10,9 @@ import inspect
 import json
 import os
 import subprocess
+import socket
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -153,3 +155,58 @@ def test_env_names_why_an_op_cannot_build():
     assert line.endswith("[async_io] NOT compatible: libaio not found")
     missing = op_status("nothing", "NoSuchBuilder")
     assert not missing.compatible and missing.reason == "the cpu accelerator has no NoSuchBuilder"
+
+
+def _stale_lock(root: Path, op: str, age_s: float) -> Path:
+    lock = root / "py311_cpu" / op / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    old = time.time() - age_s
+    os.utime(lock, (old, old))
+    return lock
+
+
+def test_env_reports_the_locks_of_interrupted_op_builds(tmp_path, monkeypatch, capsys):
+    """A build killed half-way leaves torch's lock file behind, and every later build of that op waits on it forever
+    (a fresh clone's `make install` hung on one until CI's limit). Old locks are named with the command that fixes it;
+    a lock younger than a build takes is another process building and is left alone."""
+    from lightning_zero.env import STALE_LOCK_AGE_S, stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale = _stale_lock(tmp_path, "async_io", STALE_LOCK_AGE_S + 60)
+    _stale_lock(tmp_path, "cpu_adam", 5)  # being built right now
+    assert stale_build_locks() == [stale]
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert (f"STALE BUILD LOCKS: Found 1 lock file(s) of interrupted DeepSpeed op builds (async_io); a process that"
+            f" needs such an op waits on its lock forever, printing nothing. If no other process is building it right"
+            f" now, remove them: rm {stale}") in out
+    assert stale_build_locks(root=tmp_path / "missing") == []
+
+
+def test_strategy_warns_about_stale_locks_before_deepspeed_loads_an_op(tmp_path, monkeypatch):
+    """ZeroStrategy's process-group start (where DeepSpeed's CPU accelerator loads its first op) warns on local rank 0."""
+    import lightning as L
+    import torch
+
+    from lightning_zero import ZeroStrategy
+
+    from lightning_zero import env
+
+    # the lock lies in a folder of its own (the real cache keeps its ops, so nothing is rebuilt)
+    monkeypatch.setattr(env, "_extensions_dir", lambda: tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(s.getsockname()[1]))
+    for k in ("MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK"):  # the strategy sets them; restored afterwards
+        monkeypatch.setenv(k, "0")
+    stale = _stale_lock(tmp_path, "lightning_zero_test_op", 3600)
+    trainer = L.Trainer(strategy=ZeroStrategy(stage=0), accelerator="cpu", devices=1, logger=False)
+    try:
+        with pytest.warns(RuntimeWarning, match=f"interrupted DeepSpeed op builds.*rm {stale}"):
+            trainer.strategy.setup_environment()
+    finally:
+        import deepspeed.comm.comm as ds_comm
+
+        torch.distributed.destroy_process_group()
+        ds_comm.cdb = None
