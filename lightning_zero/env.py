@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["OpStatus", "add_parser", "collect", "op_status", "report", "run", "stale_build_locks", "warn_stale_build_locks"]
+__all__ = ["OpStatus", "add_parser", "collect", "op_status", "report", "run", "stale_build_locks",
+           "warn_stale_build_locks"]
 
 # (what it is for, DeepSpeed builder class) of the ops ZeroStrategy can use.
 _OPS = (("fused Adam (GPU optimizer step)", "FusedAdamBuilder"),
@@ -178,7 +179,8 @@ def collect(build: bool = False) -> dict[str, Any]:
     disk = shutil.disk_usage(os.getcwd())
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return {"versions": versions, "torch_cuda": cuda, "platform": platform.platform(), "accelerator": _accelerator(),
-            "ops": ops, "built": built, "stale_locks": stale_build_locks(), "libaio": _libaio(), "host_memory": (_host_memory_available(), total),
+            "ops": ops, "built": built, "stale_locks": stale_build_locks(), "libaio": _libaio(),
+            "host_memory": (_host_memory_available(), total),
             "disk": (os.getcwd(), disk.free, disk.total)}
 
 

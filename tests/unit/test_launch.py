@@ -185,7 +185,8 @@ def test_env_reports_the_locks_of_interrupted_op_builds(tmp_path, monkeypatch, c
 
 
 def test_strategy_warns_about_stale_locks_before_deepspeed_loads_an_op(tmp_path, monkeypatch):
-    """ZeroStrategy's process-group start (where DeepSpeed's CPU accelerator loads its first op) warns on local rank 0."""
+    """ZeroStrategy's process-group start (where DeepSpeed's CPU accelerator loads its first op) warns, on local
+    rank 0."""
     import lightning as L
     import torch
 
