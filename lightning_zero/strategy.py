@@ -38,7 +38,7 @@ from lightning_zero._compat.lightning import (MultiProcessingLauncher, StrategyR
                                               check_overrides, configured_optimizers, evaluate_under_no_grad,
                                               route_checkpoint_state_dict, start_children, state_dict_for_results,
                                               sync_ddp_if_available, train_dataloader, unwrap_optimizer)
-from lightning_zero._compat.deepspeed import release_comm_backend
+from lightning_zero._compat.deepspeed import memoize_cpu_info, release_comm_backend
 from lightning_zero._compat.lightning import (
     default_process_group_backend as _get_default_process_group_backend_for_device)
 from lightning_zero._compat.lightning import distributed_is_initialized as _distributed_is_initialized
@@ -312,6 +312,7 @@ class ZeroStrategy(ParallelStrategy):
     def setup_environment(self) -> None:
         # DeepSpeed's internals call torch collectives that torch deprecates; the user cannot act on that warning.
         warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+        memoize_cpu_info()  # DeepSpeed asks py-cpuinfo (a subprocess each time) at every op load
         if self.root_device.type == "cpu":
             use_cpu_accelerator()
             check_cpu_precision(self.precision_plugin.precision)  # torchrun/SLURM ranks have no precheck

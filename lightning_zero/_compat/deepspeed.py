@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 __all__ = ["BACKWARD_COUNTERS", "ENGINE_MODULE_HOOKS", "accelerator_chosen", "backward_reaches_only",
            "convert_to_universal", "fix_zenflow_parameter_views", "leaf_module_hooks",
-           "loading_universal_checkpoint", "redirect_module_compile", "release_comm_backend",
+           "loading_universal_checkpoint", "memoize_cpu_info", "redirect_module_compile", "release_comm_backend",
            "remove_engine_module_hooks", "set_gradient_clipping", "shift_deepcompile_schedule",
            "skip_unused_grad_norm", "start_micro_batch", "universal_args", "untag_leaf_parameters",
            "zero3_backward_counters"]
@@ -43,6 +43,34 @@ def _missing(symbol: str, used_for: str) -> RuntimeError:
     return RuntimeError(f"DeepSpeed {deepspeed.__version__} has no `{symbol}`, which lightning_zero uses {used_for}"
                         " (see lightning_zero/_compat/deepspeed.py). Install a DeepSpeed version in the range"
                         f" lightning_zero supports (`pip install '{requirement('deepspeed')}'`).")
+
+
+def memoize_cpu_info() -> None:
+    """Answer py-cpuinfo's ``get_cpu_info()`` once per process.
+
+    Why: DeepSpeed's op builders ask py-cpuinfo for the CPU twice each time they load an op, even a built one
+    (``OpBuilder.cpu_arch`` and ``simd_width``, for the compiler flags torch compares against the cached build), and
+    ``DeepSpeedCPUAdam.__init__`` once more; each call runs ``cpuinfo.py --json`` in a new Python process (about 1.2 s
+    of CPU). A CPU rank loads the shared-memory collectives op at start-up and CPU Adam with offload: 5 calls, 6 s of
+    CPU per rank, for an answer that cannot change within the process. DeepSpeed imports the function inside each of
+    those methods (``from cpuinfo import get_cpu_info``), so replacing the module attribute reaches all of them.
+    Callers get a copy (none of DeepSpeed's writes to it, but a shared dict must not leak one).
+    Verified: DeepSpeed 0.19.8 (op_builder/builder.py, ops/adam/cpu_adam.py), py-cpuinfo 9.0.0.
+    """
+    import functools
+
+    import cpuinfo
+
+    if getattr(cpuinfo.get_cpu_info, "lightning_zero_memoized", False):
+        return
+    once = functools.cache(cpuinfo.get_cpu_info)
+
+    def get_cpu_info() -> dict[str, Any]:
+        return dict(once())
+
+    get_cpu_info.lightning_zero_memoized = True  # type: ignore[attr-defined]
+    get_cpu_info.__wrapped__ = once.__wrapped__  # type: ignore[attr-defined]
+    cpuinfo.get_cpu_info = get_cpu_info
 
 
 def _is_deepspeed_wrapper(optimizer: Any) -> bool:

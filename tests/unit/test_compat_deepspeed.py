@@ -246,3 +246,35 @@ def test_the_backward_swap_keeps_other_parameters_out_and_why_it_is_needed():
         loss.backward()
     assert torch.Tensor.backward is original
     assert torch.equal(a.grad, torch.full((2,), 2.0)) and b.grad is None
+
+
+def test_cpu_info_is_asked_once_per_process(monkeypatch):
+    """DeepSpeed's op builders look py-cpuinfo's get_cpu_info up at each call (cpu_arch, simd_width, CPU Adam's
+    __init__): after memoize_cpu_info, loading the built CPU Adam op and building the optimizer runs py-cpuinfo's
+    subprocess once instead of three times. Fails if DeepSpeed stops looking the function up there."""
+    import cpuinfo
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    calls = []
+    real = cpuinfo.get_cpu_info
+
+    def counted() -> dict:
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(cpuinfo, "get_cpu_info", counted)
+    builder = get_accelerator().create_op_builder("CPUAdamBuilder")
+    builder.load()
+    DeepSpeedCPUAdam([nn.Parameter(torch.zeros(4))])
+    unmemoized = len(calls)
+    assert unmemoized >= 3, f"DeepSpeed asked py-cpuinfo {unmemoized} times; the memo's reason may be gone"
+    calls.clear()
+    compat.memoize_cpu_info()
+    compat.memoize_cpu_info()  # idempotent: one memo, not a memo of a memo
+    builder.load()
+    info = cpuinfo.get_cpu_info()
+    DeepSpeedCPUAdam([nn.Parameter(torch.zeros(4))])
+    assert len(calls) == 1
+    info["arch"] = "changed"  # callers get copies
+    assert cpuinfo.get_cpu_info()["arch"] != "changed"
