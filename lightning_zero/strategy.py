@@ -1,4 +1,4 @@
-"""ZeroStrategy: Lightning hooks only; config resolution lives in config.py, engines in engines.py."""
+"""ZeroStrategy: Lightning hooks only; config resolution lives in the config package, engines in engines.py."""
 
 from __future__ import annotations
 
