@@ -227,7 +227,8 @@ class ZeroStrategy(ParallelStrategy):
                              f" {self.stage}): only ZeRO-3 partitions parameters. Use ZeroStrategy(stage=3, ...).")
         if offload_optimizer and self.stage == 0:
             raise ValueError(f"ZeroStrategy(offload_optimizer={offload_optimizer!r}) needs stage 1, 2 or 3: stage 0"
-                             " has no optimizer partition to offload. Use ZeroStrategy(stage=2, offload_optimizer=...).")
+                             " has no optimizer partition to offload."
+                             " Use ZeroStrategy(stage=2, offload_optimizer=...).")
         cfg.check_zero_features(merged)  # offload / ZeRO++ / activation checkpointing keys set in the config file
         timeout, remote_device, logging_level = cfg.resolve_runtime_args(
             timeout, remote_device, logging_level, None if self._auto else self.stage, merged)
@@ -706,7 +707,7 @@ class ZeroStrategy(ParallelStrategy):
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        """Load a checkpoint folder into the engines (any number of processes, see checkpoint.py), or a plain weights
+        """Load a checkpoint folder into the engines (any number of processes, see checkpoint/), or a plain weights
         file (weights only: fine-tuning starts at step 0)."""
         checkpoint_path = self.broadcast(str(checkpoint_path))
         assert self.lightning_module is not None
@@ -744,7 +745,7 @@ class ZeroStrategy(ParallelStrategy):
 
     @override
     def remove_checkpoint(self, filepath: Any) -> None:
-        # ModelCheckpoint calls this only after the checkpoint that replaces `filepath` is committed (see checkpoint.py).
+        # ModelCheckpoint calls this only after the checkpoint that replaces `filepath` is committed (checkpoint/).
         if self.is_global_zero:
             ckpt.remove(filepath)
         # every rank calls this (ModelCheckpoint runs everywhere): none returns, nor leaves fit, before it is gone

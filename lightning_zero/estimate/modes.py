@@ -125,7 +125,7 @@ def _mode_candidates(state_bytes: int, groups: int) -> tuple[_Mode, ...]:
     """The modes :func:`fastest_fit` tries for one optimizer state size, fastest first. Partial offload (stage 3)
     keeps ``1 - k / groups`` of the optimizer on the GPU, the smallest k first: the fewer sub-groups CPU Adam steps,
     the faster. bf16 master weights with fp32 moments (12 bytes) exist only with the optimizer offloaded to
-    DeepSpeedCPUAdam (config.py refuses them otherwise); bf16 master weights and states (8) anywhere but stage 0."""
+    DeepSpeedCPUAdam (the config refuses them otherwise); bf16 master weights and states (8) anywhere but stage 0."""
     partial = tuple((3, "cpu", "none", _ratio_for(k, groups)) for k in range(1, groups))
     if state_bytes == 16:
         return partial
