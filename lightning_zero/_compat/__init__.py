@@ -63,7 +63,8 @@ Reads and calls (no public equivalent in the verified versions):
   support), ``ds_to_universal.main(Namespace)`` (a script only), ``real_accelerator.ds_accelerator``/``_name``; the
   ZeRO-3 parameter attributes ``ds_id``/``ds_numel``/``ds_tensor``/``ds_status``/``ds_shape`` are DeepSpeed's documented
   ZeRO-3 surface, contract-tested. The universal checkpoint's file layout, which ``checkpoint._serve_every_stage``
-  completes (DeepSpeed 0.19 converts for the saving stage only), stays in checkpoint/universal.py, proven by the resume tests.
+  completes (DeepSpeed 0.19 converts for the saving stage only), stays in checkpoint/universal.py, proven by the
+  resume tests.
 * transformers: ``integrations.deepspeed._hf_deepspeed_config_weak_ref`` (no getter for the object; restored after a
   stage-3 run), ``PreTrainedModel._auto_class`` (custom code to copy on export).
 
