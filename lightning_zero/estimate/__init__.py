@@ -1,6 +1,7 @@
 """Memory planning: model-state memory of every stage x offload choice, and the fastest choice that fits.
 
-    lightning-zero estimate --params 7e9 --largest-layer 2e8 --nodes 1 --gpus-per-node 8 --gpu-memory 80 --cpu-memory 512
+    lightning-zero estimate --params 7e9 --largest-layer 2e8 --nodes 1 --gpus-per-node 8 --gpu-memory 80 \
+        --cpu-memory 512
     lightning-zero estimate --model my_package.models:MyLitModel --gpus-per-node 8 --gpu-memory 80
 
     lightning-zero estimate --params 6.25e9 --largest-layer 2.06e8 --gpu-memory 79 --cpu-memory 125 \
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-# __all__, and the private names wizard.py, env.py and the tests import from here (_host_memory_available,
+# __all__, and the private names the wizard package, env.py and the tests import from here (_host_memory_available,
 # _load_model, _mode_note, _ratio_for, GiB); Offload and _SUB_GROUP_SIZE are plan_auto's
 from lightning_zero.estimate.auto import (
     _mode_note,
