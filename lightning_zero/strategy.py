@@ -1,12 +1,11 @@
-"""ZeroStrategy: Lightning hooks only; config resolution lives in the config package, engines in engines.py."""
+"""ZeroStrategy: Lightning hooks only; config resolution lives in the config package, engines in engines.py, the
+launchers in launchers.py and the hooks' checks and helpers in _strategy_checks.py."""
 
 from __future__ import annotations
 
 import atexit
 import logging
 import os
-import re
-import sys
 import warnings
 from collections.abc import Generator, Mapping
 from contextlib import contextmanager
@@ -24,7 +23,6 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.strategies.strategy import TBroadcast
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.model_summary.model_summary import get_human_readable_count
 from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor
@@ -34,11 +32,9 @@ from typing_extensions import override
 
 from lightning_zero import checkpoint as ckpt
 from lightning_zero import config as cfg
-from lightning_zero._compat.lightning import (MultiProcessingLauncher, StrategyRegistry, SubprocessScriptLauncher,
-                                              check_overrides, configured_optimizers, evaluate_under_no_grad,
-                                              route_checkpoint_state_dict, start_children, state_dict_for_results,
-                                              sync_ddp_if_available, train_dataloader, unwrap_optimizer)
-from lightning_zero._compat.deepspeed import memoize_cpu_info, release_comm_backend
+from lightning_zero._compat.lightning import (StrategyRegistry, configured_optimizers, evaluate_under_no_grad,
+                                              route_checkpoint_state_dict, sync_ddp_if_available, unwrap_optimizer)
+from lightning_zero._compat.deepspeed import memoize_cpu_info
 from lightning_zero._compat.lightning import (
     default_process_group_backend as _get_default_process_group_backend_for_device)
 from lightning_zero._compat.lightning import distributed_is_initialized as _distributed_is_initialized
@@ -54,6 +50,10 @@ from lightning_zero.precision import ZeroPrecision, check_cpu_precision, request
 from lightning_zero.plan import build_engines, plan_engines, resolve_model_config
 from lightning_zero import hf
 from lightning_zero.summary import install_summary
+from lightning_zero.launchers import _Launcher, _ScriptLauncher
+from lightning_zero._strategy_checks import (_SHAPE_ERROR, _check_device_indices, _destroy_process_group,
+                                             _match_partitioned_dtype, _train_micro_batch_size,
+                                             _warn_eager_stage3_evaluation, _warn_unpartitioned)
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -63,56 +63,6 @@ __all__ = ["ZeroStrategy"]
 _warning_cache = WarningCache()
 
 log = logging.getLogger(__name__)
-
-
-class _Precheck:
-    """Resolves the config against the Trainer's flags in the main process, before any process is started, so a
-    conflict is one error here rather than one traceback per rank."""
-
-    _strategy: ZeroStrategy
-
-    def launch(self, function: Any, *args: Any, trainer: pl.Trainer | None = None, **kwargs: Any) -> Any:
-        if trainer is not None:
-            self._strategy.precheck(trainer)
-        return super().launch(function, *args, trainer=trainer, **kwargs)  # type: ignore[misc]
-
-
-class _ScriptLauncher(_Precheck, SubprocessScriptLauncher):
-    def __init__(self, strategy: ZeroStrategy, *args: Any) -> None:
-        super().__init__(*args)
-        self._strategy = strategy
-
-    def start_processes(self) -> None:
-        """Start the other ranks now (for ``trainer.init_module()`` at stage 3); ``launch`` then finds them started:
-        starting sets ``LOCAL_RANK``, after which the cluster environment reports the processes as created."""
-        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
-        start_children(self)
-
-
-class _Launcher(_Precheck, MultiProcessingLauncher):
-    """Spawn launcher that hands the *full* (gathered) weights back to the main process, at every stage."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        check_overrides(MultiProcessingLauncher)  # the two private methods below must still be Lightning's hooks
-        super().__init__(*args, **kwargs)
-
-    @override
-    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
-        super()._wrapping_function(*args, **kwargs)
-        # The worker's results are in the queue. Exit now: letting the interpreter finalise runs the C++ destructors
-        # of gloo/DeepSpeed threads, which abort the worker ("terminate called without an active exception") and
-        # turn a finished run into a failure.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-
-    @override
-    def _collect_rank_zero_results(self, trainer: pl.Trainer, results: Any) -> Any:
-        strategy = self._strategy
-        lightning_module = trainer.lightning_module
-        full = strategy.lightning_module_state_dict()  # collective at stage 3: every rank takes part
-        with state_dict_for_results(lightning_module, full):
-            return super()._collect_rank_zero_results(trainer, results)
 
 
 class ZeroStrategy(ParallelStrategy):
@@ -784,82 +734,3 @@ class ZeroStrategy(ParallelStrategy):
         register("zero_stage_3_offload_nvme", cls, description="ZeRO stage 3, optimizer and parameters on NVMe"
                  " (set $LIGHTNING_ZERO_NVME_PATH)", stage=3, offload_optimizer="nvme", offload_parameters="nvme",
                  nvme_path=cfg.NVME_PATH_FROM_ENV)  # read when the strategy is built
-
-
-_SHAPE_ERROR = re.compile(r"matrix|shape|size|dimension", re.IGNORECASE)
-
-
-def _warn_unpartitioned(module: Module) -> None:
-    """Warn (once, rank 0) when stage-3 parameters were created outside zero.Init: each rank held them whole."""
-    whole = sum(p.numel() for p in module.parameters() if not hasattr(p, "ds_id"))
-    if whole:
-        rank_zero_warn(
-            f"ZeroStrategy(stage=3): {get_human_readable_count(whole).strip()} parameters ({whole:,} elements) were"
-            " created outside `configure_model`, so every rank materialized them whole before DeepSpeed partitioned"
-            " them at setup. Create the layers in `LightningModule.configure_model` (or under"
-            " `with trainer.init_module():`) so that each rank only ever holds its shard."
-        )
-
-
-def _match_partitioned_dtype(module: Module) -> None:
-    """Parameters created in ``__init__`` next to ones zero.Init created in ``configure_model`` (in the 16-bit compute
-    dtype) get that dtype too: DeepSpeed's stage-3 optimizer flattens all of them into one buffer of one dtype."""
-    dtypes = {p.dtype for p in module.parameters() if hasattr(p, "ds_id")}
-    if len(dtypes) != 1:
-        return  # none created partitioned: DeepSpeed converts them all itself
-    (dtype,) = dtypes
-    for p in module.parameters():
-        if not hasattr(p, "ds_id") and p.is_floating_point() and p.dtype != dtype:
-            p.data = p.data.to(dtype)
-
-
-def _warn_eager_stage3_evaluation(module: Module) -> None:
-    """Warn (once, rank 0) that an evaluation pass with a DeepCompile stage-3 engine gathers the whole model."""
-    elements = offload.count_parameters(module)
-    size = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in module.parameters()) / 2**30
-    rank_zero_warn(
-        "ZeroStrategy(stage=3, compile='deepcompile'): evaluation with this fit's engines runs the networks eagerly"
-        " (through DeepCompile it aborted training), and DeepSpeed's ZeRO-3 eager fallback keeps every weight a"
-        " forward touches gathered until the next forward: each GPU holds the whole model during this pass"
-        f" ({get_human_readable_count(elements).strip()} parameters, {size:.2f} GiB). If that does not fit, set"
-        " `limit_val_batches=0` for the fit and evaluate with a new Trainer (`trainer.validate/test/predict` on their"
-        " own gather layer by layer), or train at stage 2."
-    )
-
-
-def _check_device_indices(devices: list[torch.device] | None) -> None:
-    """DeepSpeed puts local rank i on device i (its engine reads LOCAL_RANK): a device picked by index would get a
-    module on one GPU and its engine on another."""
-    indices = [d.index for d in devices or [] if d.type == "cuda"]
-    if indices and indices != list(range(len(indices))):
-        raise ValueError(f"Trainer(devices={indices!r}): the device indices {indices!r} don't match the local rank"
-                         " values of processes: DeepSpeed runs local rank i on device i. Use"
-                         f" Trainer(devices={len(indices)}) and pick the GPUs with"
-                         f" CUDA_VISIBLE_DEVICES={','.join(map(str, indices))}.")
-
-
-def _destroy_process_group() -> None:
-    """At exit: release every process group and the rendezvous store while the interpreter is whole.
-
-    DeepSpeed's communication backend (``deepspeed.comm.comm.cdb``) keeps the groups (and through them the TCP store
-    and its server thread on rank 0) alive until the interpreter's final teardown, where destroying them aborts the
-    process ("terminate called without an active exception", exit code 134) and a finished run reports failure.
-    """
-    import gc
-
-    if _distributed_is_initialized():
-        torch.distributed.destroy_process_group()
-    release_comm_backend()
-    gc.collect()
-
-
-def _train_micro_batch_size(trainer: pl.Trainer) -> int | None:
-    """The train DataLoader's batch size, or None when there is none (validate/predict, iterable batches)."""
-    if trainer.state.fn != TrainerFn.FITTING:
-        return None
-    loader = train_dataloader(trainer)
-    if loader is None:
-        return None
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    size = getattr(batch_sampler, "batch_size", None) or getattr(loader, "batch_size", None)
-    return int(size) if isinstance(size, int) else None
