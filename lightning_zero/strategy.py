@@ -153,40 +153,20 @@ class ZeroStrategy(ParallelStrategy):
         require_deepspeed()
         super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
                          cluster_environment=cluster_environment, precision_plugin=precision_plugin)
-        if start_method not in ("popen", "spawn", "fork"):
-            raise ValueError(f"ZeroStrategy(start_method={start_method!r}) is not supported. Use 'popen', 'spawn'"
-                             " or 'fork'.")
         # Validate everything that does not need the Trainer now, before any process starts.
-        self.user_config = cfg.load_user_config(config)
+        args = cfg.resolve_strategy_args(
+            stage, config, start_method=start_method, offload_optimizer=offload_optimizer,
+            offload_parameters=offload_parameters, nvme_path=nvme_path, pin_memory=pin_memory,
+            remote_device=remote_device, logging_level=logging_level, timeout=timeout,
+            zero_optimization=zero_optimization)
+        self.user_config, self.knobs, self.stage = args.user_config, args.knobs, args.stage
         # stage="auto" is decided at setup from the model and the hardware (see _plan_auto_stage)
-        self._auto_nvme_path: str | None = None
-        self._auto = isinstance(stage, str) and stage == "auto"
-        if self._auto:
-            cfg.check_auto_stage(self.user_config, dict(offload_optimizer=offload_optimizer,
-                                                        offload_parameters=offload_parameters, pin_memory=pin_memory,
-                                                        **zero_optimization))
-            stage, self._auto_nvme_path, nvme_path = None, nvme_path, None
-        # validated once merged with the keywords: a section's cross-key checks need the keyword stage
-        self.knobs = cfg.resolve_knobs(stage, offload_optimizer, offload_parameters, nvme_path, pin_memory,
-                                       **zero_optimization)
-        merged = cfg.merge_knobs(self.user_config, self.knobs)
-        cfg.validate_user_config(merged)
-        self.stage: int = cfg.zero_stage(merged)
-        if offload_parameters and self.stage != 3:
-            raise ValueError(f"ZeroStrategy(offload_parameters={offload_parameters!r}) needs stage=3 (stage is"
-                             f" {self.stage}): only ZeRO-3 partitions parameters. Use ZeroStrategy(stage=3, ...).")
-        if offload_optimizer and self.stage == 0:
-            raise ValueError(f"ZeroStrategy(offload_optimizer={offload_optimizer!r}) needs stage 1, 2 or 3: stage 0"
-                             " has no optimizer partition to offload."
-                             " Use ZeroStrategy(stage=2, offload_optimizer=...).")
-        cfg.check_zero_features(merged)  # offload / ZeRO++ / activation checkpointing keys set in the config file
-        timeout, remote_device, logging_level = cfg.resolve_runtime_args(
-            timeout, remote_device, logging_level, None if self._auto else self.stage, merged)
-        self.remote_device = remote_device
+        self._auto, self._auto_nvme_path = args.auto, args.auto_nvme_path
+        self.remote_device = args.remote_device
         self.exclude_frozen_parameters = exclude_frozen_parameters
-        self.compile_kwargs, self.deepcompile = resolve_compile(compile, merged)
+        self.compile_kwargs, self.deepcompile = resolve_compile(compile, args.merged)
         if self.deepcompile:
-            check_deepcompile(None if self._auto else self.stage, self.compile_kwargs, merged)
+            check_deepcompile(None if self._auto else self.stage, self.compile_kwargs, args.merged)
         self.ds_config: dict[str, Any] | None = None  # resolved at setup, with the Trainer's flags
         self.engines = EngineRegistry()
         self._engines_owner: int | None = None
@@ -194,11 +174,11 @@ class ZeroStrategy(ParallelStrategy):
         self._hf = hf.HfZero3Link()  # transformers' view of ZeRO-3, from zero.Init or setup to teardown
         self._start_method = start_method
         self._process_group_backend = process_group_backend
-        self._timeout = timeout
+        self._timeout = args.timeout
         self._num_nodes = 1
         import deepspeed
 
-        deepspeed.utils.logging.logger.setLevel(logging_level)
+        deepspeed.utils.logging.logger.setLevel(args.logging_level)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Topology and launch (as Lightning's DDPStrategy)

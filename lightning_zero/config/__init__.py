@@ -8,7 +8,8 @@ Vocabulary: the *user config* is what the user wrote (a dict, a JSON file or ``$
 
 Layout: :mod:`.types` holds the shared names (the error, the flags, ``"auto"``, the stage parser); :mod:`.schema`
 loads and validates the user config; :mod:`.resolve` turns keywords into knobs and resolves the final config;
-:mod:`.features` checks which offload / ZeRO++ / ZenFlow settings can work together. Import from here
+:mod:`.features` checks which offload / ZeRO++ / ZenFlow settings can work together; :mod:`.strategy_args` checks and
+resolves the ``ZeroStrategy(...)`` arguments in one call. Import from here
 (``lightning_zero.config``): the split into modules is an implementation detail.
 """
 
@@ -39,6 +40,7 @@ from lightning_zero.config.schema import (
     supported_optimizer_types,
     validate_user_config,
 )
+from lightning_zero.config.strategy_args import StrategyArgs, resolve_strategy_args
 # AUTO, OffloadDevice and SUPPORTED_PRECISION are not in __all__ but stay importable from here, as before the split
 from lightning_zero.config.types import (
     AUTO,
@@ -55,6 +57,7 @@ __all__ = [
     "NVME_PATH_ENV_VAR",
     "NVME_PATH_FROM_ENV",
     "PrecisionInput",
+    "StrategyArgs",
     "TrainerFlags",
     "ZeroConfigError",
     "check_auto_stage",
@@ -68,6 +71,7 @@ __all__ = [
     "resolve_knobs",
     "resolve_nvme_path",
     "resolve_runtime_args",
+    "resolve_strategy_args",
     "supported_optimizer_types",
     "validate_user_config",
     "zenflow_enabled",
