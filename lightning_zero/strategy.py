@@ -426,9 +426,7 @@ class ZeroStrategy(ParallelStrategy):
         self._plan_auto_stage()
         self._ensure_config()
         if self.stage == 3:
-            evaluate_under_no_grad(trainer)  # DeepSpeed's gathers would leave inference tensors behind
-            self._hf.activate(self.ds_config)  # from_pretrained, generate and resizing see ZeRO-3 (hf.py)
-            install_summary(trainer)  # true parameter counts in the summary printed at fit start
+            self._link_stage3(trainer)
         fitting = trainer.state.fn == TrainerFn.FITTING
         if not fitting and self._engines_owner == id(self.lightning_module) and len(self.engines):
             # validate/test/predict after a fit or an evaluation of the same module: keep its engines (and partitioning)
@@ -439,6 +437,20 @@ class ZeroStrategy(ParallelStrategy):
         # engines take the parameters trainable now. The previous call's engines (an evaluation's have no optimizer,
         # a fit's the old one) are destroyed first, so their ZeRO hooks leave the module.
         self._release_engines()
+        self._prepare_module(fitting)
+        self._build_engines(fitting)
+        self._compile_engines(trainer, fitting)
+        self.model = self._wrapped_model()
+
+    def _link_stage3(self, trainer: pl.Trainer) -> None:
+        """Stage 3: what the Trainer and transformers must know of partitioned parameters, before any engine."""
+        evaluate_under_no_grad(trainer)  # DeepSpeed's gathers would leave inference tensors behind
+        self._hf.activate(self.ds_config)  # from_pretrained, generate and resizing see ZeRO-3 (hf.py)
+        install_summary(trainer)  # true parameter counts in the summary printed at fit start
+
+    def _prepare_module(self, fitting: bool) -> None:
+        """The module in its precision, and the model-wide checks and settings, once before the engines."""
+        assert self.lightning_module is not None and self.ds_config is not None
         if self.stage == 3:
             _warn_unpartitioned(self.lightning_module)
             _match_partitioned_dtype(self.lightning_module)
@@ -452,6 +464,10 @@ class ZeroStrategy(ParallelStrategy):
         offload.check_nvme(self.ds_config if fitting else cfg.inference_config(self.ds_config),
                            offload.count_parameters(self.lightning_module), self.num_processes, self.world_size)
         offload.configure_activation_checkpointing(self.ds_config)
+
+    def _build_engines(self, fitting: bool) -> None:
+        """A fit's engines with their optimizers, or an evaluation's without; then this module owns them."""
+        assert self.lightning_module is not None and self.ds_config is not None
         if fitting:
             self._setup_training_engines()
         else:
@@ -460,6 +476,9 @@ class ZeroStrategy(ParallelStrategy):
             build_engines(plans, self.engines, self.root_device)
         self.precision_plugin.engines = self.engines
         self._engines_owner = id(self.lightning_module)
+
+    def _compile_engines(self, trainer: pl.Trainer, fitting: bool) -> None:
+        """``compile=``: DeepCompile on a fit's trained engine, else torch.compile of the engines' networks."""
         if self.deepcompile and fitting:
             slot = self.engines.trained[0]
             deepcompile_engine(slot.engine, slot.module, self.compile_kwargs)
@@ -470,7 +489,6 @@ class ZeroStrategy(ParallelStrategy):
                                f" {trainer.state.fn.value} run uses torch.compile.")
             compile_models(((slot.module, slot.module is self.lightning_module or isinstance(slot.module, _ModelGroup))
                             for slot in self.engines), self.compile_kwargs)
-        self.model = self._wrapped_model()
 
     def _setup_training_engines(self) -> None:
         assert self.lightning_module is not None and self.ds_config is not None
