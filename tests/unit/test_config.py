@@ -887,3 +887,29 @@ def test_auto_stage_accepts_the_rest() -> None:
     check_auto_stage({"zero_optimization": {"stage": "auto", "zero_hpz_partition_size": 1,
                                             "offload_param": {"device": "none"}, "reduce_bucket_size": 5}},
                      {"offload_optimizer": None, "offload_parameters": False, "overlap_comm": True})
+
+
+def test_strategy_arguments_resolve_in_one_pure_call():
+    """ZeroStrategy.__init__'s checks and resolution (config.resolve_strategy_args) need no Trainer and no process
+    group, and return new values: the user's dicts are left as they were."""
+    import logging
+    from datetime import timedelta
+
+    from lightning_zero.config import StrategyArgs, resolve_strategy_args
+
+    user = {"zero_optimization": {"stage": 3}, "gradient_clipping": 1.0}
+    zero = {"overlap_comm": True}
+    before = copy.deepcopy((user, zero))
+    common = dict(start_method="popen", offload_optimizer="cpu", offload_parameters=None, nvme_path=None,
+                  pin_memory=None, remote_device=None, logging_level="INFO", timeout=timedelta(minutes=5),
+                  zero_optimization=zero)
+    args = resolve_strategy_args(None, user, **common)
+    assert isinstance(args, StrategyArgs) and (user, zero) == before
+    assert (args.stage, args.auto, args.timeout, args.logging_level) == (3, False, timedelta(minutes=5), logging.INFO)
+    assert args.merged["zero_optimization"]["overlap_comm"] is True
+    assert args.merged["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert args.merged is not user and args.user_config == user
+    with pytest.raises(ValueError, match=r"start_method='forkserver'\) is not supported"):
+        resolve_strategy_args(None, user, **{**common, "start_method": "forkserver"})
+    with pytest.raises(ValueError, match=r"offload_optimizer='cpu'\) needs stage 1, 2 or 3"):
+        resolve_strategy_args(0, None, **common)
