@@ -59,8 +59,10 @@ def memoize_cpu_info() -> None:
     """
     import functools
 
-    import cpuinfo
-
+    try:
+        import cpuinfo
+    except ImportError:  # DeepSpeed then asks lscpu (OpBuilder._backup_cpuinfo): nothing to memoize
+        return
     if getattr(cpuinfo.get_cpu_info, "lightning_zero_memoized", False):
         return
     once = functools.cache(cpuinfo.get_cpu_info)
