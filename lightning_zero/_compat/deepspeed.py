@@ -52,8 +52,9 @@ def memoize_cpu_info() -> None:
     (``OpBuilder.cpu_arch`` and ``simd_width``, for the compiler flags torch compares against the cached build), and
     ``DeepSpeedCPUAdam.__init__`` once more; each call runs ``cpuinfo.py --json`` in a new Python process (about 1.2 s
     of CPU). Measured in a 2-process CPU-offload run: 3 calls per rank (cpu_arch, simd_width, CPU Adam), for an
-    answer that cannot change within the process; the shared-memory collectives op made none. DeepSpeed imports the function inside each of
-    those methods (``from cpuinfo import get_cpu_info``), so replacing the module attribute reaches all of them.
+    answer that cannot change within the process; the shared-memory collectives op made none. DeepSpeed imports the
+    function inside each of those methods (``from cpuinfo import get_cpu_info``), so replacing the module attribute
+    reaches all of them.
     Callers get a copy (none of DeepSpeed's writes to it, but a shared dict must not leak one).
     Verified: DeepSpeed 0.19.8 (op_builder/builder.py, ops/adam/cpu_adam.py), py-cpuinfo 9.0.0.
     """
