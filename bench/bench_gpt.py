@@ -21,6 +21,7 @@ Rows:
     zero_z2_bf16ms       ZeroStrategy(stage=2) with bf16 master weights + bf16 optimizer states, nothing offloaded
     zero_z3_nvme, zero_z3_nvme_all   ZeRO-Infinity: ZeroStrategy(stage=3, offload_optimizer="nvme"[, offload_parameters=
                          "nvme"], nvme_path=$LZ_BENCH_NVME or /tmp/lz_nvme); needs libaio (../shared/gpu/debs.sh)
+    zero_z2_offload      ZeroStrategy(stage=2, offload_optimizer="cpu"): the ZenFlow row's plain ZeRO-Offload baseline
     zero_z2_offload_zenflow   ZeroStrategy(stage=2, offload_optimizer="cpu", zenflow={topk_ratio 0.1, step
                          selection every 10 steps, update_interval 1, overlap_step}); the optimizer (AdamW, same
                          hyperparameters) comes from the config's "optimizer" block, as ZenFlow needs
@@ -78,6 +79,8 @@ MODE_ROWS = {
     "zero_z3_offload_bf16ms": (3, {"offload_optimizer": "cpu", "bf16_master_weights_and_grads": True,
                                    "bf16_optimizer_states": True}, None),
     "zero_z2_bf16ms": (2, {"bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}, None),
+    # plain ZeRO-Offload at stage 2: the baseline of the ZenFlow row (ZenFlow runs at stages 1-2 only)
+    "zero_z2_offload": (2, {"offload_optimizer": "cpu"}, None),
     # ZeRO-Infinity: the optimizer (and the parameters) on the disk at $LZ_BENCH_NVME (default /tmp/lz_nvme)
     "zero_z3_nvme": (3, {"offload_optimizer": "nvme", "nvme_path": _NVME}, None),
     "zero_z3_nvme_all": (3, {"offload_optimizer": "nvme", "offload_parameters": "nvme", "nvme_path": _NVME}, None),
