@@ -25,6 +25,8 @@ Rows:
     zero_z2_offload_zenflow   ZeroStrategy(stage=2, offload_optimizer="cpu", zenflow={topk_ratio 0.1, step
                          selection every 10 steps, update_interval 1, overlap_step}); the optimizer (AdamW, same
                          hyperparameters) comes from the config's "optimizer" block, as ZenFlow needs
+    zero_z2_offload_zenflow_u4   the same with update_interval 4 and select_interval 8 (CPU Adam steps the rest
+                         once every 4 steps)
     cpu_smoke            (not in the default set) the Lightning path on CPU with strategy="auto": a check of the
                          module/data/timer code for machines without a GPU; use a tiny model
 
@@ -86,6 +88,10 @@ MODE_ROWS = {
     "zero_z3_nvme_all": (3, {"offload_optimizer": "nvme", "offload_parameters": "nvme", "nvme_path": _NVME}, None),
     "zero_z2_offload_zenflow": (2, {"offload_optimizer": "cpu", "zenflow": {
         "topk_ratio": 0.1, "select_strategy": "step", "select_interval": 10, "update_interval": 1,
+        "overlap_step": True}}, _ADAMW_CONFIG),
+    # the same with CPU Adam stepping the less important columns once every 4 steps (overlapped with the next ones)
+    "zero_z2_offload_zenflow_u4": (2, {"offload_optimizer": "cpu", "zenflow": {
+        "topk_ratio": 0.1, "select_strategy": "step", "select_interval": 8, "update_interval": 4,
         "overlap_step": True}}, _ADAMW_CONFIG),
 }
 EXTRA_ROWS = ["cpu_smoke", *MODE_ROWS]

@@ -216,10 +216,22 @@ def _zenflow_problems(zenflow: Mapping[str, Any], zero: Mapping[str, Any], optim
                         " under ZeroStrategy ZenFlow re-selects its important columns every select_interval"
                         " optimizer steps (\"auto\"/\"epoch\" need DeepSpeed's own dataloader and would select once,"
                         " never again). Set \"select_strategy\": \"step\" and an integer \"select_interval\" >= 1")
-    if update != 1:
-        problems.append(f"zero_optimization.zenflow.update_interval={update!r}: ZeroStrategy runs ZenFlow with a"
-                        " CPU Adam update at every optimizer step, the one interval checked so far (longer or"
-                        " \"auto\" intervals step the CPU share every few Trainer steps). Set \"update_interval\": 1")
+    if isinstance(update, bool) or not isinstance(update, int) or update < 1:
+        problems.append(f"zero_optimization.zenflow.update_interval={update!r}: under ZeroStrategy CPU Adam steps the"
+                        " less important columns every update_interval optimizer steps, a fixed integer (\"auto\""
+                        " adapts it from ZenFlow's own statistics, which has not been checked under Lightning's"
+                        " loop). Set an integer, e.g. \"update_interval\": 4 (CPU Adam then steps the rest once every 4"
+                        " optimizer steps; 1: every step)")
+    elif isinstance(select, int) and not isinstance(select, bool) and 1 <= select < update:
+        problems.append(f"zero_optimization.zenflow select_interval={select} < update_interval={update}: DeepSpeed"
+                        " refuses to re-select the important columns more often than it updates the rest (\"Select"
+                        " interval must be greater or equal to update interval\"). Set \"select_interval\" >="
+                        f" {update}, e.g. {update * 2}")
+    if zenflow.get("overlap_step") is True and flags is not None and flags.device_type == "cpu":
+        problems.append("zero_optimization.zenflow.overlap_step=True on the CPU accelerator: DeepSpeed 0.19.8's"
+                        " overlapped ZenFlow step waits forever there for its optimizer process (measured: two"
+                        " processes, no step finished in 150 s). Set \"overlap_step\": false on CPU (it overlaps"
+                        " the CPU step with the GPU's forward and backward, which a CPU run does not have)")
     if flags is not None and flags.accumulate_grad_batches != 1:
         problems.append("zero_optimization.zenflow with Trainer(accumulate_grad_batches="
                         f"{flags.accumulate_grad_batches}): ZenFlow runs under DeepSpeed's managed accumulation,"

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,10 @@ def _ask_terminal(question: Question, number: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C stops the session even where SIGINT came in ignored (a job started with `&` by a non-interactive
+        # shell, nohup): Python leaves an inherited SIG_IGN in place, and the prompt would then wait forever
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return _run(args)
     except (KeyboardInterrupt, EOFError):

@@ -7,7 +7,8 @@
 - ZeRO-Infinity (optimizer and parameters on NVMe, a folder of the local disk) keeps fp32 parity with plain
   PyTorch on one GPU; it needs DeepSpeed's async I/O op (libaio: ../shared/gpu/debs.sh on the device machine).
 - bf16 master weights and optimizer states train (loss falls) with and without offload, states really bf16.
-- ZenFlow (stage 2, the config's optimizer, with and without overlap_step) trains: loss falls over the run.
+- ZenFlow (stage 2, the config's optimizer, with and without overlap_step, CPU updates every step or every 4th)
+  trains: loss falls over the run.
 """
 
 import pytest
@@ -138,8 +139,8 @@ def test_bf16_master_weights_and_states_train(stage, offload, states):
     assert last < 0.5 * first
 
 
-@pytest.mark.parametrize("overlap_step", [False, True])
-def test_zenflow_trains(overlap_step):
+@pytest.mark.parametrize(("overlap_step", "update_interval"), [(False, 1), (True, 1), (True, 4)])
+def test_zenflow_trains(overlap_step, update_interval):
     import torch
 
     from helpers import Regressor
@@ -166,12 +167,13 @@ def test_zenflow_trains(overlap_step):
             seen["zero"] = type(next(iter(self.trainer.strategy.engines)).engine.optimizer).__name__
 
     seen = {}
-    zenflow = {"topk_ratio": 0.5, "select_strategy": "step", "select_interval": 4, "update_interval": 1,
-               "overlap_step": overlap_step}
+    zenflow = {"topk_ratio": 0.5, "select_strategy": "step", "select_interval": 4,
+               "update_interval": update_interval, "overlap_step": overlap_step}
     config = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01}}}
     first, last, dtypes = _losses_fall(ZeroStrategy(stage=2, offload_optimizer="cpu", zenflow=zenflow, config=config),
                                        ConfigOptimizer())
-    print(f"ZenFlow (overlap_step={overlap_step}) stage 2: loss {first:.4f} -> {last:.4f}, {seen}")
+    print(f"ZenFlow (overlap_step={overlap_step}, update_interval={update_interval}) stage 2:"
+          f" loss {first:.4f} -> {last:.4f}, {seen}")
     assert seen["zero"] == ("ZenFlowZeroOptimizerParallel" if overlap_step else "ZenFlowZeroOptimizerSequential")
     assert last < 0.5 * first
 

@@ -44,10 +44,12 @@ def test_keywords_reach_deepspeed_keys():
     assert offload_ratio(ds) == 0.3
     # ZenFlow runs under DeepSpeed's managed accumulation (unmanaged, its selective AdamW steps a None gradient), on
     # a GPU and on CPU alike; every other config keeps the Trainer's boundary
-    for device_type in ("cuda", "cpu"):
-        zf = _resolve("bf16-mixed", device_type=device_type, stage=2, offload_optimizer="cpu", zenflow=ZENFLOW,
+    # (overlap_step only on a GPU), with an update interval of 1 or longer
+    for device_type, zenflow in (("cuda", ZENFLOW), ("cpu", {**ZENFLOW, "overlap_step": False}),
+                                 ("cuda", {**ZENFLOW, "update_interval": 4, "select_interval": 8})):
+        zf = _resolve("bf16-mixed", device_type=device_type, stage=2, offload_optimizer="cpu", zenflow=zenflow,
                       config=ADAMW)
-        assert zf["zero_optimization"]["zenflow"] == ZENFLOW and zf["managed_gradient_accumulation"] is True
+        assert zf["zero_optimization"]["zenflow"] == zenflow and zf["managed_gradient_accumulation"] is True
     assert ds["managed_gradient_accumulation"] is False
     assert offload_ratio(_resolve(stage=2, offload_optimizer="cpu")) == 1.0 and offload_ratio(_resolve(stage=2)) == 0
 
@@ -118,8 +120,9 @@ def test_ratio_outside_0_1_is_refused(ratio):
     (dict(stage=2, offload_optimizer="cpu", zenflow={**ZENFLOW, "select_strategy": "auto"}),
      r"select_strategy='auto', select_interval=4.*Set \"select_strategy\": \"step\""),
     (dict(stage=2, offload_optimizer="cpu", zenflow={"topk_ratio": 0.1}),
-     r"(?s)select_interval='auto'.*update_interval='auto'.*Set \"update_interval\": 1"),
-    (dict(stage=2, offload_optimizer="cpu", zenflow={**ZENFLOW, "update_interval": 4}), r"update_interval=4:"),
+     r"(?s)select_interval='auto'.*update_interval='auto'.*Set an integer, e.g. \"update_interval\": 4"),
+    (dict(stage=2, offload_optimizer="cpu", zenflow={**ZENFLOW, "update_interval": 8}),
+     r"select_interval=4 < update_interval=8.*Set \"select_interval\" >= 8"),
     (dict(stage=2, offload_optimizer="cpu", zenflow={**ZENFLOW, "offload": True}),
      r"zenflow.offload=True needs zero_optimization.overlap_comm=True"),
     (dict(stage=2, offload_optimizer="cpu", compute_grad_norm=False, zenflow=ZENFLOW),
@@ -143,6 +146,8 @@ def test_all_problems_in_one_error():
      r"needs Trainer\(precision=\"bf16-mixed\"\) or \"bf16-true\" \(precision is '32-true'\)"),
     ("16-mixed", None, dict(stage=2, offload_optimizer="cpu", bf16_master_weights_and_grads=True),
      r"\(precision is '16-mixed'\)"),
+    ("32-true", "cpu", dict(stage=2, offload_optimizer="cpu", zenflow=ZENFLOW, config=ADAMW),
+     r"zenflow.overlap_step=True on the CPU accelerator.*Set \"overlap_step\": false on CPU"),
 ])
 def test_combinations_with_the_trainer_fail_at_resolution(precision, device_type, kwargs, match):
     with pytest.raises(ZeroConfigError, match=match):
