@@ -10,6 +10,8 @@ import sys
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before anything imports deepspeed
 
+import warnings
+
 import pytest
 import torch
 from lightning.pytorch.cli import LightningCLI
@@ -360,3 +362,17 @@ def test_zenflow_parameter_views_keep_the_weights_and_step_like_adamw(one_rank):
     diff = max((a - b).abs().max().item() for a, b in zip(net.state_dict().values(), reference.state_dict().values()))
     assert 0 < (net[0].weight - w).abs().max() and diff <= 1e-6, diff
     engine.destroy()
+
+
+def test_parameters_on_nvme_on_a_gpu_warn_until_their_parity_test_passes():
+    from lightning_zero.offload import warn_nvme_parameters_on_cuda
+
+    both = {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"},
+                                  "offload_optimizer": {"device": "nvme"}}}
+    with pytest.warns(UserWarning, match=r"offload_parameters=\"nvme\"\) on a GPU: the GPU parity test.*0.70"):
+        warn_nvme_parameters_on_cuda(both, "cuda")
+    optimizer_only = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_nvme_parameters_on_cuda(both, "cpu")  # CPU: parity holds (tests/distributed/test_offload.py)
+        warn_nvme_parameters_on_cuda(optimizer_only, "cuda")
