@@ -46,19 +46,20 @@ class ZenFlowKeywords(TypedDict, total=False):
     """DeepSpeed 0.19's ``zero_optimization.zenflow`` section (stall-free optimizer offload, stages 1-2).
 
     ZenFlow runs under DeepSpeed's managed accumulation, one ZenFlow iteration per optimizer step:
-    ``Trainer(accumulate_grad_batches=1)``, ``select_strategy="step"``, an integer ``select_interval`` and
-    ``update_interval=1`` are required, the optimizer must be the config's ``optimizer`` block, and trainable
-    parameters 1-D or 2-D with at least two rows (``config.check_zero_features`` and
-    ``offload.check_zenflow_parameters`` say why for each).
+    ``Trainer(accumulate_grad_batches=1)``, ``select_strategy="step"``, an integer ``update_interval`` and an
+    integer ``select_interval >= update_interval`` are required, ``overlap_step`` needs a GPU, the optimizer must be
+    the config's ``optimizer`` block, and trainable parameters 1-D or 2-D with at least two rows
+    (``config.check_zero_features`` and ``offload.check_zenflow_parameters`` say why for each).
 
     Attributes:
         topk_ratio: share of gradient columns (the largest) updated on the GPU every step (0 < r < 1, default 0.1).
         select_strategy: ``"step"`` (``"auto"``/``"epoch"`` need DeepSpeed's own dataloader).
         select_interval: optimizer steps between two re-selections of the important columns.
-        update_interval: ``1`` (see above).
+        update_interval: CPU Adam steps the other columns once every this many optimizer steps, with their summed
+            gradients (4: 1.31x stage-2 ZeRO-Offload on one H200; 1: every step, slower than plain offload).
         overlap_step: run the CPU optimizer step of the other columns while the next forward/backward runs.
         offload: keep the selective optimizer's states on the CPU too (needs ``overlap_comm=True``).
-        auto_ratio: threshold of DeepSpeed's adaptive update interval (unused with ``update_interval=1``).
+        auto_ratio: threshold of DeepSpeed's adaptive update interval (unused: ``"auto"`` is refused).
         full_warm_up_rounds: first steps that update every column.
         pt_reserved_cores_perc: share of the CPU cores left to PyTorch; the rest run the CPU optimizer.
     """

@@ -166,8 +166,8 @@ def resolve_knobs(
     _check_ratio_arg(offload_optimizer_ratio)
     if zero_keys.get("zenflow") is not None and not isinstance(zero_keys["zenflow"], Mapping):
         raise TypeError(f"ZeroStrategy(zenflow={zero_keys['zenflow']!r}) must be a dict of DeepSpeed's zenflow keys,"
-                        " e.g. zenflow={'topk_ratio': 0.1, 'select_strategy': 'step', 'select_interval': 10,"
-                        " 'update_interval': 1, 'overlap_step': True}.")
+                        " e.g. zenflow={'topk_ratio': 0.1, 'select_strategy': 'step', 'select_interval': 8,"
+                        " 'update_interval': 4, 'overlap_step': True}.")
     # Keywords that only refine an offload keyword would otherwise be dropped without a word.
     orphans = []
     if nvme_path is not None and "nvme" not in (offload_optimizer, offload_parameters):
