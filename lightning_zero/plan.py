@@ -149,7 +149,6 @@ def _build(plan: EnginePlan, registry: EngineRegistry, device: torch.device) -> 
         module.to(device)
     else:
         offload.partition_for_nvme(module, config, device.type)  # a model created outside zero.Init, NVMe on CPU
-        offload.warn_nvme_parameters_on_cuda(config, device.type)
     if plan.train:
         offload.check_zenflow_parameters(module, config)  # shapes ZenFlow fails on in its first backward
     for note in plan.notes:

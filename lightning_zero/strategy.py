@@ -461,8 +461,10 @@ class ZeroStrategy(ParallelStrategy):
             check_deepcompile_runtime(self.root_device)
         # Model-wide, once before the engines: the NVMe drive has room for this node's share of the model (every
         # engine's config offloads a subset of these sections), and deepspeed.checkpointing is set up.
-        offload.check_nvme(self.ds_config if fitting else cfg.inference_config(self.ds_config),
-                           offload.count_parameters(self.lightning_module), self.num_processes, self.world_size)
+        config = self.ds_config if fitting else cfg.inference_config(self.ds_config)
+        offload.check_nvme(config, offload.count_parameters(self.lightning_module), self.num_processes,
+                           self.world_size)
+        offload.warn_nvme_parameters_on_cuda(config, self.root_device.type)
         offload.configure_activation_checkpointing(self.ds_config)
 
     def _build_engines(self, fitting: bool) -> None:

@@ -8,7 +8,8 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-from lightning_zero.config.types import _OFFLOAD_SECTIONS, AUTO, TrainerFlags, ZeroConfigError, _as_stage
+from lightning_zero.config.types import (_OFFLOAD_SECTIONS, AUTO, TrainerFlags, ZeroConfigError, _as_stage,
+                                         _positive_int)
 
 # ZeRO++ (https://www.deepspeed.ai/tutorials/zeropp/): each is a stage-3 feature that DeepSpeed ignores at stages 0-2.
 _ZEROPP_KEYS = ("zero_hpz_partition_size", "zero_quantized_weights", "zero_quantized_nontrainable_weights",
@@ -211,18 +212,18 @@ def _zenflow_problems(zenflow: Mapping[str, Any], zero: Mapping[str, Any], optim
                         " or 3). Add ZeroStrategy(overlap_comm=True), or remove zenflow.offload")
     strategy, select, update = (zenflow.get("select_strategy", AUTO), zenflow.get("select_interval", AUTO),
                                 zenflow.get("update_interval", AUTO))
-    if strategy != "step" or isinstance(select, bool) or not isinstance(select, int) or select < 1:
+    if strategy != "step" or not _positive_int(select):
         problems.append(f"zero_optimization.zenflow select_strategy={strategy!r}, select_interval={select!r}:"
                         " under ZeroStrategy ZenFlow re-selects its important columns every select_interval"
                         " optimizer steps (\"auto\"/\"epoch\" need DeepSpeed's own dataloader and would select once,"
                         " never again). Set \"select_strategy\": \"step\" and an integer \"select_interval\" >= 1")
-    if isinstance(update, bool) or not isinstance(update, int) or update < 1:
+    if not _positive_int(update):
         problems.append(f"zero_optimization.zenflow.update_interval={update!r}: under ZeroStrategy CPU Adam steps the"
                         " less important columns every update_interval optimizer steps, a fixed integer (\"auto\""
                         " adapts it from ZenFlow's own statistics, which has not been checked under Lightning's"
                         " loop). Set an integer, e.g. \"update_interval\": 4 (CPU Adam then steps the rest once every 4"
                         " optimizer steps; 1: every step)")
-    elif isinstance(select, int) and not isinstance(select, bool) and 1 <= select < update:
+    elif _positive_int(select) and select < update:
         problems.append(f"zero_optimization.zenflow select_interval={select} < update_interval={update}: DeepSpeed"
                         " refuses to re-select the important columns more often than it updates the rest (\"Select"
                         " interval must be greater or equal to update interval\"). Set \"select_interval\" >="

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, get_args
 
-from lightning_zero.config.types import AUTO, ZeroConfigError, _as_stage
+from lightning_zero.config.types import AUTO, ZeroConfigError, _as_stage, _positive_int
 
 CONFIG_ENV_VAR = "LIGHTNING_ZERO_CONFIG"
 
@@ -178,7 +178,7 @@ def _check_plain_section(name: str, section: Mapping[str, Any], problems: list[s
             problems.append(f"unknown key '{name}.{key}'.{hint}")
         elif types[key] is bool and not isinstance(value, bool):
             problems.append(f"'{name}.{key}' must be true or false, got {type(value).__name__}: {value!r}")
-        elif types[key] is int and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        elif types[key] is int and not _positive_int(value):
             if not (key == "number_checkpoints" and value is None):
                 problems.append(f"'{name}.{key}' must be a positive integer, got {type(value).__name__}: {value!r}")
 

@@ -34,6 +34,11 @@ class TrainerFlags:
     device_type: str | None = None  # "cpu", "cuda", ... (None: not known)
 
 
+def _positive_int(value: Any) -> bool:
+    """An int >= 1 (``True`` is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _as_stage(stage: Any) -> int:
     """``stage`` as an int: DeepSpeed also accepts ``"3"`` and ``3.0``; absent or ``"auto"`` means the default (2)."""
     if stage is None or stage == AUTO:
