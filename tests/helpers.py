@@ -258,3 +258,37 @@ def reference_gan(world_size: int, steps: int, batch_size: int = 4, n: int = 64)
     state = {f"generator.{k}": v for k, v in g.state_dict().items()}
     state.update({f"discriminator.{k}": v for k, v in d.state_dict().items()})
     return state
+
+
+# DeepSpeed swaps only tensors of at least 1 MiB (swap_tensor.utils.MIN_AIO_BYTES): the NVMe test needs a layer whose
+# per-rank fp32 partition is that large, 1024 x 512 weights (262,144 elements per rank).
+WIDE_LR = 1e-3  # Adam's normalised step turns reduction-order rounding into lr-sized differences; at 1e-2 this net
+# ends 6e-5 from the reference at plain stage 3 too (no offload), at 1e-3 within 6e-6 with or without NVMe.
+
+
+def make_wide_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(IN, 1024), nn.Tanh(), nn.Linear(1024, 512), nn.Tanh(), nn.Linear(512, OUT))
+
+
+class WideRegressor(Regressor):
+    """Created in configure_model, i.e. inside zero.Init: the parameters are partitioned (and swapped) at birth."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=WIDE_LR)
+        del self.net
+
+    def configure_model(self) -> None:
+        if not hasattr(self, "net"):
+            self.net = make_wide_net()
+
+
+def wide_net_reference(steps: int, *, world_size: int = 2, accumulate: int = 1,
+                       clip: float | None = None) -> dict[str, torch.Tensor]:
+    """:func:`make_wide_net` trained by plain PyTorch AdamW (``WIDE_LR``) over the same global batches, with the
+    LightningModule's keys."""
+    net = make_wide_net()
+    opt = torch.optim.AdamW(net.parameters(), lr=WIDE_LR, weight_decay=0.01)
+    train_plain(lambda x, y: nn.functional.mse_loss(net(x), y), opt, steps, accumulate=accumulate, clip=clip,
+                world_size=world_size)
+    return {f"net.{k}": v.detach().clone() for k, v in net.state_dict().items()}

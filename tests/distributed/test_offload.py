@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import IN, OUT, Regressor, SaveFullWeights, cpu_trainer, make_net, max_diff, reference_weights, \
-    train_plain
+from helpers import WIDE_LR, Regressor, SaveFullWeights, WideRegressor, cpu_trainer, make_net, make_wide_net, \
+    max_diff, reference_weights, train_plain, wide_net_reference
 from lightning_zero import ZeroStrategy
 
 pytestmark = pytest.mark.distributed
@@ -59,29 +59,6 @@ def test_parameter_and_optimizer_offload_to_cpu_keeps_parity(tmp_path):
     assert max_diff(fit_weights(tmp_path, strategy), reference()) <= 1e-5
 
 
-# DeepSpeed swaps only tensors of at least 1 MiB (swap_tensor.utils.MIN_AIO_BYTES): the NVMe test needs a layer whose
-# per-rank fp32 partition is that large, 1024 x 512 weights (262,144 elements per rank).
-WIDE_LR = 1e-3  # Adam's normalised step turns reduction-order rounding into lr-sized differences; at 1e-2 this net
-# ends 6e-5 from the reference at plain stage 3 too (no offload), at 1e-3 within 6e-6 with or without NVMe.
-
-
-def make_wide_net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(IN, 1024), nn.Tanh(), nn.Linear(1024, 512), nn.Tanh(), nn.Linear(512, OUT))
-
-
-class WideRegressor(Regressor):
-    """Created in configure_model, i.e. inside zero.Init: the parameters are partitioned (and swapped) at birth."""
-
-    def __init__(self) -> None:
-        super().__init__(lr=WIDE_LR)
-        del self.net
-
-    def configure_model(self) -> None:
-        if not hasattr(self, "net"):
-            self.net = make_wide_net()
-
-
 class EagerWideRegressor(Regressor):
     """Created in __init__: DeepSpeed partitions it when the engine is built (see offload.partition_for_nvme)."""
 
@@ -91,10 +68,7 @@ class EagerWideRegressor(Regressor):
 
 
 def wide_reference() -> dict[str, torch.Tensor]:
-    net = make_wide_net()
-    opt = torch.optim.AdamW(net.parameters(), lr=WIDE_LR, weight_decay=0.01)
-    train_plain(lambda x, y: nn.functional.mse_loss(net(x), y), opt, STEPS, accumulate=ACCUMULATE, clip=CLIP)
-    return {f"net.{k}": v.detach().clone() for k, v in net.state_dict().items()}
+    return wide_net_reference(STEPS, accumulate=ACCUMULATE, clip=CLIP)
 
 
 class RecordSwapFiles(L.Callback):

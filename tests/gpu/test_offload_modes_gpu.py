@@ -61,28 +61,11 @@ def test_nvme_offload_keeps_parity(tmp_path):
         pytest.skip("DeepSpeed's async I/O op cannot build here: install libaio-dev (device machine:"
                     " ../shared/gpu/debs.sh)")
     import lightning as L
-    import torch
 
-    from helpers import IN, OUT, Regressor, max_diff, train_plain
+    from helpers import WideRegressor, max_diff, wide_net_reference
     from lightning_zero import ZeroStrategy
 
-    lr, steps = 1e-3, 6
-
-    def wide_net():
-        # DeepSpeed swaps only tensors of at least 1 MiB (swap_tensor.utils.MIN_AIO_BYTES): a 1024 x 512 layer
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(IN, 1024), torch.nn.Tanh(), torch.nn.Linear(1024, 512),
-                                   torch.nn.Tanh(), torch.nn.Linear(512, OUT))
-
-    class WideRegressor(Regressor):
-        def __init__(self):
-            super().__init__(lr=lr)
-            del self.net
-
-        def configure_model(self):  # inside zero.Init: partitioned (and swapped) at birth
-            if not hasattr(self, "net"):
-                self.net = wide_net()
-
+    steps = 6
     seen = {}
 
     class Record(L.Callback):
@@ -98,10 +81,7 @@ def test_nvme_offload_keeps_parity(tmp_path):
     strategy = ZeroStrategy(stage=3, offload_optimizer="nvme", offload_parameters="nvme", nvme_path=str(tmp_path),
                             max_in_cpu=0, stage3_param_persistence_threshold=0)
     _trainer(strategy, [Record()], max_steps=steps, precision="32-true").fit(WideRegressor())
-    net = wide_net()
-    train_plain(lambda x, y: torch.nn.functional.mse_loss(net(x), y),
-                torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01), steps, world_size=1)
-    diff = max_diff(seen["weights"], {f"net.{k}": v.detach() for k, v in net.state_dict().items()})
+    diff = max_diff(seen["weights"], wide_net_reference(steps, world_size=1))
     print(f"ZeRO-Infinity on the GPU: max |diff| vs plain PyTorch = {diff:.2e}, swap folders: {seen['swapped']}")
     assert {"zero_stage_3/float32params/rank0", "zero_stage_3/optimizer/rank0"} <= set(seen["swapped"]), seen
     assert diff <= 1e-5
