@@ -74,6 +74,8 @@ ROWS = [
 # Issue 18's offload modes: row -> (stage, ZeroStrategy keywords, config). Not in the default set.
 _NVME = os.environ.get("LZ_BENCH_NVME", "/tmp/lz_nvme")
 _ADAMW_CONFIG = {"optimizer": {"type": "AdamW", "params": {"betas": [0.9, 0.95], "weight_decay": 0.1}}}
+_ZENFLOW = {"topk_ratio": 0.1, "select_strategy": "step", "select_interval": 10, "update_interval": 1,
+            "overlap_step": True}
 MODE_ROWS = {
     **{f"zero_z3_offload_r{int(r * 100)}": (3, {"offload_optimizer": "cpu", "offload_optimizer_ratio": r,
                                                 "sub_group_size": 5e7}, None) for r in (0.25, 0.5, 0.75)},
@@ -86,13 +88,10 @@ MODE_ROWS = {
     # ZeRO-Infinity: the optimizer (and the parameters) on the disk at $LZ_BENCH_NVME (default /tmp/lz_nvme)
     "zero_z3_nvme": (3, {"offload_optimizer": "nvme", "nvme_path": _NVME}, None),
     "zero_z3_nvme_all": (3, {"offload_optimizer": "nvme", "offload_parameters": "nvme", "nvme_path": _NVME}, None),
-    "zero_z2_offload_zenflow": (2, {"offload_optimizer": "cpu", "zenflow": {
-        "topk_ratio": 0.1, "select_strategy": "step", "select_interval": 10, "update_interval": 1,
-        "overlap_step": True}}, _ADAMW_CONFIG),
+    "zero_z2_offload_zenflow": (2, {"offload_optimizer": "cpu", "zenflow": _ZENFLOW}, _ADAMW_CONFIG),
     # the same with CPU Adam stepping the less important columns once every 4 steps (overlapped with the next ones)
     "zero_z2_offload_zenflow_u4": (2, {"offload_optimizer": "cpu", "zenflow": {
-        "topk_ratio": 0.1, "select_strategy": "step", "select_interval": 8, "update_interval": 4,
-        "overlap_step": True}}, _ADAMW_CONFIG),
+        **_ZENFLOW, "select_interval": 8, "update_interval": 4}}, _ADAMW_CONFIG),
 }
 EXTRA_ROWS = ["cpu_smoke", *MODE_ROWS]
 
