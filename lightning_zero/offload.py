@@ -35,7 +35,6 @@ __all__ = [
     "nvme_swap_bytes",
     "partition_for_nvme",
     "route_zero_grad",
-    "warn_nvme_parameters_on_cuda",
 ]
 
 # Bytes per parameter DeepSpeed swaps to NVMe. Optimizer (ZeRO-Infinity's optimizer swapper): the fp32 master weights,
@@ -276,19 +275,6 @@ def partition_for_nvme(module: torch.nn.Module, config: Mapping[str, Any], devic
     import deepspeed
 
     deepspeed.zero.Init(module=module, config_dict_or_path=dict(config), remote_device="nvme")
-
-
-def warn_nvme_parameters_on_cuda(config: Mapping[str, Any], device_type: str) -> None:
-    """Parameters on NVMe on a GPU failed their parity test (tests/gpu/test_offload_modes_gpu.py, one H200,
-    DeepSpeed 0.19.8, 2026-12-01): the weights after 6 fp32 steps ended 0.70 from plain PyTorch's, while the same run
-    on the CPU accelerator matches to 1.8e-7 and the optimizer alone on NVMe trains the bench GPT on the same curve as
-    the other offload modes. Until that is understood, say so rather than let a run go wrong quietly."""
-    if device_type == "cuda" and offload_device(config, "offload_param") == "nvme":
-        rank_zero_warn(
-            "ZeroStrategy(offload_parameters=\"nvme\") on a GPU: the GPU parity test of parameters on NVMe failed"
-            " (DeepSpeed 0.19.8, one H200: weights 0.70 from plain PyTorch after 6 fp32 steps; on CPU they match)."
-            " Compare a short run with offload_parameters=\"cpu\" before relying on it, or keep the parameters"
-            " in memory (offload_optimizer=\"nvme\" alone was not affected).")
 
 
 def _size(n: float) -> str:

@@ -28,7 +28,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_zero import offload
-from lightning_zero._compat.deepspeed import fix_zenflow_parameter_views, skip_unused_grad_norm
+from lightning_zero._compat.deepspeed import (fix_zenflow_parameter_views, restart_zenflow_selective_steps,
+                                              skip_unused_grad_norm)
 from lightning_zero.config import TrainerFlags, inference_config, resolve_ds_config, zenflow_enabled, zero_stage
 from lightning_zero.engines import EngineRegistry, EngineSlot, ModelAssignment, assign_models, build_engine, leaf_flags
 from lightning_zero.tuning import resolve_block_fetch, resolve_speed_defaults, track_unit_inputs
@@ -64,7 +65,8 @@ def resolve_model_config(user: Mapping[str, Any], knobs: Mapping[str, Any], flag
                          deepcompile: bool = False) -> dict[str, Any]:
     """The DeepSpeed config of the whole model (a new dict; the inputs are unchanged), before it is split into the
     engines' configs by :func:`plan_engines`."""
-    config = resolve_speed_defaults(resolve_ds_config(user, knobs, flags, deepcompile=deepcompile))
+    config = resolve_speed_defaults(resolve_ds_config(user, knobs, flags, deepcompile=deepcompile),
+                                    world_size=flags.world_size, deepcompile=deepcompile)
     if deepcompile:
         config["compile"] = {**(config.get("compile") or {}), "deepcompile": True}
     return config
@@ -161,6 +163,7 @@ def _build(plan: EnginePlan, registry: EngineRegistry, device: torch.device) -> 
         skip_unused_grad_norm(engine.optimizer)
     if plan.train and zenflow_enabled(config):
         fix_zenflow_parameter_views(engine.optimizer)  # DeepSpeed 0.19.8 scrambles ZenFlow's 2-D weights otherwise
+        restart_zenflow_selective_steps(engine.optimizer)  # its moments restart at each re-selection, its steps not
     if plan.block_fetch and plan.train:
         track_unit_inputs(module)  # a frozen base's blocks (LoRA): see tuning.track_unit_inputs
     slot = EngineSlot(plan.name, module, engine, plan.face, config_clip=float(config.get("gradient_clipping", 0.0)),

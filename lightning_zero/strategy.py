@@ -464,7 +464,6 @@ class ZeroStrategy(ParallelStrategy):
         config = self.ds_config if fitting else cfg.inference_config(self.ds_config)
         offload.check_nvme(config, offload.count_parameters(self.lightning_module), self.num_processes,
                            self.world_size)
-        offload.warn_nvme_parameters_on_cuda(config, self.root_device.type)
         offload.configure_activation_checkpointing(self.ds_config)
 
     def _build_engines(self, fitting: bool) -> None:

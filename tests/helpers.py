@@ -283,11 +283,15 @@ class WideRegressor(Regressor):
             self.net = make_wide_net()
 
 
-def wide_net_reference(steps: int, *, world_size: int = 2, accumulate: int = 1,
-                       clip: float | None = None) -> dict[str, torch.Tensor]:
+def wide_net_reference(steps: int, *, world_size: int = 2, accumulate: int = 1, clip: float | None = None,
+                       init_device: str = "cpu") -> dict[str, torch.Tensor]:
     """:func:`make_wide_net` trained by plain PyTorch AdamW (``WIDE_LR``) over the same global batches, with the
-    LightningModule's keys."""
-    net = make_wide_net()
+    LightningModule's keys. ``init_device``: where the initial weights are drawn, i.e. whose random generator
+    (``zero.Init`` on a GPU builds the model there, so its seeded init comes from the CUDA generator); the training
+    itself runs on the CPU."""
+    with torch.device(init_device):
+        net = make_wide_net()
+    net = net.cpu()
     opt = torch.optim.AdamW(net.parameters(), lr=WIDE_LR, weight_decay=0.01)
     train_plain(lambda x, y: nn.functional.mse_loss(net(x), y), opt, steps, accumulate=accumulate, clip=clip,
                 world_size=world_size)

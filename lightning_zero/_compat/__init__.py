@@ -38,6 +38,9 @@ Patches and overrides (each in this layer):
 * The ZenFlow stage-1/2 optimizer's ``_update_model_bit16_weights`` replaced per instance
   (``deepspeed.fix_zenflow_parameter_views``): DeepSpeed 0.19.8 views ZenFlow's transposed flat buffer untransposed,
   which scrambles every 2-D weight at ``deepspeed.initialize`` and after each step.
+* ZenFlow's selective AdamW's ``clear_selected_mv`` wrapped per instance (``deepspeed.restart_zenflow_selective_steps``):
+  DeepSpeed 0.19.8 zeroes the moments at each top-k re-selection but keeps the step count, so AdamW's bias
+  correction scales the next updates wrongly for the rest of the run.
 * ``PreTrainedModel._initialize_weights`` wrapped (``transformers.initialize_weights_through``): post_init's writes
   must land in the gathered ZeRO-3 parameters.
 

@@ -51,9 +51,6 @@ def test_partial_offload_splits_between_gpu_and_cpu_adam_and_keeps_parity():
     assert diff <= 1e-5
 
 
-@pytest.mark.xfail(strict=True, reason="parameters on NVMe on a GPU end 0.70 from plain PyTorch (one H200, DeepSpeed"
-                   " 0.19.8, 2026-12-01; the CPU accelerator matches to 1.8e-7); ZeroStrategy warns about it"
-                   " (offload.warn_nvme_parameters_on_cuda). strict: once this passes, remove the mark and the warning")
 def test_nvme_offload_keeps_parity(tmp_path):
     from deepspeed.ops.op_builder import AsyncIOBuilder
 
@@ -81,10 +78,13 @@ def test_nvme_offload_keeps_parity(tmp_path):
     strategy = ZeroStrategy(stage=3, offload_optimizer="nvme", offload_parameters="nvme", nvme_path=str(tmp_path),
                             max_in_cpu=0, stage3_param_persistence_threshold=0)
     _trainer(strategy, [Record()], max_steps=steps, precision="32-true").fit(WideRegressor())
-    diff = max_diff(seen["weights"], wide_net_reference(steps, world_size=1))
+    # configure_model runs inside zero.Init, which builds the net on the GPU: its seeded init is the CUDA generator's
+    diff = max_diff(seen["weights"], wide_net_reference(steps, world_size=1, init_device="cuda"))
     print(f"ZeRO-Infinity on the GPU: max |diff| vs plain PyTorch = {diff:.2e}, swap folders: {seen['swapped']}")
     assert {"zero_stage_3/float32params/rank0", "zero_stage_3/optimizer/rank0"} <= set(seen["swapped"]), seen
-    assert diff <= 1e-5
+    # GPU kernels against the CPU reference: Adam turns their rounding differences into lr-sized steps
+    # (WIDE_LR 1e-3); measured 1.17e-5 on one H200 (2026-12-02), 1.8e-7 on the CPU accelerator
+    assert diff <= 2e-5
 
 
 def _losses_fall(strategy, module=None):

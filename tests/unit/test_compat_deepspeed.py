@@ -46,6 +46,7 @@ def test_deepspeed_engine_internals(one_rank):
     _stage12_optimizer_starts_a_micro_batch_with_clear_backward_seen_flag(one_rank)
     _leaf_module_hooks_are_the_handles_the_registry_gates(one_rank)
     _stage3_step_skips_the_unused_norm_and_computes_it_to_clip(one_rank)
+    _one_partition_keeps_whole_parameters_as_views_of_it(one_rank)
     _the_comm_backend_is_released(one_rank)
 
 
@@ -151,6 +152,38 @@ def _stage3_step_skips_the_unused_norm_and_computes_it_to_clip(one_rank):
     with pytest.raises(TypeError, match="ZeRO-3 optimizer"):
         compat.skip_unused_grad_norm(torch.optim.SGD(reference.parameters(), lr=1.0))
     engine.destroy()
+
+
+def _one_partition_keeps_whole_parameters_as_views_of_it(one_rank):
+    """tuning.resolve_speed_defaults keeps every parameter whole at world size 1 (persistence threshold): DeepSpeed's
+    one-partition "gather" (_no_gather_coalesced) makes the parameter a view of its partition, so that costs no
+    memory, the parameter stays available across forward, backward and step, and each step lands in it exactly as
+    in an engine that gathers and releases (threshold 0)."""
+    import sys
+
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    from lightning_zero.tuning import resolve_speed_defaults
+
+    config = resolve_speed_defaults({**STAGE3, "zero_optimization": {"stage": 3}}, world_size=1)
+    assert config["zero_optimization"]["stage3_param_persistence_threshold"] == sys.maxsize
+    torch.manual_seed(0)
+    engine, model = _engine(one_rank, config, leaf=True)
+    torch.manual_seed(0)
+    gathering, gathered = _engine(one_rank, STAGE3, leaf=True)
+    for _ in range(2):
+        x = torch.randn(3, 4, requires_grad=True)  # a leaf unit's input must require grad (tuning.track_unit_inputs)
+        for e in (engine, gathering):
+            e.backward(e(x).square().sum(), scale_wrt_gas=False)
+            e.step()
+        with one_rank.zero.GatheredParameters(list(gathered.parameters())):
+            for (name, p), q in zip(model.named_parameters(), gathered.parameters()):
+                assert p.ds_persist and p.ds_status == ZeroParamStatus.AVAILABLE, f"{name} was released"
+                assert p.data.data_ptr() == p.ds_tensor.data_ptr(), f"{name} is a gathered copy, not a view of its" \
+                    " partition: keeping parameters whole at world size 1 would double their memory"
+                torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=0, msg=name)
+    engine.destroy()
+    gathering.destroy()
 
 
 def _the_comm_backend_is_released(one_rank):

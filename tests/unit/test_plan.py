@@ -207,7 +207,7 @@ def test_planning_does_not_import_deepspeed():
         "from lightning_zero import plan, tuning\n"
         "net = torch.nn.Sequential(torch.nn.Linear(2, 2))\n"
         "config = {'zero_optimization': {'stage': 3}, 'gradient_clipping': 0.0, 'bf16': {'enabled': True}}\n"
-        "plans = plan.plan_engines(tuning.resolve_speed_defaults(config), net, [torch.optim.SGD(net.parameters())])\n"
+        "plans = plan.plan_engines(tuning.resolve_speed_defaults(config, world_size=1), net, [torch.optim.SGD(net.parameters())])\n"
         "plans += plan.plan_engines(config, net, [], fitting=False)\n"
         "print(json.dumps([len(plans), sorted(m for m in sys.modules if m.split('.')[0] == 'deepspeed')]))\n"
     )

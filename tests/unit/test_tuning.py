@@ -1,11 +1,18 @@
 """The speed defaults (lightning_zero/tuning.py): filled only where the config is silent and the value is unused."""
 
+import sys
+
 import pytest
 import torch
 from torch import nn
 
 from lightning_zero.tuning import block_fetch_threshold, resolve_block_fetch, resolve_speed_defaults
 
+
+
+def resolved(config, world_size=2, **kwargs):
+    """The speed defaults for ``world_size`` processes (2 unless a test is about one process)."""
+    return resolve_speed_defaults(config, world_size=world_size, **kwargs)
 
 def cfg(stage=2, clip=0.0, bf16=True, fp16=False, **zero):
     config = {"zero_optimization": {"stage": stage, **zero}, "gradient_clipping": clip}
@@ -17,32 +24,32 @@ def cfg(stage=2, clip=0.0, bf16=True, fp16=False, **zero):
 
 
 def test_bf16_skips_the_overflow_check():
-    assert resolve_speed_defaults(cfg())["bf16"] == {"enabled": True, "check_grad_overflow": False}
+    assert resolved(cfg())["bf16"] == {"enabled": True, "check_grad_overflow": False}
 
 
 def test_legacy_bfloat16_section_too():
-    out = resolve_speed_defaults({"zero_optimization": {"stage": 3}, "bfloat16": {"enabled": True}})
+    out = resolved({"zero_optimization": {"stage": 3}, "bfloat16": {"enabled": True}})
     assert out["bfloat16"]["check_grad_overflow"] is False
 
 
 def test_explicit_user_values_win():
     config = cfg(compute_grad_norm=True)
     config["bf16"]["check_grad_overflow"] = True
-    out = resolve_speed_defaults(config)
+    out = resolved(config)
     assert out["bf16"]["check_grad_overflow"] is True
     assert out["zero_optimization"]["compute_grad_norm"] is True
 
 
 def test_fp16_keeps_its_overflow_check():
-    out = resolve_speed_defaults(cfg(bf16=False, fp16=True))
+    out = resolved(cfg(bf16=False, fp16=True))
     assert out["fp16"] == {"enabled": True}
     assert "bf16" not in out
 
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_norm_skipped_at_stages_1_2_when_nothing_clips(stage):
-    assert resolve_speed_defaults(cfg(stage=stage))["zero_optimization"]["compute_grad_norm"] is False
-    assert resolve_speed_defaults(cfg(stage=stage, bf16=False))["zero_optimization"]["compute_grad_norm"] is False
+    assert resolved(cfg(stage=stage))["zero_optimization"]["compute_grad_norm"] is False
+    assert resolved(cfg(stage=stage, bf16=False))["zero_optimization"]["compute_grad_norm"] is False
 
 
 @pytest.mark.parametrize("config", [
@@ -53,11 +60,11 @@ def test_norm_skipped_at_stages_1_2_when_nothing_clips(stage):
     {**cfg(stage=1), "data_types": {"grad_accum_dtype": "fp32"}},  # DeepSpeed's BF16_Optimizer path needs it
 ], ids=["stage0", "stage3", "clipping", "offload", "stage1-bf16-fp32-accumulation"])
 def test_norm_kept_where_it_is_needed_or_unsupported(config):
-    assert "compute_grad_norm" not in resolve_speed_defaults(config)["zero_optimization"]
+    assert "compute_grad_norm" not in resolved(config)["zero_optimization"]
 
 
 def test_offload_device_none_is_not_offload():
-    out = resolve_speed_defaults(cfg(stage=2, offload_optimizer={"device": "none"}))
+    out = resolved(cfg(stage=2, offload_optimizer={"device": "none"}))
     assert out["zero_optimization"]["compute_grad_norm"] is False
 
 
@@ -66,17 +73,17 @@ def test_resolved_configs_are_accepted_by_deepspeed():
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     for stage in (1, 2):
-        out = resolve_speed_defaults(cfg(stage=stage))
+        out = resolved(cfg(stage=stage))
         DeepSpeedZeroConfig(**out["zero_optimization"])
         DeepSpeedBF16Config(**out["bf16"])
 
 
 def test_stage3_reduce_bucket_matches_lightnings_and_the_config_wins():
-    assert resolve_speed_defaults(cfg(stage=3))["zero_optimization"]["reduce_bucket_size"] == 200_000_000
-    assert "reduce_bucket_size" not in resolve_speed_defaults(cfg(stage=2))["zero_optimization"]
+    assert resolved(cfg(stage=3))["zero_optimization"]["reduce_bucket_size"] == 200_000_000
+    assert "reduce_bucket_size" not in resolved(cfg(stage=2))["zero_optimization"]
     mine = cfg(stage=3)
     mine["zero_optimization"]["reduce_bucket_size"] = 5e8
-    assert resolve_speed_defaults(mine)["zero_optimization"]["reduce_bucket_size"] == 5e8
+    assert resolved(mine)["zero_optimization"]["reduce_bucket_size"] == 5e8
 
 
 # --- stage 3 fetch units (resolve_block_fetch) -------------------------------------------------------------------------
@@ -157,7 +164,7 @@ def test_no_blocks_no_change():
 def test_speed_defaults_return_a_new_config():
     config = cfg(stage=2)
     before = {**config, "zero_optimization": dict(config["zero_optimization"]), "bf16": dict(config["bf16"])}
-    out = resolve_speed_defaults(config)
+    out = resolved(config)
     assert config == before  # the input is unchanged
     assert out is not config and out["zero_optimization"] is not config["zero_optimization"]
     assert out["zero_optimization"]["compute_grad_norm"] is False
@@ -193,3 +200,29 @@ def test_unit_counter_sees_a_gradient_anywhere_in_the_output():
     assert _needs_grad(x) and not _needs_grad(y) and not _needs_grad(None)
     assert _needs_grad((x, None)) and _needs_grad((y, x)) and _needs_grad({"h": [y, x]})
     assert not _needs_grad((y, None)) and not _needs_grad(()) and not _needs_grad({"h": y})
+
+
+def test_one_process_at_stage_3_keeps_parameters_whole():
+    """World size 1: one partition, so a gathered parameter is a view of it; the persistence threshold keeps every
+    parameter whole instead of gathering and releasing it around each block."""
+    zero = resolved(cfg(stage=3), world_size=1)["zero_optimization"]
+    assert zero["stage3_param_persistence_threshold"] == sys.maxsize
+    assert "stage3_param_persistence_threshold" not in resolved(cfg(stage=3))["zero_optimization"]  # 2 processes
+
+
+@pytest.mark.parametrize("config, kwargs", [
+    (cfg(stage=3, offload_param={"device": "cpu"}), {}),  # the partition lives on the host
+    (cfg(stage=3, offload_param={"device": "nvme", "nvme_path": "/tmp"}), {}),
+    (cfg(stage=3, zero_quantized_weights=True), {}),  # a gathered parameter is a dequantized copy
+    (cfg(stage=3), {"deepcompile": True}),  # DeepCompile schedules the gathers itself
+    (cfg(stage=2), {}),
+], ids=["offload-cpu", "offload-nvme", "quantized-weights", "deepcompile", "stage2"])
+def test_one_process_keeps_gathering_where_whole_parameters_would_cost(config, kwargs):
+    assert "stage3_param_persistence_threshold" not in resolved(config, world_size=1, **kwargs)["zero_optimization"]
+
+
+def test_one_process_respects_the_users_persistence_threshold():
+    zero = resolved(cfg(stage=3, stage3_param_persistence_threshold=0), world_size=1)["zero_optimization"]
+    assert zero["stage3_param_persistence_threshold"] == 0
+    on = resolved(cfg(stage=3, offload_param={"device": "none"}), world_size=1)["zero_optimization"]
+    assert on["stage3_param_persistence_threshold"] == sys.maxsize  # device "none" is no offload
