@@ -207,6 +207,8 @@ def test_one_process_at_stage_3_keeps_parameters_whole():
     parameter whole instead of gathering and releasing it around each block."""
     zero = resolved(cfg(stage=3), world_size=1)["zero_optimization"]
     assert zero["stage3_param_persistence_threshold"] == sys.maxsize
+    assert zero["memory_efficient_linear"] is False  # every weight stays whole: torch's linear costs nothing more
+    assert "memory_efficient_linear" not in resolved(cfg(stage=3))["zero_optimization"]
     assert "stage3_param_persistence_threshold" not in resolved(cfg(stage=3))["zero_optimization"]  # 2 processes
 
 
@@ -218,11 +220,15 @@ def test_one_process_at_stage_3_keeps_parameters_whole():
     (cfg(stage=2), {}),
 ], ids=["offload-cpu", "offload-nvme", "quantized-weights", "deepcompile", "stage2"])
 def test_one_process_keeps_gathering_where_whole_parameters_would_cost(config, kwargs):
-    assert "stage3_param_persistence_threshold" not in resolved(config, world_size=1, **kwargs)["zero_optimization"]
+    zero = resolved(config, world_size=1, **kwargs)["zero_optimization"]
+    assert "stage3_param_persistence_threshold" not in zero and "memory_efficient_linear" not in zero
 
 
 def test_one_process_respects_the_users_persistence_threshold():
     zero = resolved(cfg(stage=3, stage3_param_persistence_threshold=0), world_size=1)["zero_optimization"]
     assert zero["stage3_param_persistence_threshold"] == 0
+    assert "memory_efficient_linear" not in zero  # gathered weights: DeepSpeed's linear lets them go early
+    mine = resolved(cfg(stage=3, memory_efficient_linear=True), world_size=1)["zero_optimization"]
+    assert mine["memory_efficient_linear"] is True
     on = resolved(cfg(stage=3, offload_param={"device": "none"}), world_size=1)["zero_optimization"]
     assert on["stage3_param_persistence_threshold"] == sys.maxsize  # device "none" is no offload
