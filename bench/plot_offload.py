@@ -5,6 +5,12 @@ loss curves of fp32 vs bf16 optimizer states from a ``--data markov`` run (docs/
     python bench/plot_offload.py bench/results/offload_modes_h200.json bench/results/converge_bf16_states_h200.json \
         --out docs/offload_modes_h200.png
 
+ZenFlow's curves against the fp32 stage-2 run (docs/zenflow_convergence_h200.png), one or more ``--data markov`` result
+files, each with its label:
+
+    python bench/plot_offload.py --curves-only --out docs/zenflow_convergence_h200.png \
+        "run 1:bench/results/s10_converge_zenflow_u4_h200.json" "run 2:bench/results/s10_converge_zenflow_u4_restart_h200.json" ...
+
 Needs matplotlib (the ``examples`` extra).
 """
 
@@ -26,14 +32,22 @@ LABELS = {
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("modes", help="bench_gpt.py result file with the offload rows")
-    p.add_argument("curves", help="bench_gpt.py result file of a --data markov run (two rows)")
+    p.add_argument("modes", help="bench_gpt.py result file with the offload rows (with --curves-only: LABEL:FILE of"
+                   " --data markov runs, several)", nargs="+")
+    p.add_argument("curves", help="bench_gpt.py result file of a --data markov run (two rows)", nargs="?")
+    p.add_argument("--curves-only", action="store_true", help="only loss curves: every row of every LABEL:FILE")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    if args.curves_only:
+        return _plot_curves(plt, [*args.modes, *([args.curves] if args.curves else [])], args.out)
+    if len(args.modes) != 1 or args.curves is None:
+        p.error("give MODES CURVES (two result files), or --curves-only LABEL:FILE ...")
+    args.modes = args.modes[0]
 
     rows = [r for r in json.load(open(args.modes))["results"] if r.get("row") in LABELS and "tokens_per_s" in r]
     rows.sort(key=lambda r: list(LABELS).index(r["row"]))
@@ -62,6 +76,27 @@ def main(argv=None) -> int:
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
+    return 0
+
+
+def _plot_curves(plt, specs: list[str], out: str) -> int:
+    """Every row's loss curve of each ``LABEL:FILE`` (the same fp32 reference row is drawn once per file)."""
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    env = {}
+    for spec in specs:
+        label, _, path = spec.rpartition(":")
+        for r in json.load(open(path))["results"]:
+            if "losses" in r:
+                env = r.get("env") or env
+                ax.plot(r["losses"], label=f"{r['row']} ({label})" if label else r["row"], linewidth=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (Markov-chain tokens)")
+    ax.legend(fontsize=8)
+    ax.set_title(f"one {env.get('gpu', 'GPU')}, torch {env.get('torch', '')}, deepspeed {env.get('deepspeed', '')},"
+                 " 0.91B GPT, 8 x 1024 tokens per step, bf16, lr 3e-4", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
     return 0
 
 
