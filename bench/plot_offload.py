@@ -9,7 +9,8 @@ ZenFlow's curves against the fp32 stage-2 run (docs/zenflow_convergence_h200.png
 files, each with its label:
 
     python bench/plot_offload.py --curves-only --out docs/zenflow_convergence_h200.png \
-        "run 1:bench/results/s10_converge_zenflow_u4_h200.json" "run 2:bench/results/s10_converge_zenflow_u4_restart_h200.json" ...
+        "run 1:bench/results/s10_converge_zenflow_u4_h200.json" \
+        "run 2:bench/results/s10_converge_zenflow_u4_restart_h200.json" ...
 
 Needs matplotlib (the ``examples`` extra).
 """

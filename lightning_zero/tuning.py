@@ -26,11 +26,12 @@ GPU's idle time per step from 28 ms to 8 ms.
   so keeping it costs no memory, while gathering and releasing it around every block costs Python hooks and a stream
   sync per block. With every weight whole, torch's own linear replaces DeepSpeed's ``memory_efficient_linear`` (which
   exists to let a gathered weight go before its backward) at no memory cost. On one H200, 0.93B Llama, bf16: 47.5k
-  tokens/s gathering, 51.2k whole, 53.8k whole with torch's linear, peak 28.58 GiB in all three (FSDP 57.4k). torch's
-  FSDP does the same at world size 1 (it switches FULL_SHARD to NO_SHARD). Not with parameter offload (the partition is on the
-  host, a gathered copy would keep the whole model on the GPU), ZeRO++ quantized weights (a gathered parameter is a
-  dequantized copy) or DeepCompile (it schedules the gathers itself). Everything else stays stage 3: partitions,
-  ``zero.Init``, checkpoints in stage-3 layout that resume on any number of devices.
+  tokens/s gathering, 51.2k whole, 53.8k whole with torch's linear, peak 28.58 GiB in all three (FSDP 57.4k).
+  torch's FSDP does the same at world size 1 (it switches FULL_SHARD to NO_SHARD). Not with parameter offload (the
+  partition is on the host, a gathered copy would keep the whole model on the GPU), ZeRO++ quantized weights,
+  trainable or frozen (a gathered parameter is a dequantized copy), or DeepCompile (it schedules the gathers
+  itself). Everything else stays stage 3: partitions, ``zero.Init``, checkpoints in stage-3 layout that resume on any
+  number of devices.
 * Stage 3 fetches each repeated block (a transformer layer) as one unit (:func:`resolve_block_fetch`): DeepSpeed's
   ``stage3_module_granularity_threshold`` at the blocks' granularity, or the blocks named in ``leaf_module``.
   DeepSpeed otherwise gathers and releases every ``nn.Linear`` / ``nn.LayerNorm`` separately, each with its own hooks
@@ -85,8 +86,9 @@ def resolve_speed_defaults(config: Mapping[str, Any], *, world_size: int,
         zero.setdefault("compute_grad_norm", False)
     if stage == 3:
         zero.setdefault("reduce_bucket_size", STAGE3_REDUCE_BUCKET)
-        if world_size == 1 and not deepcompile and not _offloaded_parameters(zero) \
-                and not zero.get("zero_quantized_weights") and "stage3_param_persistence_threshold" not in zero:
+        quantized = zero.get("zero_quantized_weights") or zero.get("zero_quantized_nontrainable_weights")
+        if world_size == 1 and not deepcompile and not _offloaded_parameters(zero) and not quantized \
+                and "stage3_param_persistence_threshold" not in zero:
             zero["stage3_param_persistence_threshold"] = WHOLE_PARAMETERS
             # torch's own linear: it keeps its weight for the backward, which costs nothing when every weight stays
             # whole anyway (DeepSpeed's replacement exists to let a gathered weight go before its backward)

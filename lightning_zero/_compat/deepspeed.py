@@ -21,8 +21,9 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["BACKWARD_COUNTERS", "ENGINE_MODULE_HOOKS", "accelerator_chosen", "backward_reaches_only",
-           "convert_to_universal", "fix_zenflow_parameter_views", "leaf_module_hooks", "restart_zenflow_selective_steps",
+           "convert_to_universal", "fix_zenflow_parameter_views", "leaf_module_hooks",
            "loading_universal_checkpoint", "memoize_cpu_info", "redirect_module_compile", "release_comm_backend",
+           "restart_zenflow_selective_steps",
            "remove_engine_module_hooks", "set_gradient_clipping", "shift_deepcompile_schedule",
            "skip_unused_grad_norm", "start_micro_batch", "universal_args", "untag_leaf_parameters",
            "zero3_backward_counters"]

@@ -216,9 +216,10 @@ def test_one_process_at_stage_3_keeps_parameters_whole():
     (cfg(stage=3, offload_param={"device": "cpu"}), {}),  # the partition lives on the host
     (cfg(stage=3, offload_param={"device": "nvme", "nvme_path": "/tmp"}), {}),
     (cfg(stage=3, zero_quantized_weights=True), {}),  # a gathered parameter is a dequantized copy
+    (cfg(stage=3, zero_quantized_nontrainable_weights=True), {}),  # the same for frozen ones (a LoRA base)
     (cfg(stage=3), {"deepcompile": True}),  # DeepCompile schedules the gathers itself
     (cfg(stage=2), {}),
-], ids=["offload-cpu", "offload-nvme", "quantized-weights", "deepcompile", "stage2"])
+], ids=["offload-cpu", "offload-nvme", "quantized-weights", "quantized-frozen-weights", "deepcompile", "stage2"])
 def test_one_process_keeps_gathering_where_whole_parameters_would_cost(config, kwargs):
     zero = resolved(config, world_size=1, **kwargs)["zero_optimization"]
     assert "stage3_param_persistence_threshold" not in zero and "memory_efficient_linear" not in zero
