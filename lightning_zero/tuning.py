@@ -53,6 +53,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_zero.config import offload_device
+
 __all__ = ["block_fetch_threshold", "resolve_block_fetch", "resolve_speed_defaults", "track_unit_inputs"]
 
 STAGE3_REDUCE_BUCKET = 200_000_000
@@ -75,8 +77,7 @@ def resolve_speed_defaults(config: Mapping[str, Any], *, world_size: int,
         config[bf16_key] = {**config[bf16_key]}
         config[bf16_key].setdefault("check_grad_overflow", False)
 
-    offloaded = isinstance(zero.get("offload_optimizer"), Mapping) and \
-        zero["offload_optimizer"].get("device") not in (None, "none")
+    offloaded = offload_device(config, "offload_optimizer") is not None
     # DeepSpeed runs stage 1 with bf16 weights and fp32 gradient accumulation through its BF16_Optimizer, which
     # always needs the norm.
     grad_accum = (config.get("data_types") or {}).get("grad_accum_dtype")
@@ -87,18 +88,13 @@ def resolve_speed_defaults(config: Mapping[str, Any], *, world_size: int,
     if stage == 3:
         zero.setdefault("reduce_bucket_size", STAGE3_REDUCE_BUCKET)
         quantized = zero.get("zero_quantized_weights") or zero.get("zero_quantized_nontrainable_weights")
-        if world_size == 1 and not deepcompile and not _offloaded_parameters(zero) and not quantized \
+        if world_size == 1 and not deepcompile and offload_device(config, "offload_param") is None and not quantized \
                 and "stage3_param_persistence_threshold" not in zero:
             zero["stage3_param_persistence_threshold"] = WHOLE_PARAMETERS
             # torch's own linear: it keeps its weight for the backward, which costs nothing when every weight stays
             # whole anyway (DeepSpeed's replacement exists to let a gathered weight go before its backward)
             zero.setdefault("memory_efficient_linear", False)
     return config
-
-
-def _offloaded_parameters(zero: Mapping[str, Any]) -> bool:
-    section = zero.get("offload_param")
-    return isinstance(section, Mapping) and section.get("device") not in (None, "none")
 
 
 # DeepSpeed's rules (runtime/zero/parameter_offload.py, _get_granularity_recursively): a module's granularity is its
