@@ -41,7 +41,7 @@ from typing import Any
 __all__ = ["main"]
 
 ROWS = ["raw_z3", "zero_z3", "auto", "torch", "raw_z2", "zero_z2"]
-PROFILED = ["raw_z3", "zero_z3"]
+PROFILED = ["raw_z3", "zero_z3", "raw_z2", "zero_z2"]
 PACKAGES = ["lightning_zero", "deepspeed", "lightning", "transformers", "torch", "other"]
 MARK = "HOST_OVERHEAD_RESULT "
 
@@ -116,7 +116,7 @@ def _raw(stage: int, args: argparse.Namespace, profile: cProfile.Profile | None)
     import torch
 
     from lightning_zero import ZeroStrategy
-    from lightning_zero._compat.deepspeed import skip_unused_grad_norm
+    from lightning_zero._compat.deepspeed import keep_whole_parameters_through_step, skip_unused_grad_norm
     from lightning_zero.config import TrainerFlags
     from lightning_zero.engines import clone_optimizer
     from lightning_zero.plan import plan_engines, resolve_model_config
@@ -134,6 +134,8 @@ def _raw(stage: int, args: argparse.Namespace, profile: cProfile.Profile | None)
                                       dist_init_required=False)
     if plan.skip_grad_norm:
         skip_unused_grad_norm(engine.optimizer)
+    if stage == 3:
+        keep_whole_parameters_through_step(engine.optimizer)
     times = []
     for i, batch in enumerate(_batches(args.warmup + args.steps)):
         if i == args.warmup and profile is not None:

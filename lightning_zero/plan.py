@@ -28,8 +28,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_zero import offload
-from lightning_zero._compat.deepspeed import (fix_zenflow_parameter_views, restart_zenflow_selective_steps,
-                                              skip_unused_grad_norm)
+from lightning_zero._compat.deepspeed import (fix_zenflow_parameter_views, keep_whole_parameters_through_step,
+                                              restart_zenflow_selective_steps, skip_unused_grad_norm)
 from lightning_zero.config import TrainerFlags, inference_config, resolve_ds_config, zenflow_enabled, zero_stage
 from lightning_zero.engines import EngineRegistry, EngineSlot, ModelAssignment, assign_models, build_engine, leaf_flags
 from lightning_zero.tuning import resolve_block_fetch, resolve_speed_defaults, track_unit_inputs
@@ -161,6 +161,8 @@ def _build(plan: EnginePlan, registry: EngineRegistry, device: torch.device) -> 
     engine = build_engine(module, config, optimizer, device.index if device.type == "cuda" else -1, train=plan.train)
     if plan.skip_grad_norm:
         skip_unused_grad_norm(engine.optimizer)
+    if plan.train and stage == 3:
+        keep_whole_parameters_through_step(engine.optimizer)  # one process: no release and re-gather in each step
     if plan.train and zenflow_enabled(config):
         fix_zenflow_parameter_views(engine.optimizer)  # DeepSpeed 0.19.8 scrambles ZenFlow's 2-D weights otherwise
         restart_zenflow_selective_steps(engine.optimizer)  # its moments restart at each re-selection, its steps not

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 __all__ = ["BACKWARD_COUNTERS", "ENGINE_MODULE_HOOKS", "accelerator_chosen", "backward_reaches_only",
            "convert_to_universal", "fix_zenflow_parameter_views", "leaf_module_hooks",
            "loading_universal_checkpoint", "memoize_cpu_info", "redirect_module_compile", "release_comm_backend",
-           "restart_zenflow_selective_steps",
+           "restart_zenflow_selective_steps", "keep_whole_parameters_through_step",
            "remove_engine_module_hooks", "set_gradient_clipping", "shift_deepcompile_schedule",
            "skip_unused_grad_norm", "start_micro_batch", "universal_args", "untag_leaf_parameters",
            "zero3_backward_counters"]
@@ -437,3 +437,68 @@ def skip_unused_grad_norm(optimizer: Any) -> None:
 
     optimizer._get_norm_groups = get_norm_groups
     optimizer.unscale_and_clip_grads = unscale_and_clip_grads
+
+
+_STAGE3_STEP_ATTRIBUTES = ("step", "_partition_all_parameters", "module", "dp_process_group")
+
+
+def keep_whole_parameters_through_step(optimizer: Any) -> bool:
+    """ZeRO-3's optimizer step without releasing and re-gathering parameters that one partition keeps whole.
+
+    Why: ``DeepSpeedZeroOptimizer_Stage3.step`` starts with ``_partition_all_parameters()``, which releases every
+    parameter of the model, persistent ones included (``release_and_reset_all``: one ``partition()`` per parameter),
+    and ``_post_step`` gathers the persistent ones again. With one process and every parameter whole
+    (``tuning.resolve_speed_defaults``' default at world size 1), each parameter is a view of its own partition
+    (``partition_parameters._no_gather_coalesced``), the optimizer writes the partition in place, and the release and
+    the gather only swap ``param.data`` out and back: 147 ``partition`` calls per step on a 16-layer Llama, host work
+    that keeps the GPU waiting before the optimizer's kernels. The replacement skips the release when, at the start
+    of the step, every parameter of the model is persistent, available and a view of its partition (then
+    ``_post_step``'s gather finds nothing to gather), and clears the parameters' active-module sets as DeepSpeed's
+    release does; otherwise DeepSpeed's release runs. After the step each kept parameter must still be a view of its
+    partition, or the step raises (the weights would otherwise go stale). Returns False (nothing patched) on more
+    than one process, where the release and gather move real data.
+    Verified: DeepSpeed 0.19.8 (``stage3.py`` ``step``, ``_partition_all_parameters``, ``_post_step``;
+    ``partitioned_param_coordinator.py`` ``release_and_reset_all``).
+    """
+    from deepspeed import comm as dist
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    if not isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3):
+        raise TypeError(f"keep_whole_parameters_through_step needs DeepSpeed's ZeRO-3 optimizer, got"
+                        f" {type(optimizer).__name__}.")
+    for name in _STAGE3_STEP_ATTRIBUTES:
+        if not hasattr(optimizer, name):
+            raise _missing(f"DeepSpeedZeroOptimizer_Stage3.{name}", "to keep whole parameters through the step")
+    if dist.get_world_size(group=optimizer.dp_process_group) != 1:
+        return False
+    step, release = optimizer.step, optimizer._partition_all_parameters
+    params = list(optimizer.module.parameters())
+
+    def whole(p: Any) -> bool:
+        return (getattr(p, "ds_persist", False) and p.ds_status == ZeroParamStatus.AVAILABLE
+                and p.data.data_ptr() == p.ds_tensor.data_ptr())
+
+    def clear_active_modules() -> None:  # what DeepSpeed's release does besides releasing
+        for p in params:
+            p.ds_active_sub_modules.clear()
+
+    def step_keeping_whole_parameters(*args: Any, **kwargs: Any) -> Any:
+        kept = all(whole(p) for p in params)
+        if not kept:
+            return step(*args, **kwargs)
+        optimizer._partition_all_parameters = clear_active_modules
+        try:
+            out = step(*args, **kwargs)
+        finally:
+            optimizer._partition_all_parameters = release
+        if not all(whole(p) for p in params):
+            stale = next(n for n, p in optimizer.module.named_parameters() if not whole(p))
+            raise RuntimeError(f"DeepSpeed's ZeRO-3 step moved parameter `{stale}` off its partition, which"
+                               " lightning_zero's keep_whole_parameters_through_step (_compat/deepspeed.py) relies on;"
+                               " set zero_optimization.stage3_param_persistence_threshold in the config to get"
+                               " DeepSpeed's own release and gather back.")
+        return out
+
+    optimizer.step = step_keeping_whole_parameters
+    return True

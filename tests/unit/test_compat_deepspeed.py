@@ -171,19 +171,68 @@ def _one_partition_keeps_whole_parameters_as_views_of_it(one_rank):
     engine, model = _engine(one_rank, config, leaf=True)
     torch.manual_seed(0)
     gathering, gathered = _engine(one_rank, STAGE3, leaf=True)
-    for _ in range(2):
+    torch.manual_seed(0)
+    kept, kept_model = _engine(one_rank, config, leaf=True)
+    assert compat.keep_whole_parameters_through_step(kept.optimizer) is True
+    assert compat.keep_whole_parameters_through_step(gathering.optimizer) is True  # patched, and falls back itself
+    released = _count_partition_calls(kept_model)
+    for step in range(3):
         x = torch.randn(3, 4, requires_grad=True)  # a leaf unit's input must require grad (tuning.track_unit_inputs)
-        for e in (engine, gathering):
+        for e in (engine, gathering, kept):
             e.backward(e(x).square().sum(), scale_wrt_gas=False)
             e.step()
+        # the first step comes after DeepSpeed's tracing backward, which released the parameters: DeepSpeed's release
+        # and gather run then; from the second on nothing is released
+        assert (released() > 0) == (step == 0), \
+            f"step {step}: {released()} partition() calls (keep_whole_parameters_through_step)"
+        released = _count_partition_calls(kept_model)
         with one_rank.zero.GatheredParameters(list(gathered.parameters())):
-            for (name, p), q in zip(model.named_parameters(), gathered.parameters()):
-                assert p.ds_persist and p.ds_status == ZeroParamStatus.AVAILABLE, f"{name} was released"
-                assert p.data.data_ptr() == p.ds_tensor.data_ptr(), f"{name} is a gathered copy, not a view of its" \
-                    " partition: keeping parameters whole at world size 1 would double their memory"
+            for (name, p), q, k in zip(model.named_parameters(), gathered.parameters(), kept_model.parameters()):
+                for each in (p, k):
+                    assert each.ds_persist and each.ds_status == ZeroParamStatus.AVAILABLE, f"{name} was released"
+                    assert each.data.data_ptr() == each.ds_tensor.data_ptr(), f"{name} is a gathered copy, not a" \
+                        " view of its partition: keeping parameters whole at world size 1 would double their memory"
+                    assert not each.ds_active_sub_modules, f"{name}: active modules left after step {step}"
                 torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=0, msg=name)
-    engine.destroy()
-    gathering.destroy()
+                torch.testing.assert_close(k.detach(), q.detach(), rtol=0, atol=0, msg=name)
+    # a parameter the step moves off its partition would go stale: the step says so instead
+    victim = kept_model[0].a.weight
+    victim.ds_tensor.data = victim.ds_tensor.data.clone()
+    x = torch.randn(3, 4, requires_grad=True)
+    kept.backward(kept(x).square().sum(), scale_wrt_gas=False)
+    victim.ds_tensor.data = victim.data.view(-1)  # whole again before the step, then moved by "DeepSpeed"
+    original = type(kept.optimizer)._reassign_or_swap_out_partitioned_parameters
+
+    def moving(self, sub_group_id):
+        original(self, sub_group_id)
+        victim.ds_tensor.data = victim.ds_tensor.data.clone()
+
+    type(kept.optimizer)._reassign_or_swap_out_partitioned_parameters = moving
+    try:
+        with pytest.raises(RuntimeError, match=r"moved parameter `0\.a\.weight` off its partition"):
+            kept.step()
+    finally:
+        type(kept.optimizer)._reassign_or_swap_out_partitioned_parameters = original
+    with pytest.raises(TypeError, match="ZeRO-3 optimizer"):
+        compat.keep_whole_parameters_through_step(torch.optim.SGD(model.parameters(), lr=1.0))
+    for e in (engine, gathering, kept):
+        e.destroy()
+
+
+def _count_partition_calls(model):
+    """A new counter, from zero, of ``partition()`` calls on ``model``'s ZeRO-3 parameters (DeepSpeed's
+    per-parameter release); it replaces the counter an earlier call put on them."""
+    calls = [0]
+    for p in model.parameters():
+        partition = getattr(p, "_uncounted_partition", p.partition)
+        p._uncounted_partition = partition
+
+        def counted(*args, _partition=partition, **kwargs):
+            calls[0] += 1
+            return _partition(*args, **kwargs)
+
+        p.partition = counted
+    return lambda: calls[0]
 
 
 def _the_comm_backend_is_released(one_rank):
