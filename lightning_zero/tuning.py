@@ -28,11 +28,11 @@ GPU's idle time per step from 28 ms to 8 ms.
   exists to let a gathered weight go before its backward) at no memory cost. On one H200, 0.93B Llama, bf16: 47.5k
   tokens/s gathering, 51.2k whole, 53.8k whole with torch's linear, peak 28.58 GiB in all three (FSDP 57.4k).
   torch's FSDP does the same at world size 1 (it switches FULL_SHARD to NO_SHARD). The optimizer step then keeps
-  them whole too (``_compat.deepspeed.keep_whole_parameters_through_step``, applied by ``plan``). Not with parameter offload (the
-  partition is on the host, a gathered copy would keep the whole model on the GPU), ZeRO++ quantized weights,
-  trainable or frozen (a gathered parameter is a dequantized copy), or DeepCompile (it schedules the gathers
-  itself). Everything else stays stage 3: partitions, ``zero.Init``, checkpoints in stage-3 layout that resume on any
-  number of devices.
+  them whole too (``_compat.deepspeed.keep_whole_parameters_through_step``, applied by ``plan``). Not with parameter
+  offload (the partition is on the host, a gathered copy would keep the whole model on the GPU), ZeRO++ quantized
+  weights, trainable or frozen (a gathered parameter is a dequantized copy), or DeepCompile (it schedules the
+  gathers itself). Everything else stays stage 3: partitions, ``zero.Init``, checkpoints in stage-3 layout that
+  resume on any number of devices.
 * Stage 3 fetches each repeated block (a transformer layer) as one unit (:func:`resolve_block_fetch`): DeepSpeed's
   ``stage3_module_granularity_threshold`` at the blocks' granularity, or the blocks named in ``leaf_module``.
   DeepSpeed otherwise gathers and releases every ``nn.Linear`` / ``nn.LayerNorm`` separately, each with its own hooks

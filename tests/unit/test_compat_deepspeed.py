@@ -197,13 +197,11 @@ def _one_partition_keeps_whole_parameters_as_views_of_it(one_rank):
                 torch.testing.assert_close(k.detach(), q.detach(), rtol=0, atol=0, msg=name)
     # a parameter the step moves off its partition would go stale: the step says so instead
     victim = kept_model[0].a.weight
-    victim.ds_tensor.data = victim.ds_tensor.data.clone()
     x = torch.randn(3, 4, requires_grad=True)
     kept.backward(kept(x).square().sum(), scale_wrt_gas=False)
-    victim.ds_tensor.data = victim.data.view(-1)  # whole again before the step, then moved by "DeepSpeed"
     original = type(kept.optimizer)._reassign_or_swap_out_partitioned_parameters
 
-    def moving(self, sub_group_id):
+    def moving(self, sub_group_id):  # a DeepSpeed whose step gives the partition new storage
         original(self, sub_group_id)
         victim.ds_tensor.data = victim.ds_tensor.data.clone()
 
