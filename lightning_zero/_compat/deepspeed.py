@@ -46,6 +46,17 @@ def _missing(symbol: str, used_for: str) -> RuntimeError:
                         f" lightning_zero supports (`pip install '{requirement('deepspeed')}'`).")
 
 
+def _check_optimizer(optimizer: Any, cls: type, kind: str, symbol: str, attributes: Iterable[str], caller: str,
+                     used_for: str) -> None:
+    """``optimizer`` is DeepSpeed's ``cls`` (else a TypeError naming ``caller``) and has each of ``attributes``
+    (else :func:`_missing` for ``symbol.<attribute>``)."""
+    if not isinstance(optimizer, cls):
+        raise TypeError(f"{caller} needs DeepSpeed's {kind} optimizer, got {type(optimizer).__name__}.")
+    for name in attributes:
+        if not hasattr(optimizer, name):
+            raise _missing(f"{symbol}.{name}", used_for)
+
+
 def memoize_cpu_info() -> None:
     """Answer py-cpuinfo's ``get_cpu_info()`` once per process.
 
@@ -347,12 +358,8 @@ def fix_zenflow_parameter_views(optimizer: Any) -> None:
     """
     from deepspeed.runtime.zenflow.zenflow_stage_1_and_2 import ZenFlowZeroOptimizer
 
-    if not isinstance(optimizer, ZenFlowZeroOptimizer):
-        raise TypeError(f"fix_zenflow_parameter_views needs DeepSpeed's ZenFlow optimizer, got"
-                        f" {type(optimizer).__name__}.")
-    for name in _ZENFLOW_VIEW_ATTRIBUTES:
-        if not hasattr(optimizer, name):
-            raise _missing(f"DeepSpeedZeroOptimizer.{name}", "to view ZenFlow's transposed parameters")
+    _check_optimizer(optimizer, ZenFlowZeroOptimizer, "ZenFlow", "DeepSpeedZeroOptimizer", _ZENFLOW_VIEW_ATTRIBUTES,
+                     "fix_zenflow_parameter_views", "to view ZenFlow's transposed parameters")
 
     def update_model_bit16_weights(group_index: int) -> None:
         flat = optimizer.bit16_groups_flat[group_index]
@@ -414,11 +421,8 @@ def skip_unused_grad_norm(optimizer: Any) -> None:
     """
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 
-    if not isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3):
-        raise TypeError(f"skip_unused_grad_norm needs DeepSpeed's ZeRO-3 optimizer, got {type(optimizer).__name__}.")
-    for name in _STAGE3_NORM_ATTRIBUTES:
-        if not hasattr(optimizer, name):
-            raise _missing(f"DeepSpeedZeroOptimizer_Stage3.{name}", "to skip the unused gradient norm at stage 3")
+    _check_optimizer(optimizer, DeepSpeedZeroOptimizer_Stage3, "ZeRO-3", "DeepSpeedZeroOptimizer_Stage3",
+                     _STAGE3_NORM_ATTRIBUTES, "skip_unused_grad_norm", "to skip the unused gradient norm at stage 3")
     norm_groups, unscale = optimizer._get_norm_groups, optimizer.unscale_and_clip_grads
 
     def unused() -> bool:
@@ -464,12 +468,9 @@ def keep_whole_parameters_through_step(optimizer: Any) -> bool:
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 
-    if not isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3):
-        raise TypeError(f"keep_whole_parameters_through_step needs DeepSpeed's ZeRO-3 optimizer, got"
-                        f" {type(optimizer).__name__}.")
-    for name in _STAGE3_STEP_ATTRIBUTES:
-        if not hasattr(optimizer, name):
-            raise _missing(f"DeepSpeedZeroOptimizer_Stage3.{name}", "to keep whole parameters through the step")
+    _check_optimizer(optimizer, DeepSpeedZeroOptimizer_Stage3, "ZeRO-3", "DeepSpeedZeroOptimizer_Stage3",
+                     _STAGE3_STEP_ATTRIBUTES, "keep_whole_parameters_through_step",
+                     "to keep whole parameters through the step")
     if dist.get_world_size(group=optimizer.dp_process_group) != 1:
         return False
     step, release = optimizer.step, optimizer._partition_all_parameters
