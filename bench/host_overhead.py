@@ -116,10 +116,9 @@ def _raw(stage: int, args: argparse.Namespace, profile: cProfile.Profile | None)
     import torch
 
     from lightning_zero import ZeroStrategy
-    from lightning_zero._compat.deepspeed import keep_whole_parameters_through_step, skip_unused_grad_norm
     from lightning_zero.config import TrainerFlags
     from lightning_zero.engines import clone_optimizer
-    from lightning_zero.plan import plan_engines, resolve_model_config
+    from lightning_zero.plan import plan_engines, resolve_model_config, speed_up_engine
 
     strategy = ZeroStrategy(stage=stage, config=json.loads(args.zero_config or "null"))
     flags = TrainerFlags(precision="32-true", micro_batch_size=2, world_size=1, devices_per_node=1, device_type="cpu")
@@ -132,10 +131,7 @@ def _raw(stage: int, args: argparse.Namespace, profile: cProfile.Profile | None)
     engine, *_ = deepspeed.initialize(model=model, optimizer=clone_optimizer(optimizer), config=plan.config,
                                       model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       dist_init_required=False)
-    if plan.skip_grad_norm:
-        skip_unused_grad_norm(engine.optimizer)
-    if stage == 3:
-        keep_whole_parameters_through_step(engine.optimizer)
+    speed_up_engine(plan, engine)
     times = []
     for i, batch in enumerate(_batches(args.warmup + args.steps)):
         if i == args.warmup and profile is not None:

@@ -29,12 +29,13 @@ from torch.optim import Optimizer
 
 from lightning_zero import offload
 from lightning_zero._compat.deepspeed import (fix_zenflow_parameter_views, keep_whole_parameters_through_step,
-                                              restart_zenflow_selective_steps, skip_unused_grad_norm)
+                                              restart_zenflow_selective_steps, skip_unused_grad_norm,
+                                              write_gradients_into_partition)
 from lightning_zero.config import TrainerFlags, inference_config, resolve_ds_config, zenflow_enabled, zero_stage
 from lightning_zero.engines import EngineRegistry, EngineSlot, ModelAssignment, assign_models, build_engine, leaf_flags
 from lightning_zero.tuning import resolve_block_fetch, resolve_speed_defaults, track_unit_inputs
 
-__all__ = ["EnginePlan", "build_engines", "plan_engines", "resolve_model_config"]
+__all__ = ["EnginePlan", "build_engines", "plan_engines", "resolve_model_config", "speed_up_engine"]
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,18 @@ def build_engines(plans: Sequence[EnginePlan], registry: EngineRegistry, device:
     return [_build(plan, registry, device) for plan in plans]
 
 
+def speed_up_engine(plan: EnginePlan, engine: Any) -> None:
+    """The speed patches of DeepSpeed's optimizer that ``plan`` calls for (``tuning.py`` says why; each function in
+    ``_compat.deepspeed`` checks its own conditions and leaves the optimizer alone where they do not hold)."""
+    stage = zero_stage(plan.config)
+    if plan.skip_grad_norm:
+        skip_unused_grad_norm(engine.optimizer)
+    if plan.train and stage == 3:
+        keep_whole_parameters_through_step(engine.optimizer)  # one process: no release and re-gather in each step
+    if plan.train and stage in (1, 2):
+        write_gradients_into_partition(engine)  # one process: gradients go straight into the partition
+
+
 def _build(plan: EnginePlan, registry: EngineRegistry, device: torch.device) -> EngineSlot:
     module, config, stage = plan.module, plan.config, zero_stage(plan.config)
     if stage < 3:
@@ -159,10 +172,7 @@ def _build(plan: EnginePlan, registry: EngineRegistry, device: torch.device) -> 
     optimizer = offload.build_stepped_optimizer(plan.face, config) if plan.face is not None else None
     units_before = leaf_flags(module)  # restored when the engine is released
     engine = build_engine(module, config, optimizer, device.index if device.type == "cuda" else -1, train=plan.train)
-    if plan.skip_grad_norm:
-        skip_unused_grad_norm(engine.optimizer)
-    if plan.train and stage == 3:
-        keep_whole_parameters_through_step(engine.optimizer)  # one process: no release and re-gather in each step
+    speed_up_engine(plan, engine)
     if plan.train and zenflow_enabled(config):
         fix_zenflow_parameter_views(engine.optimizer)  # DeepSpeed 0.19.8 scrambles ZenFlow's 2-D weights otherwise
         restart_zenflow_selective_steps(engine.optimizer)  # its moments restart at each re-selection, its steps not

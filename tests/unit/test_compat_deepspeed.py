@@ -47,6 +47,7 @@ def test_deepspeed_engine_internals(one_rank):
     _leaf_module_hooks_are_the_handles_the_registry_gates(one_rank)
     _stage3_step_skips_the_unused_norm_and_computes_it_to_clip(one_rank)
     _one_partition_keeps_whole_parameters_as_views_of_it(one_rank)
+    _one_process_writes_gradients_into_the_partition(one_rank)
     _the_comm_backend_is_released(one_rank)
 
 
@@ -231,6 +232,94 @@ def _count_partition_calls(model):
 
         p.partition = counted
     return lambda: calls[0]
+
+
+class WithUnused(nn.Module):
+    """Two blocks and a layer no forward uses (its gradient is None: the partition must hold zeros for it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks, self.unused = nn.Sequential(Block(), Block()), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+def _one_process_writes_gradients_into_the_partition(one_rank):
+    """write_gradients_into_partition: at stages 1-2 on one process each step lands exactly where DeepSpeed's own
+    bucketed path lands (ZeroStrategy's unmanaged accumulation with two backwards per step, DeepSpeed's managed
+    accumulation over two micro-batches, with overlap_comm, with clipping), safe_get_full_grad reads the stage-2
+    gradients plain torch accumulates (DeepSpeed's unmanaged path offers them only at the step), and no reduce bucket
+    is ever allocated."""
+    import copy
+
+    from deepspeed.utils import safe_get_full_grad
+
+    base = {"train_micro_batch_size_per_gpu": 1, "gradient_clipping": 0.0}
+    cases = [({**base, "gradient_accumulation_steps": 1, "managed_gradient_accumulation": False,
+               "zero_optimization": {"stage": stage, "compute_grad_norm": False}}, 2) for stage in (1, 2)]
+    cases += [({**base, "gradient_accumulation_steps": 2, "gradient_clipping": 0.05,
+                "zero_optimization": {"stage": stage, "overlap_comm": stage == 2}}, 1) for stage in (1, 2)]
+    # bf16 weights: the partition holds fp32 gradients, and a step after one backward is DeepSpeed's bit for bit
+    cases += [({**cases[1][0], "bf16": {"enabled": True, "check_grad_overflow": False}}, 1)]
+    for config, backwards in cases:
+        dtype = torch.bfloat16 if "bf16" in config else torch.float32
+        engines = []
+        for patch in (False, True):
+            torch.manual_seed(0)
+            model = WithUnused().to(dtype)
+            plain = copy.deepcopy(model)
+            engine, *_ = one_rank.initialize(model=model, config=config,
+                                             optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
+            assert compat.write_gradients_into_partition(engine) is True if patch else True
+            engines.append((engine, model))
+        (reference, ref_model), (fast, fast_model) = engines
+        bucketed = [0, 0]  # calls of DeepSpeed's per-gradient bucket copy, without and with the partition write
+        for k, (engine, _) in enumerate(engines):
+            def counted(*args, _k=k, _original=engine.optimizer.reduce_independent_p_g_buckets_and_remove_grads):
+                bucketed[_k] += 1
+                return _original(*args)
+
+            engine.optimizer.reduce_independent_p_g_buckets_and_remove_grads = counted
+        label = (f"stage {config['zero_optimization']['stage']}, accumulation {config['gradient_accumulation_steps']},"
+                 f" {dtype}")
+        for step in range(3):
+            for _ in range(backwards * config["gradient_accumulation_steps"]):
+                x = torch.randn(3, 4, dtype=dtype)
+                plain(x).square().sum().backward()
+                for engine, _ in engines:
+                    engine.backward(engine(x).square().sum())
+                    if config.get("managed_gradient_accumulation", True):
+                        engine.step()  # DeepSpeed's own boundary: a step every second micro-batch
+            if not config.get("managed_gradient_accumulation", True):
+                # stage 2 has them in the partition after each backward; stage 1 keeps param.grad until the step
+                for (name, p), q in zip(plain.named_parameters(), fast_model.parameters()):
+                    if config["zero_optimization"]["stage"] == 1:
+                        break
+                    expected = torch.zeros_like(p, dtype=torch.float32) if p.grad is None else p.grad.float()
+                    torch.testing.assert_close(safe_get_full_grad(q), expected, rtol=0, atol=0,
+                                               msg=f"{label}, step {step}: the gradient of {name}")
+                for engine, _ in engines:
+                    engine.step()
+            plain.load_state_dict(ref_model.state_dict())  # the next step's gradients start from these weights
+            plain.zero_grad()
+            for (name, p), q in zip(ref_model.named_parameters(), fast_model.parameters()):
+                torch.testing.assert_close(q.detach(), p.detach(), rtol=0, atol=0, msg=f"{label}, step {step}: {name}")
+        assert bucketed[0] > 0 and bucketed[1] == 0, \
+            f"{label}: DeepSpeed's bucket path ran {bucketed[1]} times with the partition write ({bucketed[0]} without)"
+        for engine, _ in engines:
+            engine.destroy()
+    # where the reduction is not the identity's layout, nothing is patched
+    torch.manual_seed(0)
+    model = WithUnused()
+    engine, *_ = one_rank.initialize(model=model, config={**cases[0][0], "gradient_predivide_factor": 2.0},
+                                     optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
+    assert compat.write_gradients_into_partition(engine) is False
+    assert "process_gradients" not in vars(engine.optimizer)
+    engine.destroy()
+    with pytest.raises(TypeError, match="ZeRO-1/2 optimizer"):
+        compat.write_gradients_into_partition(
+            type("Engine", (), {"optimizer": torch.optim.SGD(model.parameters(), lr=1.0)})())
 
 
 def _the_comm_backend_is_released(one_rank):
