@@ -509,38 +509,39 @@ _STAGE12_GRADIENT_ATTRIBUTES = (
     "process_gradients", "reduce_ready_partitions_and_remove_grads", "independent_gradient_partition_epilogue",
     "finalize_gradient_accumulation_boundary", "set_gradient_accumulation_boundary",
     "is_gradient_accumulation_boundary", "_get_preflattened_grad_partition", "_release_ipg_buffers",
-    "_clear_param_grad_only", "_epilogue_ran_this_backward", "_coalesce_grad_reduction", "_is_muon_group",
-    "averaged_gradients", "all_grad_tensors", "params_in_partition", "partition_size", "grad_start_offset",
-    "grad_partition_insertion_offset", "round_robin_bit16_padding", "bit16_groups", "single_partition_of_fp32_groups",
-    "real_dp_process_group", "get_param_id", "partition_gradients", "overlap_comm", "contiguous_gradients",
-    "cpu_offload", "zenflow", "has_moe_layers", "gradient_predivide_factor", "use_grad_accum_attribute", "dtype",
-    "gradient_accumulation_dtype")
+    "_epilogue_ran_this_backward", "_is_muon_group", "averaged_gradients", "all_grad_tensors", "params_in_partition",
+    "partition_size", "grad_start_offset", "grad_partition_insertion_offset", "round_robin_bit16_padding",
+    "bit16_groups", "single_partition_of_fp32_groups", "real_dp_process_group", "get_param_id",
+    "contiguous_gradients", "cpu_offload", "zenflow", "has_moe_layers", "gradient_predivide_factor",
+    "use_grad_accum_attribute", "dtype", "gradient_accumulation_dtype")
 
 
 def write_gradients_into_partition(engine: Any) -> bool:
-    """ZeRO-1/2 on one process: each gradient is added straight into its slot of the gradient partition, in the
-    master weights' dtype, without DeepSpeed's reduce buckets, its per-backward copies, its flatten and its cast at
-    the step.
+    """ZeRO-1/2 on one process: the gradients stay where autograd puts them until the accumulation boundary, then one
+    multi-tensor copy writes them into an fp32 gradient partition that the step takes as it is.
 
     Why: with one process the reduction is the identity, yet ``DeepSpeedZeroOptimizer`` still sends every gradient
-    through it: the gradient hook copies it into a reduce bucket (``reduce_independent_p_g_buckets_and_remove_grads``),
-    a full bucket is "all-reduced" and copied again into ``grads_in_partition`` (``reduce_ipg_grads``,
-    ``copy_grads_in_partition``), the epilogue synchronises the device when ``overlap_comm`` is on and lists the
-    gradients again (``get_all_grad_tensors``), and the step flattens them into one more copy
-    (``flatten_dense_tensors_aligned``) and casts that to fp32. On a 16-layer Llama that is about 20 Python calls per
-    parameter per step, host work that keeps the GPU waiting, and two full copies of the gradients in the step. The
-    replacement adds each gradient into its slot of one flat buffer laid out as the partition, in the dtype of the
-    fp32 master partition (a ``GradPartitionBufferGroup``, the form DeepSpeed's own fp32-accumulation path and
-    DeepCompile hand to the step; built zeroed at the first gradient after a step), frees the gradient, and leaves the
-    buffer in ``averaged_gradients``, where the step takes it as the fp32 gradient as it is
-    (``_get_preflattened_grad_partition``; the cast is then a no-op) and the gradient norm, the overflow check and
-    ``safe_get_full_grad`` find it as a list of per-parameter views. Gradients add up across backwards until the
-    step, as DeepSpeed's accumulation does, managed or not; with bf16 weights they add up in fp32 (as with
-    ``data_types.grad_accum_dtype = "fp32"``) instead of bf16, and a step after one backward is unchanged bit for bit.
+    through it: at stage 2 the gradient hook copies it into a reduce bucket
+    (``reduce_independent_p_g_buckets_and_remove_grads``), a full bucket is "all-reduced" and copied again into
+    ``grads_in_partition`` (``reduce_ipg_grads``, ``copy_grads_in_partition``), the epilogue synchronises the device
+    when ``overlap_comm`` is on and lists the gradients again (``get_all_grad_tensors``); at both stages the step
+    flattens them into one more copy (``flatten_dense_tensors_aligned``) and casts that to fp32. On a 16-layer Llama
+    that is about 20 Python calls per parameter per step, host work that keeps the GPU waiting, and two full copies
+    of the gradients in the step. The replacement lets autograd add each backward's gradients into ``param.grad`` (as
+    DeepSpeed's stage 1 does), and at the boundary (the epilogue of the boundary's backward with DeepSpeed's managed
+    accumulation, the step with ZeroStrategy's unmanaged one) copies them, cast to the fp32 master partition's dtype,
+    into one flat buffer laid out as the partition (``torch._foreach_copy_``), zeros the slots of parameters that got
+    no gradient, and frees the gradients. The buffer is a ``GradPartitionBufferGroup`` in ``averaged_gradients``
+    (the form DeepSpeed's own fp32-accumulation path and DeepCompile hand the step): the step takes it as the fp32
+    gradient without a flatten or a cast (``_get_preflattened_grad_partition``), and the gradient norm, the overflow
+    check and ``safe_get_full_grad`` find it as a list of per-parameter views. Every step equals DeepSpeed's own bit
+    for bit (the gradients add up in the weights' dtype, as in DeepSpeed's path); the gradients' memory is the same
+    during the backward (one copy in the weights' dtype) and one copy less in the step.
     Returns False (nothing patched) where the reduction is not the identity or DeepSpeed's layout differs: more than
     one process, CPU offload, ZenFlow, MoE, Muon, fp16, a gradient-accumulation dtype other than the weights',
     ``contiguous_gradients`` off, ``gradient_predivide_factor`` other than 1, or alignment padding between parameters.
-    Verified: DeepSpeed 0.19.8 (``stage_1_and_2.py``; ``engine.py`` ``allreduce_gradients``, ``step``).
+    Verified: DeepSpeed 0.19.8 (``stage_1_and_2.py``; ``engine.py`` ``allreduce_gradients``, ``step``), torch 2.11
+    and 2.13 (``_foreach_copy_`` across dtypes).
     """
     from deepspeed import comm as dist
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer, GradPartitionBufferGroup
@@ -562,70 +563,65 @@ def write_gradients_into_partition(engine: Any) -> bool:
             or any(optimizer.params_in_partition[i] and optimizer._is_muon_group(optimizer.params_in_partition[i])
                    for i in groups)):
         return False
-    # per group: the partition's layout (offset, shape of each parameter in params_in_partition order, the
-    # padding after them) and each parameter's index in it
-    layouts: list[tuple[list[tuple[int, torch.Size]], int]] = []
-    index: dict[int, int] = {}  # param id -> its view's index in the group's buffer list
+    layouts: list[tuple[list[tuple[int, torch.Size]], int]] = []  # per group: (offset, shape) per parameter, padding
     for i in groups:
         views, end = [], 0
-        for k, p in enumerate(optimizer.params_in_partition[i]):
+        for p in optimizer.params_in_partition[i]:
             param_id = optimizer.get_param_id(p)
             offset = int(optimizer.grad_partition_insertion_offset[i][0][param_id])
             if int(optimizer.grad_start_offset[i][0][param_id]) != 0 or offset != end:
                 return False  # a parameter split across partitions or a gap: not one process's layout
             views.append((offset, p.shape))
-            index[param_id], end = k, offset + p.numel()
+            end = offset + p.numel()
         if end > int(optimizer.partition_size[i]):
             return False
         layouts.append((views, int(optimizer.partition_size[i]) - end))
 
-    def partition_gradients(i: int) -> Any:  # the group's buffer of this step, built zeroed at its first gradient
-        group = optimizer.averaged_gradients.get(i)
-        if getattr(group, "flat_partition", None) is None:
-            views, padding = layouts[i]
-            master = optimizer.single_partition_of_fp32_groups[i]
-            flat = torch.zeros(int(optimizer.partition_size[i]), dtype=master.dtype, device=master.device)
-            buffers = [flat.narrow(0, offset, shape.numel()).view(shape) for offset, shape in views]
-            if padding:
-                pad = flat.narrow(0, flat.numel() - padding, padding)
-                pad._zero_padding = True  # DeepSpeed's norm skips it
-                buffers.append(pad)
-            group = optimizer.averaged_gradients[i] = GradPartitionBufferGroup(buffers, flat)
-        return group
+    def new_partition(i: int) -> Any:  # this step's fp32 gradient partition, uninitialised
+        views, padding = layouts[i]
+        master = optimizer.single_partition_of_fp32_groups[i]
+        flat = torch.empty(int(optimizer.partition_size[i]), dtype=master.dtype, device=master.device)
+        buffers = [flat.narrow(0, offset, shape.numel()).view(shape) for offset, shape in views]
+        if padding:
+            pad = flat.narrow(0, flat.numel() - padding, padding).zero_()
+            pad._zero_padding = True  # DeepSpeed's norm skips it
+            buffers.append(pad)
+        return GradPartitionBufferGroup(buffers, flat)
 
-    def add_gradient(param: Any, i: int) -> None:
-        grad = param.grad
-        if grad is None or param.numel() == 0 or not getattr(param, "ds_grad_is_ready", True):
-            return
-        partition_gradients(i)[index[optimizer.get_param_id(param)]].add_(grad.view_as(param))
-        param.grad = None  # its values are in the partition now (DeepSpeed's epilogue clears it too)
+    def boundary() -> None:
+        for i in groups:
+            params = optimizer.params_in_partition[i]
+            have = [p.grad is not None for p in params]
+            group = optimizer.averaged_gradients.get(i)
+            if getattr(group, "flat_partition", None) is None:  # the first write of this step
+                group = optimizer.averaged_gradients[i] = new_partition(i)
+                write, views = torch._foreach_copy_, group[:len(params)]
+                for view, h in zip(views, have):
+                    if not h:
+                        view.zero_()  # a parameter no backward reached (DeepSpeed's path gives it zeros too)
+            else:  # a later phase of a reentrant-checkpointed backward: its gradients add to the first's
+                write, views = torch._foreach_add_, group[:len(params)]
+            if any(have):
+                write([v for v, h in zip(views, have) if h], [p.grad for p, h in zip(params, have) if h])
+            for p in optimizer.bit16_groups[i]:
+                p.grad = None
+            optimizer.all_grad_tensors[i] = None
 
-    def process_gradients(param: Any, i: int) -> None:  # the gradient hook's call (DeepSpeed's guards kept)
-        if optimizer._coalesce_grad_reduction:
-            return
-        if optimizer.partition_gradients or optimizer.overlap_comm:
-            reduce_ready_partitions_and_remove_grads(param, i)
+    def process_gradients(param: Any, i: int) -> None:  # the gradient hook's call: autograd keeps param.grad
+        return None
 
-    def reduce_ready_partitions_and_remove_grads(param: Any, i: int) -> None:
-        # stage 1 reduces at the accumulation boundary only; autograd adds up param.grad until then
-        if optimizer.partition_gradients or optimizer.is_gradient_accumulation_boundary():
-            add_gradient(param, i)
+    def reduce_ready_partitions_and_remove_grads(param: Any, i: int) -> None:  # stage 1's per-parameter reduction
+        return None
 
-    def epilogue() -> None:
+    def epilogue() -> None:  # after each backward (stage 2), or at the boundary (stage 1)
         if optimizer.is_gradient_accumulation_boundary():
-            for i in groups:  # what no hook took (stage 1 with overlap_comm), and zeros if nothing came at all
-                for p in optimizer.bit16_groups[i]:
-                    add_gradient(p, i)
-                partition_gradients(i)
+            boundary()
         optimizer._release_ipg_buffers()
-        optimizer._clear_param_grad_only()
         optimizer._epilogue_ran_this_backward = True
 
     def finalize_gradient_accumulation_boundary() -> None:  # the step of unmanaged accumulation
         optimizer.set_gradient_accumulation_boundary(True)
-        for i in groups:
-            partition_gradients(i)  # zeros if no gradient came since the last step
-            optimizer.all_grad_tensors[i] = None
+        boundary()
 
     optimizer.process_gradients = process_gradients
     optimizer.reduce_ready_partitions_and_remove_grads = reduce_ready_partitions_and_remove_grads

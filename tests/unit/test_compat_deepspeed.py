@@ -235,84 +235,96 @@ def _count_partition_calls(model):
 
 
 class WithUnused(nn.Module):
-    """Two blocks and a layer no forward uses (its gradient is None: the partition must hold zeros for it)."""
+    """Two blocks and a layer no forward uses (its gradient is None: the partition must hold zeros for it); with
+    ``reentrant``, the first block is recomputed in a reentrant checkpoint (its gradients come in a later phase)."""
 
-    def __init__(self) -> None:
+    def __init__(self, reentrant: bool = False) -> None:
         super().__init__()
-        self.blocks, self.unused = nn.Sequential(Block(), Block()), nn.Linear(4, 2)
+        self.blocks, self.unused, self.reentrant = nn.Sequential(Block(), Block()), nn.Linear(4, 2), reentrant
 
     def forward(self, x):
+        if self.reentrant:
+            from torch.utils.checkpoint import checkpoint
+
+            x = checkpoint(self.blocks[0], x.requires_grad_(), use_reentrant=True)
+            return self.blocks[1](x)
         return self.blocks(x)
 
 
 def _one_process_writes_gradients_into_the_partition(one_rank):
     """write_gradients_into_partition: at stages 1-2 on one process each step lands exactly where DeepSpeed's own
-    bucketed path lands (ZeroStrategy's unmanaged accumulation with two backwards per step, DeepSpeed's managed
-    accumulation over two micro-batches, with overlap_comm, with clipping), safe_get_full_grad reads the stage-2
-    gradients plain torch accumulates (DeepSpeed's unmanaged path offers them only at the step), and no reduce bucket
-    is ever allocated."""
-    import copy
-
+    bucketed path lands (ZeroStrategy's unmanaged accumulation with two backwards per step, in fp32 and bf16;
+    DeepSpeed's managed accumulation over two micro-batches, with overlap_comm, with clipping; a reentrant
+    checkpoint), safe_get_full_grad reads the same gradients at a managed boundary, and DeepSpeed's per-gradient
+    bucket copy never runs."""
     from deepspeed.utils import safe_get_full_grad
 
     base = {"train_micro_batch_size_per_gpu": 1, "gradient_clipping": 0.0}
-    cases = [({**base, "gradient_accumulation_steps": 1, "managed_gradient_accumulation": False,
-               "zero_optimization": {"stage": stage, "compute_grad_norm": False}}, 2) for stage in (1, 2)]
-    cases += [({**base, "gradient_accumulation_steps": 2, "gradient_clipping": 0.05,
-                "zero_optimization": {"stage": stage, "overlap_comm": stage == 2}}, 1) for stage in (1, 2)]
-    # bf16 weights: the partition holds fp32 gradients, and a step after one backward is DeepSpeed's bit for bit
-    cases += [({**cases[1][0], "bf16": {"enabled": True, "check_grad_overflow": False}}, 1)]
-    for config, backwards in cases:
+    unmanaged = [{**base, "gradient_accumulation_steps": 1, "managed_gradient_accumulation": False,
+                  "zero_optimization": {"stage": stage, "compute_grad_norm": False}} for stage in (1, 2)]
+    managed = [{**base, "gradient_accumulation_steps": 2, "gradient_clipping": 0.05,
+                "zero_optimization": {"stage": stage, "overlap_comm": stage == 2}} for stage in (1, 2)]
+    bf16 = {**unmanaged[1], "bf16": {"enabled": True, "check_grad_overflow": False}}
+    cases = [(c, False) for c in unmanaged + managed + [bf16]] + [(managed[1], True), (unmanaged[0], True)]
+    for config, reentrant in cases:
         dtype = torch.bfloat16 if "bf16" in config else torch.float32
-        engines = []
+        is_managed = config.get("managed_gradient_accumulation", True)
+        engines, bucketed = [], [0, 0]  # DeepSpeed's per-gradient bucket copies, without and with the partition write
         for patch in (False, True):
             torch.manual_seed(0)
-            model = WithUnused().to(dtype)
-            plain = copy.deepcopy(model)
+            model = WithUnused(reentrant).to(dtype)
             engine, *_ = one_rank.initialize(model=model, config=config,
                                              optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
             assert compat.write_gradients_into_partition(engine) is True if patch else True
-            engines.append((engine, model))
-        (reference, ref_model), (fast, fast_model) = engines
-        bucketed = [0, 0]  # calls of DeepSpeed's per-gradient bucket copy, without and with the partition write
-        for k, (engine, _) in enumerate(engines):
-            def counted(*args, _k=k, _original=engine.optimizer.reduce_independent_p_g_buckets_and_remove_grads):
+
+            def counted(*args, _k=patch, _original=engine.optimizer.reduce_independent_p_g_buckets_and_remove_grads):
                 bucketed[_k] += 1
                 return _original(*args)
 
             engine.optimizer.reduce_independent_p_g_buckets_and_remove_grads = counted
-        label = (f"stage {config['zero_optimization']['stage']}, accumulation {config['gradient_accumulation_steps']},"
-                 f" {dtype}")
+            engines.append((engine, model))
+        (_, ref_model), (fast, fast_model) = engines
+        label = (f"stage {config['zero_optimization']['stage']}, accumulation {config['gradient_accumulation_steps']}"
+                 f", {'managed' if is_managed else 'unmanaged'}, {dtype}{', reentrant' if reentrant else ''}")
+        micro_batches = config["gradient_accumulation_steps"] if is_managed else 2
         for step in range(3):
-            for _ in range(backwards * config["gradient_accumulation_steps"]):
+            for micro in range(micro_batches):
                 x = torch.randn(3, 4, dtype=dtype)
-                plain(x).square().sum().backward()
                 for engine, _ in engines:
                     engine.backward(engine(x).square().sum())
-                    if config.get("managed_gradient_accumulation", True):
-                        engine.step()  # DeepSpeed's own boundary: a step every second micro-batch
-            if not config.get("managed_gradient_accumulation", True):
-                # stage 2 has them in the partition after each backward; stage 1 keeps param.grad until the step
-                for (name, p), q in zip(plain.named_parameters(), fast_model.parameters()):
-                    if config["zero_optimization"]["stage"] == 1:
-                        break
-                    expected = torch.zeros_like(p, dtype=torch.float32) if p.grad is None else p.grad.float()
-                    torch.testing.assert_close(safe_get_full_grad(q), expected, rtol=0, atol=0,
-                                               msg=f"{label}, step {step}: the gradient of {name}")
+                if is_managed and micro == micro_batches - 1:  # the boundary: both offer this step's gradients
+                    for (name, p), q in zip(ref_model.named_parameters(), fast_model.parameters()):
+                        torch.testing.assert_close(safe_get_full_grad(q), safe_get_full_grad(p), rtol=0, atol=0,
+                                                   msg=f"{label}, step {step}: the gradient of {name}")
+                if is_managed:
+                    for engine, _ in engines:
+                        engine.step()  # DeepSpeed's own boundary: an update every second micro-batch
+            if not is_managed:
                 for engine, _ in engines:
                     engine.step()
-            plain.load_state_dict(ref_model.state_dict())  # the next step's gradients start from these weights
-            plain.zero_grad()
             for (name, p), q in zip(ref_model.named_parameters(), fast_model.parameters()):
                 torch.testing.assert_close(q.detach(), p.detach(), rtol=0, atol=0, msg=f"{label}, step {step}: {name}")
         assert bucketed[0] > 0 and bucketed[1] == 0, \
             f"{label}: DeepSpeed's bucket path ran {bucketed[1]} times with the partition write ({bucketed[0]} without)"
+        if is_managed and not reentrant:
+            # an epilogue that runs again at the boundary (DeepSpeed's reentrant-checkpoint phases) adds the
+            # gradients that came since to the partition
+            for _ in range(micro_batches):
+                fast.backward(fast(torch.randn(3, 4)).square().sum())
+                if _ < micro_batches - 1:
+                    fast.step()
+            weight = fast_model.blocks[0].a.weight
+            before = safe_get_full_grad(weight).clone()
+            weight.grad = torch.ones_like(weight)
+            fast.optimizer.independent_gradient_partition_epilogue()
+            torch.testing.assert_close(safe_get_full_grad(weight), before + 1, msg=f"{label}: a later phase")
+            assert weight.grad is None
         for engine, _ in engines:
             engine.destroy()
     # where the reduction is not the identity's layout, nothing is patched
     torch.manual_seed(0)
     model = WithUnused()
-    engine, *_ = one_rank.initialize(model=model, config={**cases[0][0], "gradient_predivide_factor": 2.0},
+    engine, *_ = one_rank.initialize(model=model, config={**unmanaged[0], "gradient_predivide_factor": 2.0},
                                      optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
     assert compat.write_gradients_into_partition(engine) is False
     assert "process_gradients" not in vars(engine.optimizer)
