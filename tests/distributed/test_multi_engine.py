@@ -11,10 +11,10 @@ pytestmark = pytest.mark.distributed
 STEPS = 5
 
 
-def fit_weights(tmp_path, stage, model, max_steps):
+def fit_weights(tmp_path, stage, model, max_steps, devices=2):
     out = tmp_path / "w.pt"
     trainer = cpu_trainer(strategy=ZeroStrategy(stage=stage, start_method="spawn"), max_steps=max_steps,
-                          callbacks=[SaveFullWeights(str(out))])
+                          callbacks=[SaveFullWeights(str(out))], devices=devices)
     trainer.fit(model)
     return torch.load(out)
 
@@ -32,6 +32,19 @@ def test_gan_parity_with_plain_pytorch(tmp_path, stage):
 def test_shared_loss_trains_both_engines(tmp_path, stage, accumulate):
     got = fit_weights(tmp_path, stage, SharedLoss(accumulate=accumulate), 2 * STEPS)
     want = reference_shared_loss(world_size=2, steps=STEPS, accumulate=accumulate)
+    assert sorted(got) == sorted(want)
+    assert max_diff(got, want) <= 1e-5
+
+
+# One process: the gradients skip DeepSpeed's reduction and go into each engine's partition at its own step
+# (_compat.deepspeed.write_gradients_into_partition); a GAN and one loss reaching two engines, with accumulation.
+@pytest.mark.parametrize(("stage", "model"), [(2, "gan"), (1, "shared"), (2, "shared")])
+def test_one_process_engines_match_plain_pytorch(tmp_path, stage, model):
+    if model == "gan":
+        got, want = fit_weights(tmp_path, stage, GAN(), 2 * STEPS, devices=1), reference_gan(world_size=1, steps=STEPS)
+    else:
+        got = fit_weights(tmp_path, stage, SharedLoss(accumulate=2), 2 * STEPS, devices=1)
+        want = reference_shared_loss(world_size=1, steps=STEPS, accumulate=2)
     assert sorted(got) == sorted(want)
     assert max_diff(got, want) <= 1e-5
 

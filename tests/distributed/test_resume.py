@@ -20,7 +20,9 @@ def zero(stage: int, **kwargs) -> ZeroStrategy:
     return ZeroStrategy(stage=stage, start_method="spawn", **kwargs)
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+# Stages 1 and 2 share DeepSpeed's ZeRO-1/2 optimizer, whose state_dict/load_state_dict differ only in the stage tag:
+# 0, 2 and 3 cover every resume path (as for several engines below).
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_exact_resume_with_scheduler_and_dropout(tmp_path, stage):
     # The uninterrupted run writes a checkpoint every 2 steps (= every epoch); the second run resumes at step 2.
     # Dropout makes the result depend on each rank's RNG state, which the checkpoint restores.
