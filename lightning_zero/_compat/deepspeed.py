@@ -537,9 +537,10 @@ def write_gradients_into_partition(engine: Any) -> bool:
     check and ``safe_get_full_grad`` find it as a list of per-parameter views. Every step equals DeepSpeed's own bit
     for bit (the gradients add up in the weights' dtype, as in DeepSpeed's path); the gradients' memory is the same
     during the backward (one copy in the weights' dtype) and one copy less in the step.
-    Returns False (nothing patched) where the reduction is not the identity or DeepSpeed's layout differs: more than
-    one process, CPU offload, ZenFlow, MoE, Muon, fp16, a gradient-accumulation dtype other than the weights',
-    ``contiguous_gradients`` off, ``gradient_predivide_factor`` other than 1, or alignment padding between parameters.
+    Returns False (nothing patched) where the reduction is not the identity, DeepSpeed's layout differs or something
+    else owns the gradients: more than one process, DeepCompile, pipeline parallelism, CPU offload, ZenFlow, MoE,
+    Muon, fp16, a gradient-accumulation dtype other than the weights', ``contiguous_gradients`` off,
+    ``gradient_predivide_factor`` other than 1, or alignment padding between parameters.
     Verified: DeepSpeed 0.19.8 (``stage_1_and_2.py``; ``engine.py`` ``allreduce_gradients``, ``step``), torch 2.11
     and 2.13 (``_foreach_copy_`` across dtypes).
     """
@@ -552,8 +553,11 @@ def write_gradients_into_partition(engine: Any) -> bool:
     _check_optimizer(optimizer, DeepSpeedZeroOptimizer, "ZeRO-1/2", "DeepSpeedZeroOptimizer",
                      _STAGE12_GRADIENT_ATTRIBUTES, "write_gradients_into_partition",
                      "to write gradients straight into the partition on one process")
+    if not callable(getattr(engine, "is_deepcompile_enabled", None)):
+        raise _missing("DeepSpeedEngine.is_deepcompile_enabled", "to leave DeepCompile's gradient passes alone")
     groups = range(len(optimizer.bit16_groups))
-    if (any(dist.get_world_size(group=optimizer.real_dp_process_group[i]) != 1 for i in groups)
+    if (engine.is_deepcompile_enabled() or getattr(engine, "pipeline_parallelism", False)
+            or any(dist.get_world_size(group=optimizer.real_dp_process_group[i]) != 1 for i in groups)
             or optimizer.cpu_offload or optimizer.zenflow or optimizer.has_moe_layers
             or optimizer.dtype == torch.float16 or optimizer.gradient_accumulation_dtype != optimizer.dtype
             or optimizer.use_grad_accum_attribute or not optimizer.contiguous_gradients

@@ -329,6 +329,13 @@ def _one_process_writes_gradients_into_the_partition(one_rank):
     assert compat.write_gradients_into_partition(engine) is False
     assert "process_gradients" not in vars(engine.optimizer)
     engine.destroy()
+    # nor where DeepCompile's passes own the gradients
+    engine, *_ = one_rank.initialize(model=model, config=unmanaged[0],
+                                     optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
+    engine.is_deepcompile_enabled = lambda: True
+    assert compat.write_gradients_into_partition(engine) is False
+    assert "process_gradients" not in vars(engine.optimizer)
+    engine.destroy()
     with pytest.raises(TypeError, match="ZeRO-1/2 optimizer"):
         compat.write_gradients_into_partition(
             type("Engine", (), {"optimizer": torch.optim.SGD(model.parameters(), lr=1.0)})())
