@@ -22,15 +22,18 @@ class AssertCompiled(Callback):
         assert not is_compiled(pl_module), "the LightningModule itself was compiled"
 
 
-@pytest.mark.parametrize(("stage", "compile"), [(2, True), (3, {"backend": "aot_eager"}), (1, {"backend": "aot_eager"})],
-                         ids=["stage2-inductor", "stage3-aot_eager", "stage1-aot_eager"])
-def test_compiled_training_keeps_parity(tmp_path, stage, compile):
+# stage 1 on one process: compiled networks with the gradients written straight into the partition
+# (_compat.deepspeed.write_gradients_into_partition); stages 2-3 on two, through DeepSpeed's reduction
+@pytest.mark.parametrize(("stage", "compile", "devices"),
+                         [(2, True, 2), (3, {"backend": "aot_eager"}, 2), (1, {"backend": "aot_eager"}, 1)],
+                         ids=["stage2-inductor", "stage3-aot_eager", "stage1-aot_eager-one-process"])
+def test_compiled_training_keeps_parity(tmp_path, stage, compile, devices):
     out = tmp_path / "weights.pt"
     trainer = cpu_trainer(strategy=ZeroStrategy(stage=stage, compile=compile, start_method="spawn"),
                           callbacks=[SaveFullWeights(str(out)), AssertCompiled()], max_steps=STEPS,
-                          accumulate_grad_batches=ACCUMULATE, gradient_clip_val=CLIP)
+                          accumulate_grad_batches=ACCUMULATE, gradient_clip_val=CLIP, devices=devices)
     trainer.fit(Regressor())
-    want = reference_weights(world_size=2, steps=STEPS, accumulate=ACCUMULATE, clip=CLIP)
+    want = reference_weights(world_size=devices, steps=STEPS, accumulate=ACCUMULATE, clip=CLIP)
     assert max_diff(torch.load(out), want) <= 1e-5
 
 
