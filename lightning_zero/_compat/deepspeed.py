@@ -581,11 +581,16 @@ def write_gradients_into_partition(engine: Any) -> bool:
             return False
         layouts.append((views, int(optimizer.partition_size[i]) - end))
 
-    def new_partition(i: int) -> Any:  # this step's fp32 gradient partition, uninitialised
+    def new_partition(i: int, have: list[bool]) -> Any:
+        """This step's fp32 gradient partition: zeros in the slots of parameters without a gradient (DeepSpeed's
+        path gives them zeros too) and in the padding, the rest uninitialised (the first write copies into it)."""
         views, padding = layouts[i]
         master = optimizer.single_partition_of_fp32_groups[i]
         flat = torch.empty(int(optimizer.partition_size[i]), dtype=master.dtype, device=master.device)
         buffers = [flat.narrow(0, offset, shape.numel()).view(shape) for offset, shape in views]
+        for buffer, h in zip(buffers, have):
+            if not h:
+                buffer.zero_()
         if padding:
             pad = flat.narrow(0, flat.numel() - padding, padding).zero_()
             pad._zero_padding = True  # DeepSpeed's norm skips it
@@ -597,24 +602,18 @@ def write_gradients_into_partition(engine: Any) -> bool:
             params = optimizer.params_in_partition[i]
             have = [p.grad is not None for p in params]
             group = optimizer.averaged_gradients.get(i)
-            if getattr(group, "flat_partition", None) is None:  # the first write of this step
-                group = optimizer.averaged_gradients[i] = new_partition(i)
-                write, views = torch._foreach_copy_, group[:len(params)]
-                for view, h in zip(views, have):
-                    if not h:
-                        view.zero_()  # a parameter no backward reached (DeepSpeed's path gives it zeros too)
-            else:  # a later phase of a reentrant-checkpointed backward: its gradients add to the first's
-                write, views = torch._foreach_add_, group[:len(params)]
+            first = getattr(group, "flat_partition", None) is None  # else a later phase of a reentrant backward
+            if first:
+                group = optimizer.averaged_gradients[i] = new_partition(i, have)
+            views = group[:len(params)]
+            write = torch._foreach_copy_ if first else torch._foreach_add_  # a later phase adds to the first's
             if any(have):
                 write([v for v, h in zip(views, have) if h], [p.grad for p, h in zip(params, have) if h])
             for p in optimizer.bit16_groups[i]:
                 p.grad = None
             optimizer.all_grad_tensors[i] = None
 
-    def process_gradients(param: Any, i: int) -> None:  # the gradient hook's call: autograd keeps param.grad
-        return None
-
-    def reduce_ready_partitions_and_remove_grads(param: Any, i: int) -> None:  # stage 1's per-parameter reduction
+    def leave_in_param_grad(param: Any, i: int) -> None:  # the hook's and stage 1's per-parameter reduction
         return None
 
     def epilogue() -> None:  # after each backward (stage 2), or at the boundary (stage 1)
@@ -627,8 +626,8 @@ def write_gradients_into_partition(engine: Any) -> bool:
         optimizer.set_gradient_accumulation_boundary(True)
         boundary()
 
-    optimizer.process_gradients = process_gradients
-    optimizer.reduce_ready_partitions_and_remove_grads = reduce_ready_partitions_and_remove_grads
+    optimizer.process_gradients = leave_in_param_grad
+    optimizer.reduce_ready_partitions_and_remove_grads = leave_in_param_grad
     optimizer.independent_gradient_partition_epilogue = epilogue
     optimizer.finalize_gradient_accumulation_boundary = finalize_gradient_accumulation_boundary
     return True
